@@ -1,0 +1,71 @@
+"""Gradient clipping over lists of tensors, with Keras's formulas.
+
+Each function returns the clipped gradients. With ``inplace=False`` the inputs (typically
+``p.grad``) are left untouched and the result lives in fresh buffers; with ``inplace=True`` the
+inputs are overwritten (used on the optimizer's own working buffers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["clip_by_value", "clip_by_norm", "clip_by_global_norm", "global_norm"]
+
+
+def _scale(grads: list[Tensor], factors: Sequence[Tensor] | Tensor, inplace: bool) -> list[Tensor]:
+    if isinstance(factors, Tensor) and factors.dim() == 0:
+        factors = [factors] * len(grads)
+    factors = list(factors)
+    if inplace:
+        torch._foreach_mul_(grads, factors)
+        return grads
+    return list(torch._foreach_mul(grads, factors))
+
+
+def clip_by_value(grads: Sequence[Tensor], clipvalue: float, *, inplace: bool = False) -> list[Tensor]:
+    """Clamp every element to ``[-clipvalue, clipvalue]``."""
+    grads = list(grads)
+    if not grads:
+        return grads
+    if inplace:
+        torch._foreach_clamp_min_(grads, -clipvalue)
+    else:
+        grads = list(torch._foreach_clamp_min(grads, -clipvalue))
+    torch._foreach_clamp_max_(grads, clipvalue)
+    return grads
+
+
+def clip_by_norm(
+    grads: Sequence[Tensor], norms: Tensor, clipnorm: float, *, inplace: bool = False
+) -> list[Tensor]:
+    """Per tensor: ``g * clipnorm / max(||g||, clipnorm)`` given the tensors' full norms."""
+    grads = list(grads)
+    if not grads:
+        return grads
+    factors = clipnorm / torch.clamp_min(norms, clipnorm)
+    return _scale(grads, factors.unbind(0), inplace)
+
+
+def global_norm(norms: Sequence[Tensor]) -> Tensor:
+    """``sqrt(sum ||g_i||^2)`` from per-tensor norms (1-D tensors, possibly on several devices)."""
+    device = norms[0].device
+    squares = [torch.sum(torch.square(n.to(device))) for n in norms]
+    return torch.sqrt(torch.stack(squares).sum())
+
+
+def global_clip_factor(norm: Tensor, clipnorm: float) -> Tensor:
+    """Keras's ``clipnorm * min(1/n, 1/clipnorm) + (n - n)``: 1 when n = 0, NaN when n is not finite."""
+    return clipnorm * torch.minimum(1.0 / norm, torch.full_like(norm, 1.0 / clipnorm)) + (norm - norm)
+
+
+def clip_by_global_norm(
+    grads: Sequence[Tensor], factor: Tensor, *, inplace: bool = False
+) -> list[Tensor]:
+    """Scale every tensor by the global clip factor from :func:`global_clip_factor`."""
+    grads = list(grads)
+    if not grads:
+        return grads
+    return _scale(grads, factor.to(grads[0].device), inplace)

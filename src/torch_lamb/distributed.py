@@ -1,0 +1,37 @@
+"""Norms of whole tensors, whether they are plain tensors or shards of a DTensor.
+
+Every norm that LAMB and its clipping need comes from :func:`full_norms`, so that sharded
+parameters get the norm of the full tensor (one collective for all of a step's norms) while plain
+tensors pay nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["local", "local_norms", "full_norms"]
+
+
+def local(t: Tensor) -> Tensor:
+    """The local part of ``t``: the shard of a DTensor, or ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def local_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """A 1-D tensor of the L2 norms of ``tensors`` (computed in float32 at least)."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.stack(torch._foreach_norm(list(tensors), dtype=_norm_dtype(tensors[0])))
+
+
+def full_norms(*tensor_lists: Sequence[Tensor]) -> list[Tensor]:
+    """For each list of (local) tensors, a 1-D tensor of their full-tensor L2 norms."""
+    return [local_norms(tensors) for tensors in tensor_lists]
+
+
+def _norm_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -1,0 +1,175 @@
+"""The LAMB update over lists of tensors: one definition, a per-tensor reference and a foreach path.
+
+Keras order and expression forms (``keras/src/optimizers/lamb.py``), for one bucket of tensors that
+share device, dtype and hyperparameters::
+
+    w  = w * (1 - weight_decay * lr)                   # decoupled decay, before the update
+    m  = m + (g - m) * (1 - beta_1)
+    v  = v + (g*g - v) * (1 - beta_2)
+    u  = (m / (1 - beta_1**t)) / (sqrt(v / (1 - beta_2**t)) + epsilon)
+    r  = ||w|| / ||u||  if both are > 0  else 1        # full-tensor norms, w after decay
+    w  = w - (r * lr) * u
+
+Scalars follow Keras's float32 rounding: ``1 - beta`` is formed in double then used in float32,
+``beta ** t`` and ``1 - weight_decay * lr`` are float32. Low-precision tensors (float16, bfloat16)
+are updated with float32 math against float32 moments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .distributed import full_norms
+
+__all__ = ["LambScalars", "TrustStats", "lamb_scalars", "lamb_update", "lamb_reference"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+NormFn = Callable[..., list[Tensor]]
+
+
+@dataclass(frozen=True)
+class LambScalars:
+    """Host-side scalars of one update, rounded as Keras rounds them."""
+
+    lr: float
+    one_minus_beta_1: float
+    one_minus_beta_2: float
+    bias_correction_1: float  # 1 - beta_1 ** t
+    bias_correction_2: float  # 1 - beta_2 ** t
+    epsilon: float
+    decay_factor: float | None  # 1 - weight_decay * lr, or None when weight decay is off
+
+
+@dataclass
+class TrustStats:
+    """Per-tensor ``||w||``, ``||u||`` and trust ratio of one update (1-D tensors, on device)."""
+
+    weight_norm: Tensor
+    update_norm: Tensor
+    trust_ratio: Tensor
+
+
+def _f32(x: float) -> np.float32:
+    return np.float32(x)
+
+
+def _complement(beta: float | Tensor | np.floating) -> float:
+    """``1 - beta`` as Keras forms it: in double for a Python float, in float32 otherwise."""
+    if isinstance(beta, float) and not isinstance(beta, np.floating):
+        return 1.0 - beta
+    return float(np.float32(1.0) - _f32(float(beta)))
+
+
+def lamb_scalars(
+    *,
+    lr: float,
+    beta_1: float | Tensor,
+    beta_2: float | Tensor,
+    epsilon: float,
+    weight_decay: float | None,
+    step: int,
+) -> LambScalars:
+    """The scalars of update number ``step`` (1-based), computed on the host."""
+    t = _f32(step)
+    with np.errstate(over="ignore", under="ignore"):
+        b1p = _f32(float(beta_1)) ** t
+        b2p = _f32(float(beta_2)) ** t
+    lr32 = _f32(lr)
+    decay = None if weight_decay is None else float(_f32(1.0) - _f32(weight_decay) * lr32)
+    return LambScalars(
+        lr=float(lr32),
+        one_minus_beta_1=_complement(beta_1),
+        one_minus_beta_2=_complement(beta_2),
+        bias_correction_1=float(_f32(1.0) - b1p),
+        bias_correction_2=float(_f32(1.0) - b2p),
+        epsilon=float(epsilon),
+        decay_factor=decay,
+    )
+
+
+def trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
+    """``||w|| / ||u||`` where both norms are > 0, else 1 (NaN norms give 1, as in Keras)."""
+    ok = (weight_norm > 0) & (update_norm > 0)
+    return torch.where(ok, weight_norm / update_norm, torch.ones_like(weight_norm))
+
+
+def lamb_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentums: Sequence[Tensor],
+    velocities: Sequence[Tensor],
+    decay_mask: Sequence[bool],
+    scalars: LambScalars,
+    *,
+    norms: NormFn = full_norms,
+) -> TrustStats:
+    """One LAMB update of a bucket with ``torch._foreach_*`` ops (no host sync)."""
+    params, grads = list(params), list(grads)
+    low = params[0].dtype in LOW_PRECISION
+    work = [p.float() for p in params] if low else params
+    if low or grads[0].dtype != momentums[0].dtype:
+        grads = [g.to(momentums[0].dtype) for g in grads]
+
+    if scalars.decay_factor is not None:
+        decayed = [w for w, d in zip(work, decay_mask) if d]
+        if decayed:
+            torch._foreach_mul_(decayed, scalars.decay_factor)
+
+    torch._foreach_lerp_(momentums, grads, scalars.one_minus_beta_1)
+    squares = torch._foreach_mul(grads, grads)
+    torch._foreach_lerp_(velocities, squares, scalars.one_minus_beta_2)
+
+    updates = torch._foreach_div(momentums, scalars.bias_correction_1)
+    denoms = squares  # reuse the buffer: sqrt(v / (1 - beta_2**t)) + epsilon
+    torch._foreach_copy_(denoms, velocities)
+    torch._foreach_div_(denoms, scalars.bias_correction_2)
+    torch._foreach_sqrt_(denoms)
+    torch._foreach_add_(denoms, scalars.epsilon)
+    torch._foreach_div_(updates, denoms)
+
+    weight_norm, update_norm = norms(work, updates)
+    ratio = trust_ratio(weight_norm, update_norm)
+    torch._foreach_mul_(updates, list((ratio * scalars.lr).unbind(0)))
+    torch._foreach_sub_(work, updates)
+    if low:
+        torch._foreach_copy_(params, work)
+    return TrustStats(weight_norm, update_norm, ratio)
+
+
+def lamb_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentums: Sequence[Tensor],
+    velocities: Sequence[Tensor],
+    decay_mask: Sequence[bool],
+    scalars: LambScalars,
+    *,
+    norms: NormFn = full_norms,
+) -> TrustStats:
+    """The same update, one tensor at a time, in Keras's literal expression forms (for tests)."""
+    w_norms, u_norms, ratios = [], [], []
+    work = [p.float() if p.dtype in LOW_PRECISION else p for p in params]
+    for w, g, m, v, decay in zip(work, grads, momentums, velocities, decay_mask):
+        g = g.to(m.dtype)
+        if scalars.decay_factor is not None and decay:
+            w.mul_(scalars.decay_factor)
+        m.copy_(m + (g - m) * scalars.one_minus_beta_1)
+        v.copy_(v + (torch.square(g) - v) * scalars.one_minus_beta_2)
+        m_hat = m / scalars.bias_correction_1
+        u = m_hat / (torch.sqrt(v / scalars.bias_correction_2) + scalars.epsilon)
+        w_norm, u_norm = (n[0] for n in norms([w], [u]))
+        ratio = trust_ratio(w_norm, u_norm)
+        w.copy_(w - (ratio * scalars.lr) * u)
+        w_norms.append(w_norm)
+        u_norms.append(u_norm)
+        ratios.append(ratio)
+    for p, w in zip(params, work):
+        if p is not w:
+            p.copy_(w)
+    return TrustStats(torch.stack(w_norms), torch.stack(u_norms), torch.stack(ratios))

@@ -1,0 +1,631 @@
+"""``torch_lamb.Lamb``: Keras 3's ``keras.optimizers.Lamb`` as a ``torch.optim.Optimizer``.
+
+One call to :meth:`Lamb.step` is one Keras ``apply`` on the gradients in ``p.grad``. The pipeline
+follows Keras's order::
+
+    unscale (loss_scale_factor) -> accumulate -> clip -> decay -> LAMB -> EMA -> count
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _validation as check
+from .clipping import clip_by_global_norm, clip_by_norm, clip_by_value, global_clip_factor, global_norm
+from .distributed import full_norms, local
+from .ema import ema_momentum_at, overwrite_with_averages, should_overwrite, update_averages
+from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
+from .schedules import LearningRateSchedule
+
+__all__ = ["Lamb"]
+
+_D = check._Default
+_FOLLOW_DEFAULT = "default"  # a group whose learning rate follows the optimizer's `learning_rate`
+_IMPLEMENTATIONS = {"foreach": lamb_update, "reference": lamb_reference}
+_AUTO_NAMES: dict[str, int] = {}
+
+MOMENTUM, VELOCITY, AVERAGE, ACCUMULATOR = "momentum", "velocity", "average", "gradient_accumulator"
+DECAY_EXCLUDED = "exclude_from_weight_decay"  # per-group list of flags, aligned with group["params"]
+
+
+def _auto_name(base: str = "lamb") -> str:
+    n = _AUTO_NAMES.get(base, 0)
+    _AUTO_NAMES[base] = n + 1
+    return base if n == 0 else f"{base}_{n}"
+
+
+def _pick(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """Merge a Keras-style argument with its PyTorch-style alias; both at once is an error."""
+    if alias_value is None:
+        return value
+    if check.is_given(value):
+        raise ValueError(f"Give either `{name}` or `{alias}`, not both.")
+    return alias_value
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Moments, averages and accumulators are float32 for float16/bfloat16 parameters."""
+    return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+
+
+@dataclass
+class _Bucket:
+    """Parameters with gradients that share a param group, a device and a dtype."""
+
+    group: dict[str, Any]
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    momentums: list[Tensor] = field(default_factory=list)
+    velocities: list[Tensor] = field(default_factory=list)
+    accumulators: list[Tensor] = field(default_factory=list)
+    decay_mask: list[bool] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
+    owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
+
+
+class Lamb(Optimizer):
+    """LAMB (You et al. 2019) with the complete Keras 3 optimizer contract.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or param-group
+            dicts; groups may override ``lr``/``learning_rate``, ``beta_1``, ``beta_2``,
+            ``betas``, ``epsilon``/``eps`` and ``weight_decay``.
+        learning_rate: float >= 0, a :class:`~torch_lamb.LearningRateSchedule` (called with the
+            raw step counter) or a zero-argument callable.
+        beta_1, beta_2: decay rates of the moments, in [0, 1); floats, 0-dim tensors or
+            zero-argument callables.
+        epsilon: added to ``sqrt(v_hat)``; >= 0.
+        weight_decay: decoupled decay ``w *= 1 - weight_decay * lr`` applied before the update.
+        clipnorm, clipvalue, global_clipnorm: gradient clipping (at most one; each > 0).
+        use_ema, ema_momentum, ema_overwrite_frequency: exponential moving average of the weights.
+        loss_scale_factor: static loss scale; gradients are divided by it.
+        gradient_accumulation_steps: apply the mean gradient every N calls (N >= 2).
+        name: a label (auto-named ``lamb``, ``lamb_1``, ... when None).
+        lr, betas, eps: PyTorch-style aliases of ``learning_rate``, ``(beta_1, beta_2)``, ``epsilon``.
+        implementation: ``"foreach"`` (default) or ``"reference"`` (one tensor at a time).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        learning_rate: Any = _D(0.001),
+        beta_1: Any = _D(0.9),
+        beta_2: Any = _D(0.999),
+        epsilon: float = _D(1e-7),
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str | None = None,
+        *,
+        lr: Any = None,
+        betas: tuple[Any, Any] | None = None,
+        eps: float | None = None,
+        implementation: str | None = None,
+    ) -> None:
+        learning_rate = check.learning_rate("learning_rate", _pick("learning_rate", learning_rate, "lr", lr))
+        if betas is not None:
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"`betas` must be a pair (beta_1, beta_2). Received: betas={betas!r}")
+            beta_1 = _pick("beta_1", beta_1, "betas", betas[0])
+            beta_2 = _pick("beta_2", beta_2, "betas", betas[1])
+        beta_1, beta_2 = check.beta("beta_1", beta_1), check.beta("beta_2", beta_2)
+        epsilon = check.number("epsilon", _pick("epsilon", epsilon, "eps", eps))
+        weight_decay = check.optional_nonnegative("weight_decay", weight_decay)
+
+        clips = {"clipnorm": clipnorm, "clipvalue": clipvalue, "global_clipnorm": global_clipnorm}
+        given = [k for k, v in clips.items() if v is not None]
+        if len(given) > 1:
+            raise ValueError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+                f"Received: {', '.join(f'{k}={clips[k]!r}' for k in given)}"
+            )
+        self.clipnorm = check.optional_positive("clipnorm", clipnorm)
+        self.clipvalue = check.optional_positive("clipvalue", clipvalue)
+        self.global_clipnorm = check.optional_positive("global_clipnorm", global_clipnorm)
+
+        if not isinstance(use_ema, bool):
+            raise ValueError(f"`use_ema` must be a bool. Received: use_ema={use_ema!r}")
+        self.use_ema = use_ema
+        self.ema_momentum = check.number("ema_momentum", ema_momentum, low=0.0, high=1.0, high_open=False)
+        if ema_overwrite_frequency is not None and (
+            isinstance(ema_overwrite_frequency, bool)
+            or not isinstance(ema_overwrite_frequency, int)
+            or ema_overwrite_frequency < 1
+        ):
+            raise ValueError(
+                "`ema_overwrite_frequency` must be an integer >= 1 or None. "
+                f"Received: ema_overwrite_frequency={ema_overwrite_frequency!r}"
+            )
+        self.ema_overwrite_frequency = ema_overwrite_frequency
+        self.loss_scale_factor = check.optional_positive("loss_scale_factor", loss_scale_factor)
+        if gradient_accumulation_steps is not None and (
+            isinstance(gradient_accumulation_steps, bool)
+            or not isinstance(gradient_accumulation_steps, int)
+            or gradient_accumulation_steps < 2
+        ):
+            raise ValueError(
+                "`gradient_accumulation_steps` must be an integer >= 2 or None. "
+                f"Received: gradient_accumulation_steps={gradient_accumulation_steps!r}"
+            )
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"`name` must be a string or None. Received: name={name!r}")
+        implementation = implementation or "foreach"
+        if implementation not in _IMPLEMENTATIONS:
+            raise ValueError(
+                f"`implementation` must be one of {sorted(_IMPLEMENTATIONS)} or None. "
+                f"Received: implementation={implementation!r}"
+            )
+        self.implementation = implementation
+
+        self._learning_rate = learning_rate
+        self._lr_sources: list[Any] = []
+        self._decay_exclusion: tuple[frozenset[int], re.Pattern[str] | None] = (frozenset(), None)
+        self._iterations = 0
+        self._state_complete = False
+        self.name = name if name is not None else _auto_name()
+
+        initial_lr = float(learning_rate) if not callable(learning_rate) else 0.0
+        defaults = {
+            "lr": initial_lr,
+            "beta_1": beta_1,
+            "beta_2": beta_2,
+            "epsilon": epsilon,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults)
+        if callable(learning_rate):
+            self._refresh_learning_rates()
+
+    # ------------------------------------------------------------------ param groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; ``learning_rate``, ``betas`` and ``eps`` are accepted as aliases."""
+        group = dict(param_group)
+        for alias, key in (("learning_rate", "lr"), ("eps", "epsilon")):
+            if alias in group:
+                if key in group:
+                    raise ValueError(f"A param group may give `{key}` or `{alias}`, not both.")
+                group[key] = group.pop(alias)
+        if "betas" in group:
+            betas = group.pop("betas")
+            if "beta_1" in group or "beta_2" in group:
+                raise ValueError("A param group may give `betas` or `beta_1`/`beta_2`, not both.")
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"`betas` must be a pair (beta_1, beta_2). Received: betas={betas!r}")
+            group["beta_1"], group["beta_2"] = betas
+
+        source: Any = _FOLLOW_DEFAULT
+        if "lr" in group:
+            lr_value = check.learning_rate("lr", group["lr"])
+            source = lr_value if callable(lr_value) else None
+            group["lr"] = 0.0 if callable(lr_value) else lr_value
+        for key in ("beta_1", "beta_2"):
+            if key in group:
+                group[key] = check.beta(key, group[key])
+        if "epsilon" in group:
+            group["epsilon"] = check.number("epsilon", group["epsilon"])
+        if "weight_decay" in group:
+            group["weight_decay"] = check.optional_nonnegative("weight_decay", group["weight_decay"])
+
+        params = group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        for p in (p[1] if isinstance(p, tuple) else p for p in list(params)):
+            if isinstance(p, Tensor) and p.is_complex():
+                raise ValueError("Lamb does not support complex parameters; view them as real first.")
+            if isinstance(p, Tensor) and not p.is_floating_point():
+                raise ValueError(f"Lamb needs floating-point parameters. Received dtype {p.dtype}.")
+        super().add_param_group(group)
+        self._lr_sources.append(source)
+        self._resolve_decay_exclusion(self.param_groups[-1])
+        self._state_complete = False
+        if callable(source):
+            self._refresh_learning_rates()
+
+    # ------------------------------------------------------------------ public Keras API
+
+    @property
+    def iterations(self) -> int:
+        """Updates applied so far (micro-steps // N under gradient accumulation), as in Keras."""
+        n = self.gradient_accumulation_steps
+        return self._iterations // n if n else self._iterations
+
+    @property
+    def learning_rate(self) -> float:
+        """The current learning rate (of the optimizer-level ``learning_rate``)."""
+        return self._evaluate_lr(self._learning_rate) if callable(self._learning_rate) else (
+            self._default_group_lr()
+        )
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        if isinstance(self._learning_rate, LearningRateSchedule) and not callable(value):
+            raise TypeError(
+                "This optimizer was created with a `LearningRateSchedule`; its learning rate is not "
+                "settable to a float. Assign a new schedule instead."
+            )
+        value = check.learning_rate("learning_rate", value)
+        self._learning_rate = value
+        if callable(value):
+            self._refresh_learning_rates()
+            return
+        self.defaults["lr"] = value
+        for group, source in zip(self.param_groups, self._lr_sources):
+            if source is _FOLLOW_DEFAULT:
+                group["lr"] = value
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss * loss_scale_factor`` (or ``loss`` when no factor is set)."""
+        return loss * self.loss_scale_factor if self.loss_scale_factor is not None else loss
+
+    def exclude_from_weight_decay(
+        self, var_list: Iterable[Tensor] | None = None, var_names: Iterable[str] | None = None
+    ) -> None:
+        """Exclude parameters from weight decay, by identity or by regex search on their names.
+
+        Each call replaces the previous exclusions, as in Keras. Names come from
+        ``model.named_parameters()`` passed to the constructor.
+        """
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        ids = frozenset(id(v) for v in (var_list or ()))
+        if not ids <= known:
+            raise ValueError("`var_list` holds tensors that are not parameters of this optimizer.")
+        pattern = None
+        if var_names:
+            names = list(var_names)
+            if not all(isinstance(n, str) for n in names):
+                raise ValueError(f"`var_names` must be strings (regex patterns). Received: {names!r}")
+            if not any("param_names" in g for g in self.param_groups):
+                raise ValueError(
+                    "`var_names` needs named parameters: pass `model.named_parameters()` to Lamb."
+                )
+            try:
+                pattern = re.compile("|".join(sorted(set(names))))
+            except re.error as err:
+                raise ValueError(f"`var_names` holds an invalid regex: {err}") from None
+        self._decay_exclusion = (ids, pattern)
+        for group in self.param_groups:
+            self._resolve_decay_exclusion(group)
+
+    def finalize_variable_values(self, var_list: Iterable[Tensor] | None = None) -> None:
+        """Copy the moving averages into the parameters (all of them, or those given)."""
+        if not self.use_ema:
+            return
+        params = self._all_params() if var_list is None else list(var_list)
+        pairs = [(p, self.state[p][AVERAGE]) for p in params if AVERAGE in self.state.get(p, {})]
+        with torch.no_grad():
+            overwrite_with_averages([local(p) for p, _ in pairs], [local(a) for _, a in pairs])
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, as Keras's ``get_config``."""
+        lr = self._learning_rate
+        return {
+            "name": self.name,
+            "learning_rate": lr if callable(lr) else self._default_group_lr(),
+            "weight_decay": self.defaults["weight_decay"],
+            "clipnorm": self.clipnorm,
+            "global_clipnorm": self.global_clipnorm,
+            "clipvalue": self.clipvalue,
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
+            "loss_scale_factor": self.loss_scale_factor,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "beta_1": self.defaults["beta_1"],
+            "beta_2": self.defaults["beta_2"],
+            "epsilon": self.defaults["epsilon"],
+        }
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Apply the gradients in ``p.grad``: one Keras ``apply`` call."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Everything that can fail is checked before any tensor or counter changes.
+        raw_it = self._iterations
+        n = self.gradient_accumulation_steps
+        updating = not n or (raw_it + 1) % n == 0
+        iterations = raw_it // n if n else raw_it
+        self._check_grads()
+        scalars = self._group_scalars(raw_it, iterations + 1) if updating else None
+
+        self._ensure_state()
+        buckets = self._buckets()
+        if n:
+            for b in buckets:
+                grads = b.grads
+                if self.loss_scale_factor is not None:
+                    grads = torch._foreach_div(grads, self.loss_scale_factor)
+                torch._foreach_add_(b.accumulators, grads)
+                if updating:
+                    torch._foreach_div_(b.accumulators, n)
+                    b.work, b.owned = b.accumulators, True
+        else:
+            for b in buckets:
+                if self.loss_scale_factor is not None:
+                    b.work, b.owned = list(torch._foreach_div(b.grads, self.loss_scale_factor)), True
+                else:
+                    b.work, b.owned = b.grads, False
+
+        if updating:
+            self._clip(buckets)
+            update = _IMPLEMENTATIONS[self.implementation]
+            for b in buckets:
+                group_scalars = scalars[id(b.group)]
+                self._update_stats(
+                    b, update(b.params, b.work, b.momentums, b.velocities, b.decay_mask, group_scalars)
+                )
+            if n:
+                self._zero_accumulators()
+
+        if self.use_ema:
+            self._update_ema(iterations)
+        self._iterations = raw_it + 1
+        return loss
+
+    # ------------------------------------------------------------------ step stages
+
+    def _check_grads(self) -> None:
+        any_grad = False
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                any_grad = True
+                if g.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients.")
+                if g.shape != p.shape:
+                    raise RuntimeError(
+                        f"A gradient's shape {tuple(g.shape)} differs from its parameter's {tuple(p.shape)}."
+                    )
+                if g.device != p.device:
+                    raise RuntimeError(
+                        f"A gradient is on {g.device} but its parameter is on {p.device}."
+                    )
+        if not any_grad:
+            raise ValueError("No gradients provided for any parameter.")
+
+    def _group_scalars(self, raw_it: int, step: int) -> dict[int, LambScalars]:
+        """Refresh every group's learning rate and form its scalars (host-side, may raise)."""
+        self._refresh_learning_rates(raw_it)
+        out = {}
+        for group in self.param_groups:
+            out[id(group)] = lamb_scalars(
+                lr=check.number("lr", group["lr"]),
+                beta_1=check.resolve("beta_1", group["beta_1"], high=1.0),
+                beta_2=check.resolve("beta_2", group["beta_2"], high=1.0),
+                epsilon=group["epsilon"],
+                weight_decay=group["weight_decay"],
+                step=step,
+            )
+        return out
+
+    def _buckets(self) -> list[_Bucket]:
+        buckets: dict[tuple[int, torch.device, torch.dtype], _Bucket] = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            excluded = group[DECAY_EXCLUDED]
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                key = (gi, p.device, p.dtype)
+                b = buckets.get(key)
+                if b is None:
+                    b = buckets[key] = _Bucket(group)
+                state = self.state[p]
+                b.params.append(local(p))
+                b.grads.append(local(p.grad))
+                b.momentums.append(local(state[MOMENTUM]))
+                b.velocities.append(local(state[VELOCITY]))
+                if ACCUMULATOR in state:
+                    b.accumulators.append(local(state[ACCUMULATOR]))
+                b.decay_mask.append(group["weight_decay"] is not None and not excluded[i])
+                b.names.append(names[i] if names else f"{gi}.{i}")
+        return list(buckets.values())
+
+    def _clip(self, buckets: Sequence[_Bucket]) -> None:
+        if self.clipnorm is not None:
+            for b in buckets:
+                (norms,) = full_norms(b.work)
+                b.work = clip_by_norm(b.work, norms, self.clipnorm, inplace=b.owned)
+                b.owned = True
+        elif self.global_clipnorm is not None:
+            norms = [n for b in buckets for n in full_norms(b.work)]
+            factor = global_clip_factor(global_norm(norms), self.global_clipnorm)
+            for b in buckets:
+                b.work = clip_by_global_norm(b.work, factor, inplace=b.owned)
+                b.owned = True
+        elif self.clipvalue is not None:
+            for b in buckets:
+                b.work = clip_by_value(b.work, self.clipvalue, inplace=b.owned)
+                b.owned = True
+
+    def _update_stats(self, bucket: _Bucket, stats: TrustStats) -> None:
+        """Hook for trust-ratio telemetry (a no-op by default)."""
+
+    def _zero_accumulators(self) -> None:
+        accs = [local(s[ACCUMULATOR]) for s in self.state.values() if ACCUMULATOR in s]
+        if accs:
+            torch._foreach_zero_(accs)
+
+    def _update_ema(self, iterations: int) -> None:
+        params = self._all_params()
+        ps = [local(p) for p in params]
+        avgs = [local(self.state[p][AVERAGE]) for p in params]
+        for group in _by_device_dtype(ps, avgs):
+            update_averages(group[1], group[0], ema_momentum_at(iterations, self.ema_momentum))
+            if should_overwrite(iterations, self.ema_overwrite_frequency):
+                overwrite_with_averages(group[0], group[1])
+
+    # ------------------------------------------------------------------ state
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _ensure_state(self) -> None:
+        """Create the slots of every parameter (Keras builds them all on the first apply)."""
+        if self._state_complete:
+            return
+        for p in self._all_params():
+            state = self.state[p]
+            if MOMENTUM in state:
+                continue
+            dtype = state_dtype(p)
+            state[MOMENTUM] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state[VELOCITY] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if self.use_ema:
+                state[AVERAGE] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if self.gradient_accumulation_steps:
+                state[ACCUMULATOR] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        self._state_complete = True
+
+    def _required_state_keys(self) -> list[str]:
+        keys = [MOMENTUM, VELOCITY]
+        if self.use_ema:
+            keys.append(AVERAGE)
+        if self.gradient_accumulation_steps:
+            keys.append(ACCUMULATOR)
+        return keys
+
+    def state_dict(self) -> dict[str, Any]:
+        """The standard optimizer state dict; the step counter rides in every param group."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            group["iterations"] = self._iterations
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, checking its layout first: a mismatch raises and changes nothing."""
+        groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(saved_state, dict):
+            raise ValueError("Not an optimizer state dict: it needs 'state' and 'param_groups'.")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"The state dict has {len(groups)} param groups; this optimizer has {len(self.param_groups)}."
+            )
+        ids_to_params: dict[Any, Tensor] = {}
+        for saved, live in zip(groups, self.param_groups):
+            if len(saved["params"]) != len(live["params"]):
+                raise ValueError(
+                    f"A param group of the state dict has {len(saved['params'])} parameters; "
+                    f"the matching group here has {len(live['params'])}."
+                )
+            ids_to_params.update(zip(saved["params"], live["params"]))
+        required = self._required_state_keys()
+        for pid, value in saved_state.items():
+            p = ids_to_params.get(pid)
+            if p is None:
+                raise ValueError(f"The state dict holds state for an unknown parameter id {pid!r}.")
+            missing = [k for k in required if k not in value]
+            if missing:
+                raise ValueError(
+                    f"The state dict lacks {missing} for a parameter: was it saved with other "
+                    "`use_ema` / `gradient_accumulation_steps` settings?"
+                )
+            for key, tensor in value.items():
+                if isinstance(tensor, Tensor) and tensor.shape != p.shape:
+                    raise ValueError(
+                        f"State {key!r} has shape {tuple(tensor.shape)} but its parameter has "
+                        f"shape {tuple(p.shape)}: the state dict is from a different model."
+                    )
+        iterations = int(groups[0].get("iterations", 0)) if groups else 0
+
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; keep float32 state for low precision.
+        for pid, value in saved_state.items():
+            p = ids_to_params[pid]
+            for key, tensor in value.items():
+                if isinstance(tensor, Tensor):
+                    self.state[p][key] = tensor.to(device=p.device, dtype=state_dtype(p), copy=True)
+        for group in self.param_groups:
+            group.pop("iterations", None)
+        self._iterations = iterations
+        self._state_complete = False
+
+    _PICKLED = (
+        "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
+        "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps", "name",
+        "implementation", "_learning_rate", "_lr_sources", "_decay_exclusion", "_iterations",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in self._PICKLED})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._state_complete = False
+
+    # ------------------------------------------------------------------ helpers
+
+    def _default_group_lr(self) -> float:
+        for group, source in zip(self.param_groups, self._lr_sources):
+            if source is _FOLLOW_DEFAULT:
+                return group["lr"]
+        return self.defaults["lr"]
+
+    def _evaluate_lr(self, source: Any, step: int | None = None) -> float:
+        step = self._iterations if step is None else step
+        return check.resolve("learning_rate", source, step=step)
+
+    def _refresh_learning_rates(self, step: int | None = None) -> None:
+        """Write the current value of every scheduled learning rate into its group's ``lr``."""
+        default = self._learning_rate
+        default_value = self._evaluate_lr(default, step) if callable(default) else None
+        values = []
+        for group, source in zip(self.param_groups, self._lr_sources):
+            if source is _FOLLOW_DEFAULT:
+                values.append(default_value)
+            elif callable(source):
+                values.append(self._evaluate_lr(source, step))
+            else:
+                values.append(None)
+        for group, value in zip(self.param_groups, values):
+            if value is not None:
+                group["lr"] = value
+
+    def _resolve_decay_exclusion(self, group: dict[str, Any]) -> None:
+        ids, pattern = self._decay_exclusion
+        names = group.get("param_names") or [None] * len(group["params"])
+        group[DECAY_EXCLUDED] = [
+            id(p) in ids or bool(pattern is not None and name is not None and pattern.search(name))
+            for p, name in zip(group["params"], names)
+        ]
+
+
+def _by_device_dtype(params: list[Tensor], others: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for p, o in zip(params, others):
+        g = groups.setdefault((p.device, p.dtype), ([], []))
+        g[0].append(p)
+        g[1].append(o)
+    return list(groups.values())
+
+
+def clone_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of an optimizer state dict (tensors cloned), for checkpoints kept in memory."""
+    return copy.deepcopy(state_dict)
