@@ -7,12 +7,12 @@ tensors pay nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["local", "local_norms", "full_norms"]
+__all__ = ["Reducer", "local", "local_norms", "local_squared_norms", "full_norms"]
 
 
 def local(t: Tensor) -> Tensor:
@@ -28,9 +28,25 @@ def local_norms(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(list(tensors), dtype=_norm_dtype(tensors[0])))
 
 
-def full_norms(*tensor_lists: Sequence[Tensor]) -> list[Tensor]:
-    """For each list of (local) tensors, a 1-D tensor of their full-tensor L2 norms."""
-    return [local_norms(tensors) for tensors in tensor_lists]
+Reducer = Callable[[Tensor], Tensor]
+"""Maps a 1-D tensor of local squared sums to the squared sums of the full tensors (a collective)."""
+
+
+def local_squared_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """A 1-D tensor of the local sums of squares of ``tensors``."""
+    return torch.square(local_norms(tensors))
+
+
+def full_norms(*tensor_lists: Sequence[Tensor], reduce: Reducer | None = None) -> list[Tensor]:
+    """For each list of local tensors, a 1-D tensor of the L2 norms of the full tensors.
+
+    Without ``reduce`` the tensors are whole and their norms are taken directly. With it, the local
+    squared sums of all lists are packed into one buffer, reduced once, and split again.
+    """
+    if reduce is None:
+        return [local_norms(tensors) for tensors in tensor_lists]
+    packed = reduce(torch.cat([local_squared_norms(t) for t in tensor_lists]))
+    return list(torch.sqrt(packed).split([len(t) for t in tensor_lists]))
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

@@ -17,20 +17,18 @@ are updated with float32 math against float32 moments.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .distributed import full_norms
+from .distributed import Reducer, full_norms
 
 __all__ = ["LambScalars", "TrustStats", "lamb_scalars", "lamb_update", "lamb_reference"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-NormFn = Callable[..., list[Tensor]]
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,10 @@ class LambScalars:
     bias_correction_1: float  # 1 - beta_1 ** t
     bias_correction_2: float  # 1 - beta_2 ** t
     epsilon: float
-    decay_factor: float | None  # 1 - weight_decay * lr, or None when weight decay is off
+    decay_factor: float | None  # decoupled mode: 1 - weight_decay * lr (None when off)
+    adaptive_weight_decay: float | None = None  # adaptive mode: u += weight_decay * w (None when off)
+    min_trust_ratio: float | None = None  # optional bounds on the ratio (after the zero-norm rule)
+    max_trust_ratio: float | None = None
 
 
 @dataclass
@@ -74,14 +75,24 @@ def lamb_scalars(
     epsilon: float,
     weight_decay: float | None,
     step: int,
+    weight_decay_mode: str = "decoupled",
+    min_trust_ratio: float | None = None,
+    max_trust_ratio: float | None = None,
 ) -> LambScalars:
-    """The scalars of update number ``step`` (1-based), computed on the host."""
+    """The scalars of update number ``step`` (1-based), computed on the host.
+
+    ``weight_decay_mode="decoupled"`` is Keras's decay before the update, outside the ratio;
+    ``"adaptive"`` is the paper's ``u + weight_decay * w`` inside the ratio.
+    """
     t = _f32(step)
     with np.errstate(over="ignore", under="ignore"):
         b1p = _f32(float(beta_1)) ** t
         b2p = _f32(float(beta_2)) ** t
     lr32 = _f32(lr)
-    decay = None if weight_decay is None else float(_f32(1.0) - _f32(weight_decay) * lr32)
+    adaptive = weight_decay_mode == "adaptive"
+    decay = None
+    if weight_decay is not None and not adaptive:
+        decay = float(_f32(1.0) - _f32(weight_decay) * lr32)
     return LambScalars(
         lr=float(lr32),
         one_minus_beta_1=_complement(beta_1),
@@ -90,13 +101,31 @@ def lamb_scalars(
         bias_correction_2=float(_f32(1.0) - b2p),
         epsilon=float(epsilon),
         decay_factor=decay,
+        adaptive_weight_decay=weight_decay if adaptive and weight_decay is not None else None,
+        min_trust_ratio=min_trust_ratio,
+        max_trust_ratio=max_trust_ratio,
     )
 
 
-def trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
-    """``||w|| / ||u||`` where both norms are > 0, else 1 (NaN norms give 1, as in Keras)."""
+def trust_ratio(
+    weight_norm: Tensor,
+    update_norm: Tensor,
+    scalars: LambScalars | None = None,
+    adapt_mask: Sequence[bool] | None = None,
+) -> Tensor:
+    """``||w|| / ||u||`` where both norms are > 0, else 1 (NaN norms give 1, as in Keras).
+
+    Optional bounds clamp the ratio; tensors excluded from layer adaptation take exactly 1.
+    """
     ok = (weight_norm > 0) & (update_norm > 0)
-    return torch.where(ok, weight_norm / update_norm, torch.ones_like(weight_norm))
+    one = torch.ones_like(weight_norm)
+    ratio = torch.where(ok, weight_norm / update_norm, one)
+    if scalars is not None and (scalars.min_trust_ratio is not None or scalars.max_trust_ratio is not None):
+        ratio = ratio.clamp(scalars.min_trust_ratio, scalars.max_trust_ratio)
+    if adapt_mask is not None and not all(adapt_mask):
+        mask = torch.tensor(list(adapt_mask), device=ratio.device)
+        ratio = torch.where(mask, ratio, one)
+    return ratio
 
 
 def lamb_update(
@@ -104,12 +133,17 @@ def lamb_update(
     grads: Sequence[Tensor],
     momentums: Sequence[Tensor],
     velocities: Sequence[Tensor],
-    decay_mask: Sequence[bool],
     scalars: LambScalars,
     *,
-    norms: NormFn = full_norms,
+    decay_mask: Sequence[bool],
+    adapt_mask: Sequence[bool] | None = None,
+    reduce: Reducer | None = None,
 ) -> TrustStats:
-    """One LAMB update of a bucket with ``torch._foreach_*`` ops (no host sync)."""
+    """One LAMB update of a bucket with ``torch._foreach_*`` ops (no host sync).
+
+    ``decay_mask[i]``: tensor i takes weight decay; ``adapt_mask[i]`` (default all True): tensor i
+    takes the trust ratio (else 1); ``reduce``: sums local squared norms across shards.
+    """
     params, grads = list(params), list(grads)
     low = params[0].dtype in LOW_PRECISION
     work = [p.float() for p in params] if low else params
@@ -132,9 +166,13 @@ def lamb_update(
     torch._foreach_sqrt_(denoms)
     torch._foreach_add_(denoms, scalars.epsilon)
     torch._foreach_div_(updates, denoms)
+    if scalars.adaptive_weight_decay is not None:
+        pairs = [(u, w) for u, w, d in zip(updates, work, decay_mask) if d]
+        if pairs:
+            torch._foreach_add_([u for u, _ in pairs], [w for _, w in pairs], alpha=scalars.adaptive_weight_decay)
 
-    weight_norm, update_norm = norms(work, updates)
-    ratio = trust_ratio(weight_norm, update_norm)
+    weight_norm, update_norm = full_norms(work, updates, reduce=reduce)
+    ratio = trust_ratio(weight_norm, update_norm, scalars, adapt_mask)
     torch._foreach_mul_(updates, list((ratio * scalars.lr).unbind(0)))
     torch._foreach_sub_(work, updates)
     if low:
@@ -147,15 +185,17 @@ def lamb_reference(
     grads: Sequence[Tensor],
     momentums: Sequence[Tensor],
     velocities: Sequence[Tensor],
-    decay_mask: Sequence[bool],
     scalars: LambScalars,
     *,
-    norms: NormFn = full_norms,
+    decay_mask: Sequence[bool],
+    adapt_mask: Sequence[bool] | None = None,
+    reduce: Reducer | None = None,
 ) -> TrustStats:
     """The same update, one tensor at a time, in Keras's literal expression forms (for tests)."""
     w_norms, u_norms, ratios = [], [], []
     work = [p.float() if p.dtype in LOW_PRECISION else p for p in params]
-    for w, g, m, v, decay in zip(work, grads, momentums, velocities, decay_mask):
+    adapt_mask = [True] * len(work) if adapt_mask is None else list(adapt_mask)
+    for w, g, m, v, decay, adapt in zip(work, grads, momentums, velocities, decay_mask, adapt_mask):
         g = g.to(m.dtype)
         if scalars.decay_factor is not None and decay:
             w.mul_(scalars.decay_factor)
@@ -163,8 +203,10 @@ def lamb_reference(
         v.copy_(v + (torch.square(g) - v) * scalars.one_minus_beta_2)
         m_hat = m / scalars.bias_correction_1
         u = m_hat / (torch.sqrt(v / scalars.bias_correction_2) + scalars.epsilon)
-        w_norm, u_norm = (n[0] for n in norms([w], [u]))
-        ratio = trust_ratio(w_norm, u_norm)
+        if scalars.adaptive_weight_decay is not None and decay:
+            u = u + scalars.adaptive_weight_decay * w
+        w_norm, u_norm = (n[0] for n in full_norms([w], [u], reduce=reduce))
+        ratio = trust_ratio(w_norm, u_norm, scalars, None if adapt else [False])
         w.copy_(w - (ratio * scalars.lr) * u)
         w_norms.append(w_norm)
         u_norms.append(u_norm)

@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from . import _validation as check
 from .clipping import clip_by_global_norm, clip_by_norm, clip_by_value, global_clip_factor, global_norm
-from .distributed import full_norms, local
+from .distributed import Reducer, full_norms, local
 from .ema import ema_momentum_at, overwrite_with_averages, should_overwrite, update_averages
 from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
 from .schedules import LearningRateSchedule
@@ -67,6 +67,8 @@ class _Bucket:
     velocities: list[Tensor] = field(default_factory=list)
     accumulators: list[Tensor] = field(default_factory=list)
     decay_mask: list[bool] = field(default_factory=list)
+    adapt_mask: list[bool] | None = None  # None: every tensor takes the trust ratio
+    reduce: Reducer | None = None  # sums local squared norms across shards (None: whole tensors)
     names: list[str] = field(default_factory=list)
     work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
     owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
@@ -373,9 +375,11 @@ class Lamb(Optimizer):
             update = _IMPLEMENTATIONS[self.implementation]
             for b in buckets:
                 group_scalars = scalars[id(b.group)]
-                self._update_stats(
-                    b, update(b.params, b.work, b.momentums, b.velocities, b.decay_mask, group_scalars)
+                stats = update(
+                    b.params, b.work, b.momentums, b.velocities, group_scalars,
+                    decay_mask=b.decay_mask, adapt_mask=b.adapt_mask, reduce=b.reduce,
                 )
+                self._update_stats(b, stats)
             if n:
                 self._zero_accumulators()
 
@@ -448,11 +452,11 @@ class Lamb(Optimizer):
     def _clip(self, buckets: Sequence[_Bucket]) -> None:
         if self.clipnorm is not None:
             for b in buckets:
-                (norms,) = full_norms(b.work)
+                (norms,) = full_norms(b.work, reduce=b.reduce)
                 b.work = clip_by_norm(b.work, norms, self.clipnorm, inplace=b.owned)
                 b.owned = True
         elif self.global_clipnorm is not None:
-            norms = [n for b in buckets for n in full_norms(b.work)]
+            norms = [n for b in buckets for n in full_norms(b.work, reduce=b.reduce)]
             factor = global_clip_factor(global_norm(norms), self.global_clipnorm)
             for b in buckets:
                 b.work = clip_by_global_norm(b.work, factor, inplace=b.owned)
