@@ -206,7 +206,7 @@ def lamb_reference(
         if scalars.adaptive_weight_decay is not None and decay:
             u = u + scalars.adaptive_weight_decay * w
         w_norm, u_norm = (n[0] for n in full_norms([w], [u], reduce=reduce))
-        ratio = trust_ratio(w_norm, u_norm, scalars, None if adapt else [False])
+        ratio = trust_ratio(w_norm, u_norm, scalars, None if adapt else [False]).reshape(())
         w.copy_(w - (ratio * scalars.lr) * u)
         w_norms.append(w_norm)
         u_norms.append(u_norm)

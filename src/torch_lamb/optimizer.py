@@ -23,13 +23,14 @@ from .clipping import clip_by_global_norm, clip_by_norm, clip_by_value, global_c
 from .distributed import Reducer, full_norms, local
 from .ema import ema_momentum_at, overwrite_with_averages, should_overwrite, update_averages
 from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
+from .fused import fused_lamb_update
 from .schedules import LearningRateSchedule
 
 __all__ = ["Lamb"]
 
 _D = check._Default
 _FOLLOW_DEFAULT = "default"  # a group whose learning rate follows the optimizer's `learning_rate`
-_IMPLEMENTATIONS = {"foreach": lamb_update, "reference": lamb_reference}
+_IMPLEMENTATIONS = {"fused": fused_lamb_update, "foreach": lamb_update, "reference": lamb_reference}
 _AUTO_NAMES: dict[str, int] = {}
 
 MOMENTUM, VELOCITY, AVERAGE, ACCUMULATOR = "momentum", "velocity", "average", "gradient_accumulator"
@@ -93,7 +94,9 @@ class Lamb(Optimizer):
         gradient_accumulation_steps: apply the mean gradient every N calls (N >= 2).
         name: a label (auto-named ``lamb``, ``lamb_1``, ... when None).
         lr, betas, eps: PyTorch-style aliases of ``learning_rate``, ``(beta_1, beta_2)``, ``epsilon``.
-        implementation: ``"foreach"`` (default) or ``"reference"`` (one tensor at a time).
+        implementation: None (default: ``"fused"``, which runs the compiled CPU kernel on float32 CPU
+            buckets and the foreach path elsewhere), ``"foreach"`` (``torch._foreach_*`` ops only) or
+            ``"reference"`` (one tensor at a time).
     """
 
     def __init__(
@@ -167,7 +170,7 @@ class Lamb(Optimizer):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         if name is not None and not isinstance(name, str):
             raise ValueError(f"`name` must be a string or None. Received: name={name!r}")
-        implementation = implementation or "foreach"
+        implementation = implementation or "fused"
         if implementation not in _IMPLEMENTATIONS:
             raise ValueError(
                 f"`implementation` must be one of {sorted(_IMPLEMENTATIONS)} or None. "

@@ -1,0 +1,121 @@
+"""The fused CPU kernel against the per-tensor reference, every feature on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_lamb import Lamb, fused
+from torch_lamb.functional import lamb_reference, lamb_scalars, lamb_update
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler for the fused kernel")
+
+SHAPES = [(300, 7), (0,), (5,), (40_000,), (1,), (16_385,)]
+
+
+def _bucket(seed: int = 0) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g) for s in SHAPES]
+    gs = [torch.randn(s, generator=g) * 1e-2 for s in SHAPES]
+    ms = [torch.randn(s, generator=g) * 1e-2 for s in SHAPES]
+    vs = [torch.rand(s, generator=g) * 1e-4 for s in SHAPES]
+    return [ps, gs, ms, vs]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    # rtol 1e-6, with an absolute floor at 1e-6 of the tensor's scale for elementwise cancellation
+    atol = 1e-6 * float(b.abs().max()) if b.numel() else 0.0
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "adaptive"])
+@pytest.mark.parametrize("bounds", [(None, None), (0.5, 2.0)])
+def test_fused_matches_reference(mode: str, bounds: tuple) -> None:
+    sc = lamb_scalars(lr=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.01, step=3,
+                      weight_decay_mode=mode, min_trust_ratio=bounds[0], max_trust_ratio=bounds[1])
+    dm = [True, False, True, False, True, True]
+    am = [True, True, False, True, True, False]
+    calls = []
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:  # a stand-in collective: two equal shards
+        calls.append(x.shape)
+        return 2 * x
+
+    a, b = _bucket(), _bucket()
+    s1 = fused.fused_lamb_update(*a, sc, decay_mask=dm, adapt_mask=am, reduce=reduce)
+    s2 = lamb_reference(*b, sc, decay_mask=dm, adapt_mask=am, reduce=reduce)
+    assert calls == [torch.Size([2 * len(SHAPES)])] + [torch.Size([2])] * len(SHAPES)
+    for xs, ys in zip(a, b, strict=True):
+        for x, y in zip(xs, ys, strict=True):
+            _close(x, y)
+    for x, y in zip((s1.weight_norm, s1.update_norm, s1.trust_ratio),
+                    (s2.weight_norm, s2.update_norm, s2.trust_ratio), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
+    assert s1.trust_ratio[2] == 1 and s1.trust_ratio[5] == 1  # adapt mask
+    assert not torch.equal(a[0][0], _bucket()[0][0])  # something moved
+
+
+def test_no_decay_and_zero_norms() -> None:
+    sc = lamb_scalars(lr=1e-3, beta_1=0.9, beta_2=0.99, epsilon=1e-6, weight_decay=None, step=1)
+    a, b = _bucket(1), _bucket(1)
+    a[0][2].zero_()
+    b[0][2].zero_()  # ||w|| = 0 -> ratio 1
+    s1 = fused.fused_lamb_update(*a, sc, decay_mask=[False] * len(SHAPES))
+    s2 = lamb_reference(*b, sc, decay_mask=[False] * len(SHAPES))
+    assert s1.trust_ratio[2] == 1
+    for xs, ys in zip(a, b, strict=True):
+        for x, y in zip(xs, ys, strict=True):
+            _close(x, y)
+    torch.testing.assert_close(s1.trust_ratio, s2.trust_ratio, rtol=1e-6, atol=0)
+
+
+def test_falls_back_for_uncovered_dtypes() -> None:
+    sc = lamb_scalars(lr=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.1, step=2)
+    for dtype in (torch.float64, torch.bfloat16):
+        cast = [True, dtype == torch.float64, dtype == torch.float64, dtype == torch.float64]
+        a = [[t.to(dtype) if c else t for t in ts] for c, ts in zip(cast, _bucket(), strict=True)]
+        b = [[t.clone() for t in ts] for ts in a]
+        assert not fused.kernel_supports(*a)
+        fused.fused_lamb_update(*a, sc, decay_mask=[True] * len(SHAPES))
+        lamb_update(*b, sc, decay_mask=[True] * len(SHAPES))
+        for xs, ys in zip(a, b, strict=True):
+            for x, y in zip(xs, ys, strict=True):
+                assert torch.equal(x, y)
+
+
+def test_non_contiguous_falls_back() -> None:
+    p = torch.randn(8, 6).t()
+    assert not fused.kernel_supports([p], [torch.randn(6, 8)], [torch.zeros(6, 8)], [torch.zeros(6, 8)])
+
+
+def test_optimizer_default_is_fused_and_matches_reference() -> None:
+    torch.manual_seed(0)
+    base = [torch.randn(37, 11), torch.randn(20_000), torch.randn(3)]
+    grads = [[torch.randn_like(p) * 1e-2 for p in base] for _ in range(4)]
+    results = {}
+    for impl in (None, "reference"):
+        ps = [torch.nn.Parameter(p.clone()) for p in base]
+        opt = Lamb(ps, learning_rate=1e-2, weight_decay=0.01, global_clipnorm=1.0, use_ema=True,
+                   loss_scale_factor=4.0, gradient_accumulation_steps=2, implementation=impl)
+        assert opt.implementation == (impl or "fused")
+        for gs in grads:
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results[impl] = [p.detach() for p in ps] + [opt.state[p]["average"] for p in ps]
+    for x, y in zip(results[None], results["reference"], strict=True):
+        _close(x, y)
+
+
+def test_cache_is_reused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_LAMB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fused, "_lib", None)
+    monkeypatch.setattr(fused, "_failed", None)
+    assert fused.load_kernel() is not None
+    built = list(tmp_path.glob("lamb_kernel_*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(fused, "_lib", None)
+    assert fused.load_kernel() is not None
+    assert built[0].stat().st_mtime_ns == mtime and not list(tmp_path.glob("*.so.*")) and len(
+        list(tmp_path.iterdir())) == 1
