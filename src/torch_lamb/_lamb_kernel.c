@@ -39,7 +39,7 @@ int lamb_pass1(int n, float **p, float **g, float **m, float **v, const int64_t 
                const uint8_t *decay_mask, const float *sc, double *sums, int nthreads) {
     /* sc: omb1, omb2, bc1, bc2, eps, decay, awd, has_decay, has_awd */
     const float omb1 = sc[0], omb2 = sc[1], bc1 = sc[2], bc2 = sc[3], eps = sc[4];
-    const float dfac = sc[5], awd = sc[6];
+    const float dfac = sc[5], awd = sc[6], ibc1 = 1.0f / bc1, ibc2 = 1.0f / bc2;
     const int has_decay = sc[7] != 0.0f, has_awd = sc[8] != 0.0f;
     int64_t *starts = malloc(sizeof(int64_t) * (n + 1));
     if (!starts) return -1;
@@ -70,7 +70,7 @@ int lamb_pass1(int n, float **p, float **g, float **m, float **v, const int64_t 
                 float vv = vp[j] + omb2 * (gg * gg - vp[j]);
                 mp[j] = mm;
                 vp[j] = vv;
-                float u = (mm / bc1) / (sqrtf(vv / bc2) + eps);
+                float u = (mm * ibc1) / (sqrtf(vv * ibc2) + eps);
                 u = u + aw * w;
                 wsf += w * w;
                 usf += u * u;
@@ -98,7 +98,7 @@ int lamb_pass1(int n, float **p, float **g, float **m, float **v, const int64_t 
 int lamb_pass2(int n, float **p, float **m, float **v, const int64_t *sizes, const uint8_t *decay_mask,
                const float *sc, const float *scale, int nthreads) {
     const float bc1 = sc[2], bc2 = sc[3], eps = sc[4];
-    const float dfac = sc[5], awd = sc[6];
+    const float dfac = sc[5], awd = sc[6], ibc1 = 1.0f / bc1, ibc2 = 1.0f / bc2;
     const int has_decay = sc[7] != 0.0f, has_awd = sc[8] != 0.0f;
     int64_t *starts = malloc(sizeof(int64_t) * (n + 1));
     if (!starts) return -1;
@@ -118,7 +118,7 @@ int lamb_pass2(int n, float **p, float **m, float **v, const int64_t *sizes, con
 #pragma omp simd
         for (int64_t j = 0; j < len; j++) {
             float w = pp[j] * df;
-            float u = (mp[j] / bc1) / (sqrtf(vp[j] / bc2) + eps);
+            float u = (mp[j] * ibc1) / (sqrtf(vp[j] * ibc2) + eps);
             u = u + aw * w;
             pp[j] = w - s * u;
         }

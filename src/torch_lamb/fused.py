@@ -43,6 +43,7 @@ _failed: str | None = None
 _compile_s: float = 0.0
 
 _PP = ctypes.POINTER(ctypes.c_void_p)
+_MIN_PER_THREAD = 1 << 16
 
 
 def cache_dir() -> Path:
@@ -154,7 +155,8 @@ def fused_lamb_update(
     dmask = torch.tensor(list(decay_mask), dtype=torch.uint8)
     sums = torch.empty(2 * n, dtype=torch.float64)
     pp, mp, vp = _ptrs(params), _ptrs(momentums), _ptrs(velocities)
-    threads = torch.get_num_threads()
+    # below ~64K elements per thread, waking OpenMP workers costs more than it saves
+    threads = max(1, min(torch.get_num_threads(), int(sizes.sum()) // _MIN_PER_THREAD))
     rc = lib.lamb_pass1(n, pp, _ptrs(grads), mp, vp, sizes.data_ptr(), dmask.data_ptr(), sc.data_ptr(),
                         sums.data_ptr(), threads)
     if rc != 0:

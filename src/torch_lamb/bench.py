@@ -1,0 +1,305 @@
+"""``python -m torch_lamb.bench`` / ``torch-lamb bench``: time a LAMB step against its references.
+
+Every row steps its own optimizer over one shared set of float32 CPU parameters (fixed random
+gradients). Rows run interleaved, round by round, so machine noise hits them alike; the table
+gives the median step, the ratio to torch's fused AdamW, the implied bandwidth (nominal bytes per
+parameter: 40 for LAMB's two passes, 28 for AdamW's one), the optimizer state, the largest
+transient allocation of a step (peak RSS during the step minus RSS before it) and the first step.
+
+Rows: ``lamb-fused`` (torch-lamb's default), ``lamb-foreach``, the same two with every Keras
+feature on (``-all``: gradient accumulation over 2 micro-steps, global-norm clipping, EMA; one
+"step" is the 2 calls that make one update), torch's AdamW (fused, foreach), timm's Lamb (when
+timm is installed; loaded from its file without timm's package), and ``floor``: the time to move
+40 bytes per parameter at this machine's measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CASES", "main"]
+
+LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-6, 0.01
+LAMB_BPP, ADAMW_BPP = 40, 28
+# all features, per update of 2 micro-steps: 2 accumulations (12 B each), 1 norm read of the
+# accumulator (4), LAMB (40), zeroing the accumulator (4), 2 EMA updates (12 each)
+LAMB_ALL_BPP = 12 + 12 + 4 + 40 + 4 + 12 + 12
+
+
+def _bert(h: int, ff: int, layers: int) -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = [(30522, h), (512, h), (2, h), (h,), (h,)]
+    for _ in range(layers):
+        shapes += [(h, h), (h,)] * 4 + [(h,), (h,), (ff, h), (ff,), (h, ff), (h,), (h,), (h,)]
+    return [*shapes, (h, h), (h,)]
+
+
+def _small_many(n: int = 2000, lo: int = 1000, hi: int = 5000) -> list[tuple[int, ...]]:
+    g = torch.Generator().manual_seed(0)
+    return [(int(x),) for x in torch.randint(lo, hi + 1, (n,), generator=g)]
+
+
+CASES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "bert-base": lambda: _bert(768, 3072, 12),
+    "bert-large": lambda: _bert(1024, 4096, 24),
+    "small-many": _small_many,
+    "huge": lambda: [(64 * 1024 * 1024,)],
+    "tiny": lambda: [(64, 64), (64,), (1000,)],
+}
+DEFAULT_ROWS = ["lamb-fused", "lamb-foreach", "lamb-fused-all", "lamb-foreach-all", "adamw-fused",
+                "adamw-foreach", "timm-lamb", "floor"]
+LARGE_ROWS = ["lamb-fused", "lamb-foreach", "adamw-fused", "floor"]  # bert-large: fits in 24 GiB
+
+
+def _rss_mb(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def load_timm_lamb() -> type | None:
+    """timm's ``Lamb`` loaded from ``timm/optim/lamb.py`` without timm's package ``__init__``."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.origin:
+        return None
+    root = os.path.dirname(spec.origin)
+    saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]}
+    try:
+        for name, path in (("timm", root), ("timm.optim", os.path.join(root, "optim"))):
+            m = types.ModuleType(name)
+            m.__path__ = [path]
+            sys.modules[name] = m
+        from timm.optim.lamb import Lamb as TimmLamb  # type: ignore[import-not-found]
+
+        return TimmLamb
+    except Exception:
+        return None
+    finally:
+        for k in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+class _Row:
+    def __init__(self, name: str, step: Callable[[], Any], bpp: int, state: Callable[[], int]) -> None:
+        self.name, self.step, self.bpp, self.state_bytes = name, step, bpp, state
+        self.times: list[float] = []
+        self.transient_mb = 0.0
+        self.first_s = float("nan")
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> Callable[[], int]:
+    def count() -> int:
+        return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return count
+
+
+def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list[_Row]:
+    from .optimizer import Lamb
+
+    rows = []
+    for name in names:
+        if name.startswith("lamb-"):
+            impl = name.split("-")[1]
+            kw: dict[str, Any] = {}
+            calls = 1
+            if name.endswith("-all"):
+                kw = {"gradient_accumulation_steps": 2, "global_clipnorm": 1.0, "use_ema": True}
+                calls = 2
+            opt = Lamb(params, learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                       implementation=impl, **kw)
+
+            def step(opt: Lamb = opt, calls: int = calls) -> None:
+                for _ in range(calls):
+                    opt.step()
+
+            rows.append(_Row(name, step, LAMB_ALL_BPP if calls == 2 else LAMB_BPP, _state_bytes(opt)))
+        elif name.startswith("adamw-"):
+            flag = {"fused": True} if name == "adamw-fused" else {"foreach": True}
+            opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **flag)
+            rows.append(_Row(name, opt.step, ADAMW_BPP, _state_bytes(opt)))
+        elif name == "timm-lamb":
+            timm_lamb = load_timm_lamb()
+            if timm_lamb is None:
+                continue
+            opt = timm_lamb(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+            rows.append(_Row(name, opt.step, LAMB_BPP, _state_bytes(opt)))
+        elif name == "floor":
+            n = min(numel, 32 * 1024 * 1024)
+            src, dst = torch.ones(n), torch.empty(n)
+            reps = LAMB_BPP / 8 * numel / n  # a copy moves 8 B per element
+
+            def floor(src: torch.Tensor = src, dst: torch.Tensor = dst, reps: float = reps) -> float:
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                return (time.perf_counter() - t0) * reps
+
+            rows.append(_Row(name, floor, LAMB_BPP, lambda n=n: 2 * 4 * n))
+        else:
+            raise ValueError(f"unknown row {name!r}; known: {DEFAULT_ROWS}")
+    return rows
+
+
+def _cold_compile_s() -> float | None:
+    """Seconds to compile the fused kernel from scratch (into a throwaway directory)."""
+    from . import fused
+
+    cc = fused._compiler()
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        fused._build(Path(d) / "k.so", cc)
+        return time.perf_counter() - t0
+
+
+def run_case(case: str, rounds: int, rows: list[str] | None) -> dict[str, Any]:
+    """Time one parameter set; returns a JSON-ready dict."""
+    from . import fused
+
+    shapes = CASES[case]()
+    numel = sum(int(torch.Size(s).numel()) for s in shapes)
+    names = rows or (LARGE_ROWS if case == "bert-large" else DEFAULT_ROWS)
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g) * 0.02)
+        p.grad = torch.randn(s, generator=g) * 1e-3
+        params.append(p)
+    rss_base = _rss_mb()
+    t0 = time.perf_counter()
+    kernel = fused.available()
+    load_s = time.perf_counter() - t0
+    table = _make_rows(names, params, numel)
+    can_peak = _reset_peak()
+    for row in table:  # first step: state allocation (and any compilation)
+        t0 = time.perf_counter()
+        row.step()
+        row.first_s = time.perf_counter() - t0
+    for _ in range(rounds):
+        for row in table:
+            before = _rss_mb()
+            if can_peak:
+                _reset_peak()
+            t0 = time.perf_counter()
+            out = row.step()
+            dt = time.perf_counter() - t0
+            row.times.append(out if isinstance(out, float) else dt)
+            if can_peak:
+                row.transient_mb = max(row.transient_mb, _rss_mb("VmHWM") - before)
+    ref = next((r for r in table if r.name == "adamw-fused"), None)
+    ref_ms = statistics.median(ref.times) * 1e3 if ref else None
+    out_rows = []
+    for row in table:
+        ms = statistics.median(row.times) * 1e3
+        out_rows.append({
+            "name": row.name,
+            "median_ms": ms,
+            "min_ms": min(row.times) * 1e3,
+            "ratio_vs_adamw_fused": ms / ref_ms if ref_ms else None,
+            "gb_per_s": row.bpp * numel / (ms * 1e-3) / 1e9,
+            "bytes_per_param": row.bpp,
+            "state_mb": row.state_bytes() / 2**20,
+            "transient_mb": row.transient_mb,
+            "first_step_ms": row.first_s * 1e3,
+        })
+    return {
+        "case": case,
+        "tensors": len(shapes),
+        "params": numel,
+        "rounds": rounds,
+        "fused_kernel": kernel,
+        "kernel_load_s": load_s,
+        "rss_base_mb": rss_base,
+        "peak_rss_mb": _rss_mb("VmHWM") if not can_peak else max(_rss_mb("VmHWM"), _rss_mb()),
+        "rows": out_rows,
+    }
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"\ncase {result['case']}: {result['tensors']} tensors, "
+          f"{result['params'] / 1e6:.2f}M float32 params, "
+          f"{result['rounds']} rounds, fused kernel {'on' if result['fused_kernel'] else 'OFF (fallback)'}")
+    print(f"{'row':<18}{'median ms':>11}{'vs AdamW':>10}{'GB/s':>8}{'B/param':>9}{'state MB':>10}"
+          f"{'transient MB':>14}{'first ms':>10}")
+    for r in result["rows"]:
+        ratio = f"{r['ratio_vs_adamw_fused']:.2f}x" if r["ratio_vs_adamw_fused"] else "-"
+        print(f"{r['name']:<18}{r['median_ms']:>11.1f}{ratio:>10}{r['gb_per_s']:>8.1f}{r['bytes_per_param']:>9}"
+              f"{r['state_mb']:>10.0f}{r['transient_mb']:>14.1f}{r['first_step_ms']:>10.1f}")
+    print(f"RSS: {result['rss_base_mb']:.0f} MB with params+grads, "
+          f"peak {result['peak_rss_mb']:.0f} MB (all rows)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns a process exit code."""
+    ap = argparse.ArgumentParser(prog="torch-lamb bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--case", action="append", choices=sorted(CASES),
+                    help="parameter set (repeatable; default: bert-base and small-many)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
+    ap.add_argument("--rows", default=None, help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)})")
+    ap.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                    help="write JSON to FILE (or stdout when no FILE)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    rows = args.rows.split(",") if args.rows else None
+    for r in rows or ():
+        if r not in DEFAULT_ROWS:
+            ap.error(f"unknown row {r!r}; known: {','.join(DEFAULT_ROWS)}")
+
+    from . import fused
+
+    cold = _cold_compile_s()
+    t0 = time.perf_counter()
+    fused.load_kernel()
+    cached = time.perf_counter() - t0
+    report: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "compile_cold_s": cold,
+        "kernel_load_cached_s": cached,
+        "cases": [run_case(c, args.rounds, rows) for c in (args.case or ["bert-base", "small-many"])],
+    }
+    if args.json == "-":
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"torch {report['torch']}, {report['threads']} threads; fused kernel: cold compile "
+              f"{cold if cold is not None else float('nan'):.2f} s, load from cache {cached:.3f} s")
+        for c in report["cases"]:
+            _print(c)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
