@@ -119,3 +119,19 @@ def test_cache_is_reused(tmp_path, monkeypatch) -> None:
     assert fused.load_kernel() is not None
     assert built[0].stat().st_mtime_ns == mtime and not list(tmp_path.glob("*.so.*")) and len(
         list(tmp_path.iterdir())) == 1
+
+
+def test_no_compiler_falls_back_to_foreach(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_LAMB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fused, "_lib", None)
+    monkeypatch.setattr(fused, "_failed", None)
+    monkeypatch.setattr(fused, "_compiler", lambda: None)
+    assert not fused.available() and "compiler" in (fused._failed or "")
+    sc = lamb_scalars(lr=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.1, step=2)
+    a, b = _bucket(2), _bucket(2)
+    fused.fused_lamb_update(*a, sc, decay_mask=[True] * len(SHAPES))
+    lamb_update(*b, sc, decay_mask=[True] * len(SHAPES))
+    for xs, ys in zip(a, b, strict=True):
+        for x, y in zip(xs, ys, strict=True):
+            assert torch.equal(x, y)
+    assert list(tmp_path.iterdir()) == []
