@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .distributed import Reducer, full_norms
 
-__all__ = ["LambScalars", "TrustStats", "lamb_scalars", "lamb_update", "lamb_reference"]
+__all__ = ["LambScalars", "TrustStats", "lamb_reference", "lamb_scalars", "lamb_update"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -169,7 +169,10 @@ def lamb_update(
     if scalars.adaptive_weight_decay is not None:
         pairs = [(u, w) for u, w, d in zip(updates, work, decay_mask) if d]
         if pairs:
-            torch._foreach_add_([u for u, _ in pairs], [w for _, w in pairs], alpha=scalars.adaptive_weight_decay)
+            decayed_updates, decayed_weights = zip(*pairs)
+            torch._foreach_add_(
+                list(decayed_updates), list(decayed_weights), alpha=scalars.adaptive_weight_decay
+            )
 
     weight_norm, update_norm = full_norms(work, updates, reduce=reduce)
     ratio = trust_ratio(weight_norm, update_norm, scalars, adapt_mask)

@@ -27,7 +27,8 @@ from .schedules import LearningRateSchedule
 
 __all__ = ["Lamb"]
 
-_D = check._Default
+_DEFAULT_LR, _DEFAULT_BETA_1 = check._Default(0.001), check._Default(0.9)
+_DEFAULT_BETA_2, _DEFAULT_EPSILON = check._Default(0.999), check._Default(1e-7)
 _FOLLOW_DEFAULT = "default"  # a group whose learning rate follows the optimizer's `learning_rate`
 _IMPLEMENTATIONS = {"foreach": lamb_update, "reference": lamb_reference}
 _AUTO_NAMES: dict[str, int] = {}
@@ -99,10 +100,10 @@ class Lamb(Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        learning_rate: Any = _D(0.001),
-        beta_1: Any = _D(0.9),
-        beta_2: Any = _D(0.999),
-        epsilon: float = _D(1e-7),
+        learning_rate: Any = _DEFAULT_LR,
+        beta_1: Any = _DEFAULT_BETA_1,
+        beta_2: Any = _DEFAULT_BETA_2,
+        epsilon: float = _DEFAULT_EPSILON,
         weight_decay: float | None = None,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
@@ -263,14 +264,13 @@ class Lamb(Optimizer):
                 "settable to a float. Assign a new schedule instead."
             )
         value = check.learning_rate("learning_rate", value)
+        current = self._evaluate_lr(value) if callable(value) else value  # validated before any change
         self._learning_rate = value
-        if callable(value):
-            self._refresh_learning_rates()
-            return
-        self.defaults["lr"] = value
+        if not callable(value):
+            self.defaults["lr"] = value
         for group, source in zip(self.param_groups, self._lr_sources):
             if source is _FOLLOW_DEFAULT:
-                group["lr"] = value
+                group["lr"] = current
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss * loss_scale_factor`` (or ``loss`` when no factor is set)."""
@@ -601,7 +601,7 @@ class Lamb(Optimizer):
         default = self._learning_rate
         default_value = self._evaluate_lr(default, step) if callable(default) else None
         values = []
-        for group, source in zip(self.param_groups, self._lr_sources):
+        for source in self._lr_sources:
             if source is _FOLLOW_DEFAULT:
                 values.append(default_value)
             elif callable(source):
