@@ -412,18 +412,21 @@ class Lamb(Optimizer):
             raise ValueError("No gradients provided for any parameter.")
 
     def _group_scalars(self, raw_it: int, step: int) -> dict[int, LambScalars]:
-        """Refresh every group's learning rate and form its scalars (host-side, may raise)."""
-        self._refresh_learning_rates(raw_it)
+        """Every group's scalars for this update (host-side; may raise, and then changes nothing)."""
+        lrs = self._scheduled_learning_rates(raw_it)
         out = {}
-        for group in self.param_groups:
+        for group, lr in zip(self.param_groups, lrs):
             out[id(group)] = lamb_scalars(
-                lr=check.number("lr", group["lr"]),
+                lr=check.number("lr", group["lr"] if lr is None else lr),
                 beta_1=check.resolve("beta_1", group["beta_1"], high=1.0),
                 beta_2=check.resolve("beta_2", group["beta_2"], high=1.0),
                 epsilon=group["epsilon"],
                 weight_decay=group["weight_decay"],
                 step=step,
             )
+        for group, lr in zip(self.param_groups, lrs):
+            if lr is not None:
+                group["lr"] = lr
         return out
 
     def _buckets(self) -> list[_Bucket]:
@@ -596,11 +599,11 @@ class Lamb(Optimizer):
         step = self._iterations if step is None else step
         return check.resolve("learning_rate", source, step=step)
 
-    def _refresh_learning_rates(self, step: int | None = None) -> None:
-        """Write the current value of every scheduled learning rate into its group's ``lr``."""
+    def _scheduled_learning_rates(self, step: int | None = None) -> list[float | None]:
+        """The current value of every group's scheduled learning rate (None: the group's float)."""
         default = self._learning_rate
         default_value = self._evaluate_lr(default, step) if callable(default) else None
-        values = []
+        values: list[float | None] = []
         for source in self._lr_sources:
             if source is _FOLLOW_DEFAULT:
                 values.append(default_value)
@@ -608,7 +611,11 @@ class Lamb(Optimizer):
                 values.append(self._evaluate_lr(source, step))
             else:
                 values.append(None)
-        for group, value in zip(self.param_groups, values):
+        return values
+
+    def _refresh_learning_rates(self, step: int | None = None) -> None:
+        """Write the current value of every scheduled learning rate into its group's ``lr``."""
+        for group, value in zip(self.param_groups, self._scheduled_learning_rates(step)):
             if value is not None:
                 group["lr"] = value
 
