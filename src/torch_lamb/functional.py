@@ -17,6 +17,7 @@ are updated with float32 math against float32 moments.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,15 +34,20 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class LambScalars:
-    """Host-side scalars of one update, rounded as Keras rounds them."""
+    """Host-side scalars of one update, rounded as Keras rounds them.
 
-    lr: float
-    one_minus_beta_1: float
-    one_minus_beta_2: float
-    bias_correction_1: float  # 1 - beta_1 ** t
-    bias_correction_2: float  # 1 - beta_2 ** t
+    With ``skip_nonfinite`` the optimizer replaces ``lr``, ``one_minus_beta_*``,
+    ``bias_correction_*`` and ``decay_factor`` by 0-dim device tensors of the moments' dtype (so a
+    skipped step is decided without a host sync); the update functions accept either.
+    """
+
+    lr: float | Tensor
+    one_minus_beta_1: float | Tensor
+    one_minus_beta_2: float | Tensor
+    bias_correction_1: float | Tensor  # 1 - beta_1 ** t
+    bias_correction_2: float | Tensor  # 1 - beta_2 ** t
     epsilon: float
-    decay_factor: float | None  # decoupled mode: 1 - weight_decay * lr (None when off)
+    decay_factor: float | Tensor | None  # decoupled mode: 1 - weight_decay * lr (None when off)
     adaptive_weight_decay: float | None = None  # adaptive mode: u += weight_decay * w (None when off)
     min_trust_ratio: float | None = None  # optional bounds on the ratio (after the zero-norm rule)
     max_trust_ratio: float | None = None
@@ -123,9 +129,14 @@ def trust_ratio(
     if scalars is not None and (scalars.min_trust_ratio is not None or scalars.max_trust_ratio is not None):
         ratio = ratio.clamp(scalars.min_trust_ratio, scalars.max_trust_ratio)
     if adapt_mask is not None and not all(adapt_mask):
-        mask = torch.tensor(list(adapt_mask), device=ratio.device)
-        ratio = torch.where(mask, ratio, one)
+        ratio = torch.where(_mask_tensor(tuple(adapt_mask), ratio.device), ratio, one)
     return ratio
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_tensor(mask: tuple[bool, ...], device: torch.device) -> Tensor:
+    """A bool tensor of ``mask`` on ``device``, built once (no host-to-device copy per step)."""
+    return torch.tensor(mask, dtype=torch.bool, device=device)
 
 
 def lamb_update(
