@@ -1,6 +1,7 @@
 """torch_lamb: the LAMB optimizer for PyTorch with Keras 3's complete optimizer contract."""
 
 from .optimizer import Lamb
+from .recipes import transformer_recipe
 from .schedules import (
     CosineDecay,
     CosineDecayRestarts,
@@ -23,4 +24,5 @@ __all__ = [
     "PiecewiseConstantDecay",
     "PolynomialDecay",
     "__version__",
+    "transformer_recipe",
 ]
