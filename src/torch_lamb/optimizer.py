@@ -728,14 +728,15 @@ class Lamb(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         counters = state.pop("_guard_counters", None)
+        super().__setstate__(state)  # torch's load_state_dict also calls this (with state and groups only)
         for key, default in (("_adapt_exclusion", (frozenset(), None)), ("master_weights", False),
                              ("skip_nonfinite", False)):
-            state.setdefault(key, default)
-        super().__setstate__(state)
-        self._guard = None
-        if getattr(self, "skip_nonfinite", False):
-            self._guard = NonfiniteGuard()
-            self._guard.load(counters or {})
+            if not hasattr(self, key):  # pickles from before the variants
+                setattr(self, key, default)
+        if not hasattr(self, "_guard"):  # unpickling (not a load_state_dict)
+            self._guard = NonfiniteGuard() if self.skip_nonfinite else None
+            if self._guard is not None:
+                self._guard.load(counters or {})
         self._state_complete = False
 
     # ------------------------------------------------------------------ helpers
