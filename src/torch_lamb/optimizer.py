@@ -443,7 +443,7 @@ class Lamb(Optimizer):
                 if self.loss_scale_factor is not None:
                     b.work, b.owned = list(torch._foreach_div(b.grads, self.loss_scale_factor)), True
                 else:
-                    b.work, b.owned = b.grads, False
+                    b.work, b.owned = b.grads, guard is not None  # the guard's copies may be clipped in place
 
         if updating:
             self._clip(buckets)
