@@ -242,7 +242,8 @@ def _train(model, opt, batches, bad=(), value=float("nan")):
 
 @pytest.mark.parametrize(
     "config",
-    [{}, {**FULL, "ema_overwrite_frequency": 3}, {**FULL, "gradient_accumulation_steps": 3, "clipnorm": 0.5, "global_clipnorm": None},
+    [{}, {**FULL, "ema_overwrite_frequency": 3},
+     {**FULL, "gradient_accumulation_steps": 3, "clipnorm": 0.5, "global_clipnorm": None},
      {"weight_decay": 0.1, "weight_decay_mode": "adaptive", "clipvalue": 0.01, "max_trust_ratio": 2.0}],
     ids=["defaults", "everything", "accumulation", "adaptive"],
 )
@@ -257,6 +258,23 @@ def test_skip_nonfinite_is_exact_on_finite_steps(config, implementation):
         _train(m, opt, batches)
     assert _same_bits(_snapshot(models[0], opts[0]), _snapshot(models[1], opts[1]))
     assert int(opts[1].skipped_steps) == 0 and opts[1].iterations == opts[0].iterations
+
+
+def test_skip_nonfinite_with_changing_gradient_sets_and_twin_groups():
+    """Reused gradient buffers: two groups of identical shapes, and a parameter whose grad comes and goes."""
+    shapes = [(3, 4), (4,)]
+    runs = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        params = [torch.randn(s, requires_grad=True) for s in shapes * 2]
+        opt = Lamb([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.1}], skip_nonfinite=flag)
+        gen = torch.Generator().manual_seed(3)
+        for step in range(6):
+            for i, p in enumerate(params):
+                p.grad = None if (step % 2 and i == 1) else torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append([_bits(p) for p in params])
+    assert _same_bits(*runs)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

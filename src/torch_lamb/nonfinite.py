@@ -46,6 +46,7 @@ class NonfiniteGuard:
         self.found: Tensor | None = None  # this call's gradients are not all finite
         self.empty: Tensor | None = None  # this call applies no update (found, or a window without finite calls)
         self._device: torch.device | None = None
+        self._buffers: dict[tuple, tuple[Tensor, list[Tensor]]] = {}  # reused flat gradient copies
 
     # ------------------------------------------------------------------ counters
 
@@ -69,23 +70,31 @@ class NonfiniteGuard:
     def check(self, grad_lists: Sequence[list[Tensor]], reducers: Sequence[Reducer | None]) -> list[list[Tensor]]:
         """Set :attr:`found` and return the gradients as finite copies (all ``-1`` when found).
 
-        One ``inf``-norm per tensor (max |g|, which keeps NaN and inf and cannot overflow), stacked
-        per bucket; with a ``reduce`` the flags are summed across shards so every rank agrees.
+        The test is one float32 L1 norm per tensor (NaN and inf propagate; unlike the L2 norm it
+        cannot overflow for finite gradients unless ``sum |g|`` exceeds 3.4e38), stacked per bucket;
+        with a ``reduce`` the flags are summed across shards so that every rank agrees. The copies
+        live in one flat buffer per bucket, kept between steps (one ``_foreach_copy_`` and one
+        ``masked_fill_`` per bucket and step).
         """
         device = grad_lists[0][0].device
         self._on(device)
         flags = []
         for grads, reduce in zip(grad_lists, reducers):
-            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=float("inf"))))).float()
+            dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=1, dtype=dtype)))).float()
             if reduce is not None:
                 bad = reduce(bad)
             flags.append(bad.sum().to(device))
         self.found = torch.stack(flags).sum() > 0
-        out = []
-        for grads in grad_lists:
-            flat = torch.cat([g.reshape(-1) for g in grads])
+        buffers, out = {}, []
+        for index, grads in enumerate(grad_lists):
+            dtype = grads[0].dtype if all(g.dtype == grads[0].dtype for g in grads) else torch.float32
+            key = (index, grads[0].device, dtype, tuple(g.shape for g in grads))
+            flat, views = buffers[key] = self._buffers.get(key) or _flat_buffer(grads, dtype)
+            torch._foreach_copy_(views, grads)
             flat.masked_fill_(self.found.to(flat.device), _FILL)
-            out.append([t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+            out.append(views)
+        self._buffers = buffers  # buffers of parameter sets no longer stepped are dropped
         return out
 
     def keep(self, grads: list[Tensor]) -> None:
@@ -161,3 +170,8 @@ class NonfiniteGuard:
 
     def finish(self) -> None:
         self.counts["skipped_steps"] += self.found.long()
+
+
+def _flat_buffer(grads: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+    flat = torch.empty(sum(g.numel() for g in grads), dtype=dtype, device=grads[0].device)
+    return flat, [t.view(g.shape) for t, g in zip(flat.split([g.numel() for g in grads]), grads)]
