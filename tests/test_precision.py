@@ -352,6 +352,9 @@ def test_skip_nonfinite_never_reads_a_device_value(monkeypatch):
     _train(model, opt, batches[:1])  # state exists; the counters now live on the device
     for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
+    # Host values become device tensors by fill kernels, not by copies (a blocking copy on CUDA).
+    monkeypatch.setattr(torch, "tensor", refuse)
+    monkeypatch.setattr(torch, "as_tensor", refuse)
     _train(model, opt, batches[1:], bad={1})
     monkeypatch.undo()
     assert int(opt.skipped_steps) == 1

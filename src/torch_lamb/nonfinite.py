@@ -60,8 +60,8 @@ class NonfiniteGuard:
 
     def _on(self, device: torch.device) -> None:
         if self._device != device:
-            self.counts = {
-                k: torch.as_tensor(v, dtype=torch.int64).to(device) for k, v in self.counts.items()
+            self.counts = {  # torch.full: a fill kernel, never a host-to-device copy (which would sync)
+                k: torch.full((), int(v), dtype=torch.int64, device=device) for k, v in self.counts.items()
             }
             self._device = device
 
@@ -125,8 +125,8 @@ class NonfiniteGuard:
         device, dtype = like.device, like.dtype
         empty = self.empty.to(device)
         t = (self.counts["applied_updates"] + 1).to(device, torch.float32)
-        b1 = torch.tensor(float(np.float32(beta_1)), dtype=torch.float32, device=device)
-        b2 = torch.tensor(float(np.float32(beta_2)), dtype=torch.float32, device=device)
+        b1 = torch.full((), float(np.float32(beta_1)), dtype=torch.float32, device=device)
+        b2 = torch.full((), float(np.float32(beta_2)), dtype=torch.float32, device=device)
         zero = torch.zeros((), dtype=dtype, device=device)
 
         def masked(value: float, off: float) -> Tensor:
@@ -151,7 +151,7 @@ class NonfiniteGuard:
 
     def ema_weight(self, ema_momentum: float, like: Tensor) -> Tensor:
         """``1 - momentum`` (momentum 0 before the first applied update), 0 when the call is skipped."""
-        w = torch.tensor(float(np.float32(1.0) - np.float32(ema_momentum)), device=like.device, dtype=like.dtype)
+        w = torch.full((), float(np.float32(1.0) - np.float32(ema_momentum)), device=like.device, dtype=like.dtype)
         first = (self.counts["applied_updates"] == 0).to(like.device)
         w = torch.where(first, torch.ones_like(w), w)
         return torch.where(self.found.to(like.device), torch.zeros_like(w), w)
