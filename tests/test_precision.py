@@ -194,7 +194,8 @@ def test_master_weights_only_for_low_precision_and_created_on_load():
 # ------------------------------------------------------------------ torch.amp.GradScaler
 
 
-def test_grad_scaler_skips_inf_and_otherwise_equals_unscaled():
+@pytest.mark.parametrize("explicit_unscale", [True, False])
+def test_grad_scaler_skips_inf_and_otherwise_equals_unscaled(explicit_unscale):
     batches = _batches(6)
     plain_model, scaled_model = _model(), _model()
     plain = Lamb(plain_model.parameters(), weight_decay=0.01, global_clipnorm=1.0)
@@ -208,7 +209,8 @@ def test_grad_scaler_skips_inf_and_otherwise_equals_unscaled():
         before = [p.detach().clone() for p in scaled_model.parameters()]
         if i == 2:
             scaled_model[0].weight.grad[0, 0] = float("inf")
-        scaler.unscale_(scaled)  # unscale_ then step: the scaler does not unscale twice
+        if explicit_unscale:
+            scaler.unscale_(scaled)  # unscale_ then step: the scaler does not unscale twice
         scaler.step(scaled)
         scaler.update()
         scaled.zero_grad()
