@@ -35,6 +35,8 @@ def _load_timm_lamb():
         import timm.optim.lamb as timm_lamb
 
         return timm_lamb.Lamb
+    except ImportError:  # a timm whose lamb.py needs more than torch
+        return None
     finally:
         for k in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]:
             del sys.modules[k]
