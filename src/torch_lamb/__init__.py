@@ -1,6 +1,7 @@
 """torch_lamb: the LAMB optimizer for PyTorch with Keras 3's complete optimizer contract."""
 
 from .optimizer import Lamb
+from .recipes import transformer_recipe
 from .schedules import (
     CosineDecay,
     CosineDecayRestarts,
@@ -14,13 +15,14 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Lamb",
-    "LearningRateSchedule",
-    "ExponentialDecay",
-    "PiecewiseConstantDecay",
-    "PolynomialDecay",
-    "InverseTimeDecay",
     "CosineDecay",
     "CosineDecayRestarts",
+    "ExponentialDecay",
+    "InverseTimeDecay",
+    "Lamb",
+    "LearningRateSchedule",
+    "PiecewiseConstantDecay",
+    "PolynomialDecay",
     "__version__",
+    "transformer_recipe",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Reducer", "local", "local_norms", "local_squared_norms", "full_norms"]
+__all__ = ["Reducer", "full_norms", "local", "local_norms", "local_squared_norms"]
 
 
 def local(t: Tensor) -> Tensor:

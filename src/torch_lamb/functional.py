@@ -17,6 +17,7 @@ are updated with float32 math against float32 moments.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,22 +27,27 @@ from torch import Tensor
 
 from .distributed import Reducer, full_norms
 
-__all__ = ["LambScalars", "TrustStats", "lamb_scalars", "lamb_update", "lamb_reference"]
+__all__ = ["LambScalars", "TrustStats", "lamb_reference", "lamb_scalars", "lamb_update"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class LambScalars:
-    """Host-side scalars of one update, rounded as Keras rounds them."""
+    """Host-side scalars of one update, rounded as Keras rounds them.
 
-    lr: float
-    one_minus_beta_1: float
-    one_minus_beta_2: float
-    bias_correction_1: float  # 1 - beta_1 ** t
-    bias_correction_2: float  # 1 - beta_2 ** t
+    With ``skip_nonfinite`` the optimizer replaces ``lr``, ``one_minus_beta_*``,
+    ``bias_correction_*`` and ``decay_factor`` by 0-dim device tensors of the moments' dtype (so a
+    skipped step is decided without a host sync); the update functions accept either.
+    """
+
+    lr: float | Tensor
+    one_minus_beta_1: float | Tensor
+    one_minus_beta_2: float | Tensor
+    bias_correction_1: float | Tensor  # 1 - beta_1 ** t
+    bias_correction_2: float | Tensor  # 1 - beta_2 ** t
     epsilon: float
-    decay_factor: float | None  # decoupled mode: 1 - weight_decay * lr (None when off)
+    decay_factor: float | Tensor | None  # decoupled mode: 1 - weight_decay * lr (None when off)
     adaptive_weight_decay: float | None = None  # adaptive mode: u += weight_decay * w (None when off)
     min_trust_ratio: float | None = None  # optional bounds on the ratio (after the zero-norm rule)
     max_trust_ratio: float | None = None
@@ -123,9 +129,14 @@ def trust_ratio(
     if scalars is not None and (scalars.min_trust_ratio is not None or scalars.max_trust_ratio is not None):
         ratio = ratio.clamp(scalars.min_trust_ratio, scalars.max_trust_ratio)
     if adapt_mask is not None and not all(adapt_mask):
-        mask = torch.tensor(list(adapt_mask), device=ratio.device)
-        ratio = torch.where(mask, ratio, one)
+        ratio = torch.where(_mask_tensor(tuple(adapt_mask), ratio.device), ratio, one)
     return ratio
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_tensor(mask: tuple[bool, ...], device: torch.device) -> Tensor:
+    """A bool tensor of ``mask`` on ``device``, built once (no host-to-device copy per step)."""
+    return torch.tensor(mask, dtype=torch.bool, device=device)
 
 
 def lamb_update(
@@ -169,7 +180,10 @@ def lamb_update(
     if scalars.adaptive_weight_decay is not None:
         pairs = [(u, w) for u, w, d in zip(updates, work, decay_mask) if d]
         if pairs:
-            torch._foreach_add_([u for u, _ in pairs], [w for _, w in pairs], alpha=scalars.adaptive_weight_decay)
+            decayed_updates, decayed_weights = zip(*pairs)
+            torch._foreach_add_(
+                list(decayed_updates), list(decayed_weights), alpha=scalars.adaptive_weight_decay
+            )
 
     weight_norm, update_norm = full_norms(work, updates, reduce=reduce)
     ratio = trust_ratio(weight_norm, update_norm, scalars, adapt_mask)

@@ -9,8 +9,9 @@ Pass 1 reads p, g, m, v, writes m, v and sums ``||w||^2`` and ``||u||^2`` per te
 the trust ratios are then formed in torch (after the optional ``reduce`` of the packed squared
 norms, so sharded parameters stay exact); pass 2 re-forms u from the new m, v and writes p.
 
-Covered: CPU, contiguous, float32 params, grads and moments. Anything else (CUDA, float64,
-float16/bfloat16, non-contiguous tensors, no compiler) falls back to the foreach path
+Covered: CPU, contiguous, float32 params, grads and moments, with host (Python float) scalars.
+Anything else (CUDA, float64, float16/bfloat16 without master weights, non-contiguous tensors,
+device-tensor scalars as ``skip_nonfinite`` uses, no compiler) falls back to the foreach path
 (:func:`torch_lamb.functional.lamb_update`) with identical semantics.
 """
 
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -139,7 +141,9 @@ def fused_lamb_update(
     if not params:
         return lamb_update(params, grads, momentums, velocities, scalars, decay_mask=decay_mask,
                            adapt_mask=adapt_mask, reduce=reduce)
-    lib = load_kernel() if params[0].device.type == "cpu" else None
+    # device-tensor scalars (skip_nonfinite) stay on the foreach path: reading them would be a host read
+    host = not any(isinstance(getattr(scalars, f.name), Tensor) for f in fields(scalars))
+    lib = load_kernel() if host and params[0].device.type == "cpu" else None
     if lib is None or not kernel_supports(params, grads, momentums, velocities):
         return lamb_update(params, grads, momentums, velocities, scalars, decay_mask=decay_mask,
                            adapt_mask=adapt_mask, reduce=reduce)

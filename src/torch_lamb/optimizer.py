@@ -24,17 +24,22 @@ from .distributed import Reducer, full_norms, local
 from .ema import ema_momentum_at, overwrite_with_averages, should_overwrite, update_averages
 from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
 from .fused import fused_lamb_update
+from .nonfinite import NonfiniteGuard
 from .schedules import LearningRateSchedule
 
 __all__ = ["Lamb"]
 
-_D = check._Default
+_DEFAULT_LR, _DEFAULT_BETA_1 = check._Default(0.001), check._Default(0.9)
+_DEFAULT_BETA_2, _DEFAULT_EPSILON = check._Default(0.999), check._Default(1e-7)
 _FOLLOW_DEFAULT = "default"  # a group whose learning rate follows the optimizer's `learning_rate`
 _IMPLEMENTATIONS = {"fused": fused_lamb_update, "foreach": lamb_update, "reference": lamb_reference}
 _AUTO_NAMES: dict[str, int] = {}
 
 MOMENTUM, VELOCITY, AVERAGE, ACCUMULATOR = "momentum", "velocity", "average", "gradient_accumulator"
+MASTER = "master_weight"  # float32 copy of a float16/bfloat16 parameter (``master_weights=True``)
 DECAY_EXCLUDED = "exclude_from_weight_decay"  # per-group list of flags, aligned with group["params"]
+ADAPT_EXCLUDED = "exclude_from_layer_adaptation"  # per-group list of flags: True -> trust ratio 1
+WEIGHT_DECAY_MODES = ("decoupled", "adaptive")
 
 
 def _auto_name(base: str = "lamb") -> str:
@@ -72,6 +77,7 @@ class _Bucket:
     reduce: Reducer | None = None  # sums local squared norms across shards (None: whole tensors)
     names: list[str] = field(default_factory=list)
     work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
+    mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from `params` (masters)
     owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
 
 
@@ -97,15 +103,24 @@ class Lamb(Optimizer):
         implementation: None (default: ``"fused"``, which runs the compiled CPU kernel on float32 CPU
             buckets and the foreach path elsewhere), ``"foreach"`` (``torch._foreach_*`` ops only) or
             ``"reference"`` (one tensor at a time).
+        weight_decay_mode: ``"decoupled"`` (Keras, default) or ``"adaptive"`` (paper, TF-Addons,
+            optax: ``u + weight_decay * w`` inside the trust ratio). Groups may override it.
+        min_trust_ratio, max_trust_ratio: optional bounds (>= 0) on the trust ratio, e.g.
+            ``max_trust_ratio=1.0`` for LAMBC. Groups may override them, and ``layer_adaptation``
+            (False: the whole group takes ratio 1).
+        master_weights: keep float32 master copies of float16/bfloat16 parameters (state key
+            ``"master_weight"``); the update runs on the master and the parameter is copied from it.
+        skip_nonfinite: skip a call whose gradients hold inf or NaN, decided on the device without a
+            host sync (see ``docs/variants.md`` for the exact semantics).
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        learning_rate: Any = _D(0.001),
-        beta_1: Any = _D(0.9),
-        beta_2: Any = _D(0.999),
-        epsilon: float = _D(1e-7),
+        learning_rate: Any = _DEFAULT_LR,
+        beta_1: Any = _DEFAULT_BETA_1,
+        beta_2: Any = _DEFAULT_BETA_2,
+        epsilon: float = _DEFAULT_EPSILON,
         weight_decay: float | None = None,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
@@ -121,6 +136,11 @@ class Lamb(Optimizer):
         betas: tuple[Any, Any] | None = None,
         eps: float | None = None,
         implementation: str | None = None,
+        weight_decay_mode: str = "decoupled",
+        min_trust_ratio: float | None = None,
+        max_trust_ratio: float | None = None,
+        master_weights: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         learning_rate = check.learning_rate("learning_rate", _pick("learning_rate", learning_rate, "lr", lr))
         if betas is not None:
@@ -177,10 +197,21 @@ class Lamb(Optimizer):
                 f"Received: implementation={implementation!r}"
             )
         self.implementation = implementation
+        variant = _check_variant({
+            "weight_decay_mode": weight_decay_mode, "min_trust_ratio": min_trust_ratio,
+            "max_trust_ratio": max_trust_ratio, "layer_adaptation": True,
+        })
+        for flag, value in (("master_weights", master_weights), ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{flag}` must be a bool. Received: {flag}={value!r}")
+        self.master_weights = master_weights
+        self.skip_nonfinite = skip_nonfinite
+        self._guard = NonfiniteGuard() if skip_nonfinite else None
 
         self._learning_rate = learning_rate
         self._lr_sources: list[Any] = []
         self._decay_exclusion: tuple[frozenset[int], re.Pattern[str] | None] = (frozenset(), None)
+        self._adapt_exclusion: tuple[frozenset[int], re.Pattern[str] | None] = (frozenset(), None)
         self._iterations = 0
         self._state_complete = False
         self.name = name if name is not None else _auto_name()
@@ -192,6 +223,7 @@ class Lamb(Optimizer):
             "beta_2": beta_2,
             "epsilon": epsilon,
             "weight_decay": weight_decay,
+            **variant,
         }
         super().__init__(params, defaults)
         if callable(learning_rate):
@@ -227,6 +259,7 @@ class Lamb(Optimizer):
             group["epsilon"] = check.number("epsilon", group["epsilon"])
         if "weight_decay" in group:
             group["weight_decay"] = check.optional_nonnegative("weight_decay", group["weight_decay"])
+        group.update(_check_variant({k: group.get(k, self.defaults.get(k)) for k in _VARIANT_KEYS}))
 
         params = group["params"]
         if isinstance(params, Tensor):
@@ -239,6 +272,7 @@ class Lamb(Optimizer):
         super().add_param_group(group)
         self._lr_sources.append(source)
         self._resolve_decay_exclusion(self.param_groups[-1])
+        self._resolve_adapt_exclusion(self.param_groups[-1])
         self._state_complete = False
         if callable(source):
             self._refresh_learning_rates()
@@ -248,8 +282,17 @@ class Lamb(Optimizer):
     @property
     def iterations(self) -> int:
         """Updates applied so far (micro-steps // N under gradient accumulation), as in Keras."""
+        if self._guard is not None:  # skip_nonfinite: applied updates live on the device (reading syncs)
+            return self._guard.counter("applied_updates")
         n = self.gradient_accumulation_steps
         return self._iterations // n if n else self._iterations
+
+    @property
+    def skipped_steps(self) -> Tensor | int:
+        """Calls skipped for non-finite gradients (a device tensor once stepping; needs ``skip_nonfinite``)."""
+        if self._guard is None:
+            raise AttributeError("`skipped_steps` is counted only with `skip_nonfinite=True`.")
+        return self._guard.counts["skipped_steps"]
 
     @property
     def learning_rate(self) -> float:
@@ -266,14 +309,13 @@ class Lamb(Optimizer):
                 "settable to a float. Assign a new schedule instead."
             )
         value = check.learning_rate("learning_rate", value)
+        current = self._evaluate_lr(value) if callable(value) else value  # validated before any change
         self._learning_rate = value
-        if callable(value):
-            self._refresh_learning_rates()
-            return
-        self.defaults["lr"] = value
+        if not callable(value):
+            self.defaults["lr"] = value
         for group, source in zip(self.param_groups, self._lr_sources):
             if source is _FOLLOW_DEFAULT:
-                group["lr"] = value
+                group["lr"] = current
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss * loss_scale_factor`` (or ``loss`` when no factor is set)."""
@@ -287,6 +329,25 @@ class Lamb(Optimizer):
         Each call replaces the previous exclusions, as in Keras. Names come from
         ``model.named_parameters()`` passed to the constructor.
         """
+        self._decay_exclusion = self._exclusion(var_list, var_names)
+        for group in self.param_groups:
+            self._resolve_decay_exclusion(group)
+
+    def exclude_from_layer_adaptation(
+        self, var_list: Iterable[Tensor] | None = None, var_names: Iterable[str] | None = None
+    ) -> None:
+        """Give parameters a trust ratio of exactly 1 (a plain Adam step), as TF-Addons does.
+
+        Same arguments and replacement rule as :meth:`exclude_from_weight_decay`; the two lists
+        are independent (Keras has no adaptation exclusion, so nothing is excluded by default).
+        """
+        self._adapt_exclusion = self._exclusion(var_list, var_names)
+        for group in self.param_groups:
+            self._resolve_adapt_exclusion(group)
+
+    def _exclusion(
+        self, var_list: Iterable[Tensor] | None, var_names: Iterable[str] | None
+    ) -> tuple[frozenset[int], re.Pattern[str] | None]:
         known = {id(p) for g in self.param_groups for p in g["params"]}
         ids = frozenset(id(v) for v in (var_list or ()))
         if not ids <= known:
@@ -304,9 +365,7 @@ class Lamb(Optimizer):
                 pattern = re.compile("|".join(sorted(set(names))))
             except re.error as err:
                 raise ValueError(f"`var_names` holds an invalid regex: {err}") from None
-        self._decay_exclusion = (ids, pattern)
-        for group in self.param_groups:
-            self._resolve_decay_exclusion(group)
+        return ids, pattern
 
     def finalize_variable_values(self, var_list: Iterable[Tensor] | None = None) -> None:
         """Copy the moving averages into the parameters (all of them, or those given)."""
@@ -315,7 +374,8 @@ class Lamb(Optimizer):
         params = self._all_params() if var_list is None else list(var_list)
         pairs = [(p, self.state[p][AVERAGE]) for p in params if AVERAGE in self.state.get(p, {})]
         with torch.no_grad():
-            overwrite_with_averages([local(p) for p, _ in pairs], [local(a) for _, a in pairs])
+            overwrite_with_averages([self._weight(p) for p, _ in pairs], [local(a) for _, a in pairs])
+            self._sync_masters([p for p, _ in pairs])
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as Keras's ``get_config``."""
@@ -335,6 +395,11 @@ class Lamb(Optimizer):
             "beta_1": self.defaults["beta_1"],
             "beta_2": self.defaults["beta_2"],
             "epsilon": self.defaults["epsilon"],
+            "weight_decay_mode": self.defaults["weight_decay_mode"],
+            "min_trust_ratio": self.defaults["min_trust_ratio"],
+            "max_trust_ratio": self.defaults["max_trust_ratio"],
+            "master_weights": self.master_weights,
+            "skip_nonfinite": self.skip_nonfinite,
         }
 
     # ------------------------------------------------------------------ the step
@@ -353,41 +418,61 @@ class Lamb(Optimizer):
         updating = not n or (raw_it + 1) % n == 0
         iterations = raw_it // n if n else raw_it
         self._check_grads()
-        scalars = self._group_scalars(raw_it, iterations + 1) if updating else None
+        betas: dict[int, tuple[float, float]] = {}
+        scalars = self._group_scalars(raw_it, iterations + 1, betas) if updating else None
 
         self._ensure_state()
         buckets = self._buckets()
+        guard = self._guard
+        if guard is not None:  # skip_nonfinite: finite copies of the gradients, a device-side flag
+            for b, grads in zip(buckets, guard.check([b.grads for b in buckets], [b.reduce for b in buckets])):
+                b.grads = grads
         if n:
             for b in buckets:
                 grads = b.grads
                 if self.loss_scale_factor is not None:
                     grads = torch._foreach_div(grads, self.loss_scale_factor)
+                if guard is not None:
+                    guard.keep(grads)
                 torch._foreach_add_(b.accumulators, grads)
-                if updating:
-                    torch._foreach_div_(b.accumulators, n)
-                    b.work, b.owned = b.accumulators, True
+            if guard is not None:
+                guard.count_window()
+            for b in buckets if updating else ():
+                divisor = n if guard is None else guard.window_divisor(b.params[0].device, b.accumulators[0].dtype)
+                torch._foreach_div_(b.accumulators, divisor)
+                b.work, b.owned = b.accumulators, True
         else:
             for b in buckets:
                 if self.loss_scale_factor is not None:
                     b.work, b.owned = list(torch._foreach_div(b.grads, self.loss_scale_factor)), True
                 else:
-                    b.work, b.owned = b.grads, False
+                    b.work, b.owned = b.grads, guard is not None  # the guard's copies may be clipped in place
 
         if updating:
             self._clip(buckets)
             update = _IMPLEMENTATIONS[self.implementation]
+            if guard is not None:
+                guard.begin_update(accumulating=bool(n))
             for b in buckets:
                 group_scalars = scalars[id(b.group)]
+                if guard is not None:
+                    group_scalars = guard.scalars(group_scalars, *betas[id(b.group)], like=b.momentums[0])
                 stats = update(
                     b.params, b.work, b.momentums, b.velocities, group_scalars,
                     decay_mask=b.decay_mask, adapt_mask=b.adapt_mask, reduce=b.reduce,
                 )
+                if b.mirrors:  # master weights: refresh the low-precision parameters
+                    torch._foreach_copy_(b.mirrors, b.params)
                 self._update_stats(b, stats)
             if n:
                 self._zero_accumulators()
 
         if self.use_ema:
             self._update_ema(iterations)
+        if guard is not None:
+            if updating:
+                guard.end_update(accumulating=bool(n))
+            guard.finish()
         self._iterations = raw_it + 1
         return loss
 
@@ -414,19 +499,34 @@ class Lamb(Optimizer):
         if not any_grad:
             raise ValueError("No gradients provided for any parameter.")
 
-    def _group_scalars(self, raw_it: int, step: int) -> dict[int, LambScalars]:
-        """Refresh every group's learning rate and form its scalars (host-side, may raise)."""
-        self._refresh_learning_rates(raw_it)
+    def _group_scalars(
+        self, raw_it: int, step: int, betas: dict[int, tuple[float, float]] | None = None
+    ) -> dict[int, LambScalars]:
+        """Every group's scalars for this update (host-side; may raise, and then changes nothing).
+
+        ``betas``, when given, receives each group's resolved ``(beta_1, beta_2)``.
+        """
+        lrs = self._scheduled_learning_rates(raw_it)
         out = {}
-        for group in self.param_groups:
+        for group, lr in zip(self.param_groups, lrs):
+            beta_1 = check.resolve("beta_1", group["beta_1"], high=1.0)
+            beta_2 = check.resolve("beta_2", group["beta_2"], high=1.0)
+            if betas is not None:
+                betas[id(group)] = (beta_1, beta_2)
             out[id(group)] = lamb_scalars(
-                lr=check.number("lr", group["lr"]),
-                beta_1=check.resolve("beta_1", group["beta_1"], high=1.0),
-                beta_2=check.resolve("beta_2", group["beta_2"], high=1.0),
+                lr=check.number("lr", group["lr"] if lr is None else lr),
+                beta_1=beta_1,
+                beta_2=beta_2,
                 epsilon=group["epsilon"],
                 weight_decay=group["weight_decay"],
                 step=step,
+                weight_decay_mode=group["weight_decay_mode"],
+                min_trust_ratio=group["min_trust_ratio"],
+                max_trust_ratio=group["max_trust_ratio"],
             )
+        for group, lr in zip(self.param_groups, lrs):
+            if lr is not None:
+                group["lr"] = lr
         return out
 
     def _buckets(self) -> list[_Bucket]:
@@ -434,15 +534,22 @@ class Lamb(Optimizer):
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             excluded = group[DECAY_EXCLUDED]
+            fixed = [not group["layer_adaptation"] or e for e in group[ADAPT_EXCLUDED]]  # ratio 1
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 key = (gi, p.device, p.dtype)
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(group)
+                    b = buckets[key] = _Bucket(group, adapt_mask=[] if any(fixed) else None)
                 state = self.state[p]
-                b.params.append(local(p))
+                if MASTER in state:
+                    b.params.append(local(state[MASTER]))
+                    b.mirrors.append(local(p))
+                else:
+                    b.params.append(local(p))
+                if b.adapt_mask is not None:
+                    b.adapt_mask.append(not fixed[i])
                 b.grads.append(local(p.grad))
                 b.momentums.append(local(state[MOMENTUM]))
                 b.velocities.append(local(state[VELOCITY]))
@@ -479,12 +586,30 @@ class Lamb(Optimizer):
 
     def _update_ema(self, iterations: int) -> None:
         params = self._all_params()
-        ps = [local(p) for p in params]
+        ps = [self._weight(p) for p in params]  # the float32 master where there is one
         avgs = [local(self.state[p][AVERAGE]) for p in params]
+        overwrite = should_overwrite(iterations, self.ema_overwrite_frequency)
+        guard = self._guard
         for group in _by_device_dtype(ps, avgs):
-            update_averages(group[1], group[0], ema_momentum_at(iterations, self.ema_momentum))
-            if should_overwrite(iterations, self.ema_overwrite_frequency):
-                overwrite_with_averages(group[0], group[1])
+            if guard is None:
+                update_averages(group[1], group[0], ema_momentum_at(iterations, self.ema_momentum))
+            else:
+                guard.update_averages(group[1], group[0], self.ema_momentum)
+            if overwrite:
+                (overwrite_with_averages if guard is None else guard.overwrite)(group[0], group[1])
+        if overwrite:
+            self._sync_masters(params)
+
+    def _weight(self, p: Tensor) -> Tensor:
+        """The tensor the update writes: the float32 master of ``p`` if it has one, else ``p`` (local)."""
+        state = self.state.get(p)
+        return local(state[MASTER]) if state and MASTER in state else local(p)
+
+    def _sync_masters(self, params: Sequence[Tensor]) -> None:
+        """Copy master weights into their low-precision parameters."""
+        pairs = [(local(p), local(self.state[p][MASTER])) for p in params if MASTER in self.state.get(p, {})]
+        if pairs:
+            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
 
     # ------------------------------------------------------------------ state
 
@@ -506,6 +631,10 @@ class Lamb(Optimizer):
                 state[AVERAGE] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             if self.gradient_accumulation_steps:
                 state[ACCUMULATOR] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if self.master_weights:  # also after loading a state dict saved without master weights
+            for p in self._all_params():
+                if p.dtype in LOW_PRECISION and MASTER not in self.state[p]:
+                    self.state[p][MASTER] = p.detach().to(torch.float32, copy=True)
         self._state_complete = True
 
     def _required_state_keys(self) -> list[str]:
@@ -519,8 +648,10 @@ class Lamb(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The standard optimizer state dict; the step counter rides in every param group."""
         sd = super().state_dict()
+        counters = {k: self._guard.counter(k) for k in NonfiniteGuard.COUNTERS} if self._guard else {}
         for group in sd["param_groups"]:
             group["iterations"] = self._iterations
+            group.update(counters)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -559,6 +690,8 @@ class Lamb(Optimizer):
                         f"shape {tuple(p.shape)}: the state dict is from a different model."
                     )
         iterations = int(groups[0].get("iterations", 0)) if groups else 0
+        counters = {k: int(groups[0].get(k, 0)) for k in NonfiniteGuard.COUNTERS} if groups else {}
+        adapt_excluded = [list(g[ADAPT_EXCLUDED]) for g in self.param_groups]
 
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype; keep float32 state for low precision.
@@ -567,8 +700,18 @@ class Lamb(Optimizer):
             for key, tensor in value.items():
                 if isinstance(tensor, Tensor):
                     self.state[p][key] = tensor.to(device=p.device, dtype=state_dtype(p), copy=True)
+            if not self.master_weights:
+                self.state[p].pop(MASTER, None)
         for group in self.param_groups:
             group.pop("iterations", None)
+            for key in NonfiniteGuard.COUNTERS:
+                group.pop(key, None)
+        for group, flags in zip(self.param_groups, adapt_excluded):  # checkpoints from before the variants
+            group.setdefault(ADAPT_EXCLUDED, flags)
+            for key in _VARIANT_KEYS:
+                group.setdefault(key, self.defaults[key])
+        if self._guard is not None:
+            self._guard.load(counters)
         self._iterations = iterations
         self._state_complete = False
 
@@ -576,15 +719,27 @@ class Lamb(Optimizer):
         "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
         "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps", "name",
         "implementation", "_learning_rate", "_lr_sources", "_decay_exclusion", "_iterations",
+        "_adapt_exclusion", "master_weights", "skip_nonfinite",
     )
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in self._PICKLED})
+        if self._guard is not None:
+            state["_guard_counters"] = {k: self._guard.counter(k) for k in NonfiniteGuard.COUNTERS}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        counters = state.pop("_guard_counters", None)
+        super().__setstate__(state)  # torch's load_state_dict also calls this (with state and groups only)
+        for key, default in (("_adapt_exclusion", (frozenset(), None)), ("master_weights", False),
+                             ("skip_nonfinite", False)):
+            if not hasattr(self, key):  # pickles from before the variants
+                setattr(self, key, default)
+        if not hasattr(self, "_guard"):  # unpickling (not a load_state_dict)
+            self._guard = NonfiniteGuard() if self.skip_nonfinite else None
+            if self._guard is not None:
+                self._guard.load(counters or {})
         self._state_complete = False
 
     # ------------------------------------------------------------------ helpers
@@ -599,29 +754,63 @@ class Lamb(Optimizer):
         step = self._iterations if step is None else step
         return check.resolve("learning_rate", source, step=step)
 
-    def _refresh_learning_rates(self, step: int | None = None) -> None:
-        """Write the current value of every scheduled learning rate into its group's ``lr``."""
+    def _scheduled_learning_rates(self, step: int | None = None) -> list[float | None]:
+        """The current value of every group's scheduled learning rate (None: the group's float)."""
         default = self._learning_rate
         default_value = self._evaluate_lr(default, step) if callable(default) else None
-        values = []
-        for group, source in zip(self.param_groups, self._lr_sources):
+        values: list[float | None] = []
+        for source in self._lr_sources:
             if source is _FOLLOW_DEFAULT:
                 values.append(default_value)
             elif callable(source):
                 values.append(self._evaluate_lr(source, step))
             else:
                 values.append(None)
-        for group, value in zip(self.param_groups, values):
+        return values
+
+    def _refresh_learning_rates(self, step: int | None = None) -> None:
+        """Write the current value of every scheduled learning rate into its group's ``lr``."""
+        for group, value in zip(self.param_groups, self._scheduled_learning_rates(step)):
             if value is not None:
                 group["lr"] = value
 
     def _resolve_decay_exclusion(self, group: dict[str, Any]) -> None:
-        ids, pattern = self._decay_exclusion
-        names = group.get("param_names") or [None] * len(group["params"])
-        group[DECAY_EXCLUDED] = [
-            id(p) in ids or bool(pattern is not None and name is not None and pattern.search(name))
-            for p, name in zip(group["params"], names)
-        ]
+        group[DECAY_EXCLUDED] = _excluded(group, *self._decay_exclusion)
+
+    def _resolve_adapt_exclusion(self, group: dict[str, Any]) -> None:
+        group[ADAPT_EXCLUDED] = _excluded(group, *self._adapt_exclusion)
+
+
+_VARIANT_KEYS = ("weight_decay_mode", "min_trust_ratio", "max_trust_ratio", "layer_adaptation")
+
+
+def _check_variant(options: dict[str, Any]) -> dict[str, Any]:
+    """Validate the variant options of the optimizer or of one group (all checked before any change)."""
+    mode = options["weight_decay_mode"]
+    if mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(
+            f"`weight_decay_mode` must be one of {list(WEIGHT_DECAY_MODES)}. Received: weight_decay_mode={mode!r}"
+        )
+    low = check.optional_nonnegative("min_trust_ratio", options["min_trust_ratio"])
+    high = check.optional_nonnegative("max_trust_ratio", options["max_trust_ratio"])
+    if low is not None and high is not None and low > high:
+        raise ValueError(
+            "`min_trust_ratio` must be <= `max_trust_ratio`. "
+            f"Received: min_trust_ratio={low!r}, max_trust_ratio={high!r}"
+        )
+    adapt = options["layer_adaptation"]
+    if not isinstance(adapt, bool):
+        raise ValueError(f"`layer_adaptation` must be a bool. Received: layer_adaptation={adapt!r}")
+    return {"weight_decay_mode": mode, "min_trust_ratio": low, "max_trust_ratio": high, "layer_adaptation": adapt}
+
+
+def _excluded(group: dict[str, Any], ids: frozenset[int], pattern: re.Pattern[str] | None) -> list[bool]:
+    """Per-parameter flags of ``group``: excluded by identity or by a regex search on its name."""
+    names = group.get("param_names") or [None] * len(group["params"])
+    return [
+        id(p) in ids or bool(pattern is not None and name is not None and pattern.search(name))
+        for p, name in zip(group["params"], names)
+    ]
 
 
 def _by_device_dtype(params: list[Tensor], others: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
