@@ -10,7 +10,7 @@ the trust ratios are then formed in torch (after the optional ``reduce`` of the 
 norms, so sharded parameters stay exact); pass 2 re-forms u from the new m, v and writes p.
 
 Covered: CPU, contiguous, float32 params, grads and moments, with host (Python float) scalars.
-Anything else (CUDA, float64, float16/bfloat16 without master weights, non-contiguous tensors,
+Anything else (CUDA, float64, float16/bfloat16 params or grads (master weights included), non-contiguous tensors,
 device-tensor scalars as ``skip_nonfinite`` uses, no compiler) falls back to the foreach path
 (:func:`torch_lamb.functional.lamb_update`) with identical semantics.
 """
