@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"epochs per run (default {DEFAULT_EPOCHS}; --quick: {QUICK_EPOCHS})")
     p.add_argument("--optimizers", default="lamb,adamw,sgd", help="comma-separated subset of lamb,adamw,sgd")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the shuffling")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...; 'auto' picks cuda if present)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (cpu, cuda, cuda:1, ...; 'auto' picks cuda when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: min(4, CPU count))")
     p.add_argument("--quick", action="store_true", help="a small sweep that finishes in well under 30 s")

@@ -4,8 +4,10 @@ Off by default. When off, :meth:`Lamb.step` does no extra work at all. When on, 
 a reference to the 1-D device tensors that the update already produced (no copy, no host sync);
 they are converted to Python numbers only when *you* ask (``float(...)``, ``.tolist()``).
 
-Nothing here enters ``state_dict()``: telemetry is not optimizer state. Under gradient accumulation
-the micro-steps that do not update keep the values of the last real update.
+Nothing here enters ``state_dict()`` or pickles: telemetry is not optimizer state. Under gradient
+accumulation the micro-steps that do not update keep the values of the last real update. With
+``skip_nonfinite=True`` a skipped call still runs the update arithmetic (with factors that leave the
+weights unchanged), and the values recorded for it are the ones that arithmetic produced.
 
 Example::
 
@@ -104,16 +106,6 @@ class TrustRatioTelemetry:
             for i, name in enumerate(names):
                 out[name] = TrustRatio(stats.trust_ratio[i], stats.weight_norm[i], stats.update_norm[i])
         return out
-
-    @property
-    def last_trust_ratio_step(self) -> int | None:
-        """The update count (``optimizer.iterations`` after it) of the recorded update, or None."""
-        rec = self._trust_recorder
-        if rec is None or rec.step is None:
-            return None
-        n = getattr(self, "gradient_accumulation_steps", None)
-        raw = rec.step + 1
-        return raw // n if n else raw
 
 
 def trust_ratio_table(records: dict[str, TrustRatio]) -> dict[str, tuple[float, float, float]]:
