@@ -32,10 +32,19 @@ DEFAULT_BATCHES = "8,32,128,512,full"
 DEFAULT_EPOCHS = 100
 QUICK_BATCHES = "32,full"
 QUICK_EPOCHS = 15
-LR_RULE = (
-    f"lr = base_lr * sqrt(batch / {BASE_BATCH}); linear warmup over the first "
-    f"{int(WARMUP_FRACTION * 100)}% of steps (at least 1), then linear decay to 0"
-)
+SCALINGS = {"sqrt": lambda r: math.sqrt(r), "linear": lambda r: r}
+
+
+def lr_rule(scaling: str = "sqrt") -> str:
+    """The learning-rate rule in words."""
+    factor = f"sqrt(batch / {BASE_BATCH})" if scaling == "sqrt" else f"(batch / {BASE_BATCH})"
+    return (
+        f"lr = base_lr * {factor}; linear warmup over the first {int(WARMUP_FRACTION * 100)}% of steps "
+        "(at least 1), then linear decay to 0"
+    )
+
+
+LR_RULE = lr_rule("sqrt")
 
 
 @dataclass
@@ -60,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a small MLP on scikit-learn's bundled handwritten digits (8x8, 10 classes; no "
             "download) at growing batch sizes with torch_lamb.Lamb, torch.optim.AdamW and SGD "
             "(momentum 0.9), the same number of epochs for all. Learning-rate rule: "
-            f"{LR_RULE}. Base learning rates at batch {BASE_BATCH}: "
+            f"{LR_RULE} (--lr-scaling linear: base_lr * batch / {BASE_BATCH}). "
+            f"Base learning rates at batch {BASE_BATCH}: "
             + ", ".join(f"{k} {v}" for k, v in BASE_LR.items())
             + f"; weight decay {WEIGHT_DECAY} (Lamb, AdamW). Prints a results table and writes "
             "results.csv, results.json and PNG plots into --out."
@@ -76,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None,
                    help=f"epochs per run (default {DEFAULT_EPOCHS}; --quick: {QUICK_EPOCHS})")
     p.add_argument("--optimizers", default="lamb,adamw,sgd", help="comma-separated subset of lamb,adamw,sgd")
+    p.add_argument("--lr-scaling", choices=sorted(SCALINGS), default="sqrt",
+                   help="how the peak learning rate grows with the batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the shuffling")
     p.add_argument("--device", default="cpu",
                    help="torch device (cpu, cuda, cuda:1, ...; 'auto' picks cuda when available)")
@@ -128,13 +140,13 @@ def _lr_factor(step: int, total: int) -> float:
 
 def _train(
     name: str, batch: int, epochs: int, data: tuple[torch.Tensor, ...], seed: int, device: torch.device,
-    bar: Any, trust_log: dict[str, list[float]] | None,
+    bar: Any, trust_log: dict[str, list[float]] | None, scaling: str = "sqrt",
 ) -> RunResult:
     x_tr, y_tr, x_te, y_te = data
     n = x_tr.shape[0]
     per_epoch = math.ceil(n / batch)
     total = per_epoch * epochs
-    peak = BASE_LR[name] * math.sqrt(batch / BASE_BATCH)
+    peak = BASE_LR[name] * SCALINGS[scaling](batch / BASE_BATCH)
     model = _model(seed, device)
     opt = _optimizer(name, model, peak)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total))
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch-lamb demo: digits ({n_train} train / {data[2].shape[0]} test), MLP 64-128-128-10, "
           f"{epochs} epochs, device {device}, seed {args.seed}")
-    print(f"learning-rate rule: {LR_RULE}")
+    print(f"learning-rate rule: {lr_rule(args.lr_scaling)}")
     print("base lr at batch 32: " + ", ".join(f"{o} {BASE_LR[o]}" for o in opt_names))
     total_steps = sum(math.ceil(n_train / b) * epochs for b in batches) * len(opt_names)
     bar = None
@@ -319,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             if bar is not None:
                 bar.set_postfix_str(f"{o} batch {b}")
             log = {} if (o == "lamb" and b in trust_batches) else None
-            results.append(_train(o, b, epochs, data, args.seed, device, bar, log))
+            results.append(_train(o, b, epochs, data, args.seed, device, bar, log, args.lr_scaling))
             if log is not None:
                 trust[b] = log
     if bar is not None:
@@ -336,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "dataset": "sklearn.datasets.load_digits", "n_train": n_train, "n_test": int(data[2].shape[0]),
         "model": "MLP 64-128-128-10 (ReLU)", "epochs": epochs, "seed": args.seed, "device": str(device),
-        "lr_rule": LR_RULE, "base_batch": BASE_BATCH, "base_lr": {o: BASE_LR[o] for o in opt_names},
+        "lr_rule": lr_rule(args.lr_scaling), "lr_scaling": args.lr_scaling, "base_batch": BASE_BATCH,
+        "base_lr": {o: BASE_LR[o] for o in opt_names},
         "weight_decay": WEIGHT_DECAY, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "results": [asdict(r) for r in results],
         "lamb_trust_ratios": {str(b): v for b, v in trust.items()},
