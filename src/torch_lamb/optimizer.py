@@ -26,6 +26,7 @@ from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, 
 from .fused import fused_lamb_update
 from .nonfinite import NonfiniteGuard
 from .schedules import LearningRateSchedule
+from .telemetry import TrustRatioTelemetry
 
 __all__ = ["Lamb"]
 
@@ -81,7 +82,7 @@ class _Bucket:
     owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
 
 
-class Lamb(Optimizer):
+class Lamb(TrustRatioTelemetry, Optimizer):
     """LAMB (You et al. 2019) with the complete Keras 3 optimizer contract.
 
     Args:
@@ -577,7 +578,9 @@ class Lamb(Optimizer):
                 b.owned = True
 
     def _update_stats(self, bucket: _Bucket, stats: TrustStats) -> None:
-        """Hook for trust-ratio telemetry (a no-op by default)."""
+        """Hook for trust-ratio telemetry (a no-op unless ``track_trust_ratios(True)``)."""
+        if self._trust_recorder is not None:
+            self._record_trust_stats(bucket.names, stats)
 
     def _zero_accumulators(self) -> None:
         accs = [local(s[ACCUMULATOR]) for s in self.state.values() if ACCUMULATOR in s]

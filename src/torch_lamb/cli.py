@@ -1,0 +1,37 @@
+"""The ``torch-lamb`` command: ``torch-lamb demo`` and ``torch-lamb bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand; returns a process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="torch-lamb",
+        description="LAMB for PyTorch. Run `torch-lamb demo --help` or `torch-lamb bench --help`.",
+    )
+    parser.add_argument("command", choices=["demo", "bench"],
+                        help="demo: large-batch training on the digits data set; bench: optimizer-step benchmark")
+    if not argv or argv[0] not in ("demo", "bench"):
+        parser.parse_args(argv[:1])  # prints usage / --help, or errors on an unknown command
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from . import demo
+
+        return int(demo.main(rest) or 0)
+    try:
+        from . import bench
+    except ImportError as err:
+        print(f"torch-lamb bench is not available in this install: {err}", file=sys.stderr)
+        return 1
+    return int(bench.main(rest) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
