@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from . import _validation as check
 from .clipping import clip_by_global_norm, clip_by_norm, clip_by_value, global_clip_factor, global_norm
-from .distributed import Reducer, full_norms, local
+from .distributed import Reducer, dtensor_reducer, full_norms, local, reducer_key
 from .ema import ema_momentum_at, overwrite_with_averages, should_overwrite, update_averages
 from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
 from .schedules import LearningRateSchedule
@@ -193,6 +193,9 @@ class Lamb(Optimizer):
         super().__init__(params, defaults)
         if callable(learning_rate):
             self._refresh_learning_rates()
+        # Build the slots now: torch.distributed.checkpoint then never needs its dummy zero-lr step
+        # (`_init_optim_state`), which would advance counters and the EMA.
+        self._ensure_state()
 
     # ------------------------------------------------------------------ param groups
 
@@ -239,6 +242,8 @@ class Lamb(Optimizer):
         self._state_complete = False
         if callable(source):
             self._refresh_learning_rates()
+        if hasattr(self, "_learning_rate") and hasattr(self, "name"):  # added after construction
+            self._ensure_state()
 
     # ------------------------------------------------------------------ public Keras API
 
@@ -427,17 +432,17 @@ class Lamb(Optimizer):
         return out
 
     def _buckets(self) -> list[_Bucket]:
-        buckets: dict[tuple[int, torch.device, torch.dtype], _Bucket] = {}
+        buckets: dict[tuple[Any, ...], _Bucket] = {}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             excluded = group[DECAY_EXCLUDED]
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                key = (gi, p.device, p.dtype)
+                key = (gi, p.device, p.dtype, reducer_key(p))
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(group)
+                    b = buckets[key] = _Bucket(group, reduce=dtensor_reducer(p))
                 state = self.state[p]
                 b.params.append(local(p))
                 b.grads.append(local(p.grad))

@@ -1,0 +1,115 @@
+"""Body of the 2-rank gloo checks (run by tests/test_distributed.py through torch.multiprocessing.spawn)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torch_lamb import Lamb
+
+
+def model() -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3), nn.Linear(3, 1))  # (1,3): empty shard
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(4 * world, 5, generator=g), torch.randn(4 * world, 1, generator=g)
+    return x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4]
+
+
+CONFIGS = [
+    dict(weight_decay=0.05, clipnorm=0.5, use_ema=True, gradient_accumulation_steps=2),
+    dict(weight_decay=0.05, global_clipnorm=0.3, use_ema=True),
+    dict(weight_decay=0.05, clipvalue=0.1, gradient_accumulation_steps=2),
+]
+
+
+def make_opt(m: nn.Module, cfg: dict) -> Lamb:
+    opt = Lamb(m.named_parameters(), learning_rate=0.01, **cfg)
+    opt.exclude_from_weight_decay(var_names=["bias", r"^1\."])
+    return opt
+
+
+def run(m: nn.Module, opt: Lamb, steps: range, rank: int, world: int) -> None:
+    for s in steps:
+        x, y = batch(s, rank, world)
+        nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def worker(rank: int, world: int, init: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    steps = 4
+    for cfg in CONFIGS:
+        ref = model()
+        ropt = make_opt(ref, cfg)
+        run(ref, ropt, range(steps), 0, 1)  # whole batch = concatenation of the ranks' batches
+
+        sh = model()
+        for layer in sh:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(sh, mesh=mesh)
+        sopt = make_opt(sh, cfg)
+        calls = []
+        orig = dist.all_reduce
+
+        def counting(*a, **k):
+            calls.append(1)
+            return orig(*a, **k)
+
+        dist.all_reduce = counting
+        try:
+            run(sh, sopt, range(steps), rank, world)
+        finally:
+            dist.all_reduce = orig
+        kinds = 1 + (1 if ("clipnorm" in cfg or "global_clipnorm" in cfg) else 0)
+        n_updates = steps // cfg.get("gradient_accumulation_steps", 1)
+        n_clips = n_updates * (kinds - 1)
+        # one bucket -> one all-reduce per norm kind per update step, whatever the number of tensors
+        assert len(calls) == n_updates + n_clips, (cfg, len(calls))
+        for (name, p), q in zip(sh.named_parameters(), ref.parameters()):
+            fp = full(p.detach())
+            assert torch.allclose(fp, q.detach(), rtol=1e-5, atol=1e-6), (cfg, name, (fp - q).abs().max().item(), q.abs().max().item())
+            for key in ropt.state[q]:
+                torch.testing.assert_close(full(sopt.state[p][key]), ropt.state[q][key], rtol=1e-5, atol=1e-6)
+        assert sopt.iterations == ropt.iterations
+
+    # DDP equals single process on the concatenated batch
+    cfg = CONFIGS[0]
+    ref = model()
+    ropt = make_opt(ref, cfg)
+    run(ref, ropt, range(steps), 0, 1)
+    ddp = nn.parallel.DistributedDataParallel(model())
+    dopt = Lamb(ddp.parameters(), learning_rate=0.01, **{**cfg, "weight_decay": 0.05})
+    dopt.exclude_from_weight_decay(var_list=[p for n, p in ddp.named_parameters() if "bias" in n or ".1." in n])
+    run(ddp, dopt, range(steps), rank, world)
+    for p, q in zip(ddp.module.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        open(os.environ["DIST_OK"], "w").write("ok")
+
+
+def unused(_: object) -> object:
+    return copy.copy(_)

@@ -1,0 +1,27 @@
+"""2-rank gloo tests: FSDP2 and DDP equal the single-process run (spawned once, ~10 s)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _dist_worker  # noqa: E402
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(180) if hasattr(pytest.mark, "timeout") else (lambda f: f)
+def test_fsdp2_and_ddp_match_single_process(tmp_path):
+    ok = tmp_path / "ok"
+    os.environ["DIST_OK"] = str(ok)
+    mp.spawn(_dist_worker.worker, args=(2, f"tcp://127.0.0.1:{_port()}"), nprocs=2, join=True)
+    assert ok.read_text() == "ok"
