@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -23,8 +22,9 @@ def model() -> nn.Module:
 
 def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    x, y = torch.randn(4 * world, 5, generator=g), torch.randn(4 * world, 1, generator=g)
-    return x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4]
+    x, y = torch.randn(8, 5, generator=g), torch.randn(8, 1, generator=g)
+    k = 8 // world
+    return x[k * rank : k * rank + k], y[k * rank : k * rank + k]
 
 
 CONFIGS = [
@@ -111,5 +111,3 @@ def worker(rank: int, world: int, init: str) -> None:
         open(os.environ["DIST_OK"], "w").write("ok")
 
 
-def unused(_: object) -> object:
-    return copy.copy(_)

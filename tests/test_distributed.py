@@ -6,11 +6,10 @@ import os
 import socket
 import sys
 
-import pytest
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _dist_worker  # noqa: E402
+import _dist_worker
 
 
 def _port() -> int:
@@ -19,7 +18,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(180) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_fsdp2_and_ddp_match_single_process(tmp_path):
     ok = tmp_path / "ok"
     os.environ["DIST_OK"] = str(ok)
