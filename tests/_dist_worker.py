@@ -35,7 +35,9 @@ CONFIGS = [
 
 
 def make_opt(m: nn.Module, cfg: dict) -> Lamb:
-    opt = Lamb(m.named_parameters(), learning_rate=0.01, **cfg)
+    cfg = dict(cfg)
+    lr = cfg.pop("learning_rate", 0.01)
+    opt = Lamb(m.named_parameters(), learning_rate=lr, **cfg)
     opt.exclude_from_weight_decay(var_names=["bias", r"^1\."])
     return opt
 
@@ -50,6 +52,90 @@ def run(m: nn.Module, opt: Lamb, steps: range, rank: int, world: int) -> None:
 
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+DCP_CFG = dict(weight_decay=0.05, clipnorm=0.5, use_ema=True, gradient_accumulation_steps=2)
+
+
+def dcp_opt(m: nn.Module) -> Lamb:
+    """A scheduled learning rate: DCP's dummy zero-lr step would not be harmless with it."""
+    from torch_lamb import ExponentialDecay
+
+    return make_opt(m, {**DCP_CFG, "learning_rate": ExponentialDecay(0.01, 2, 0.5)})
+
+
+def dcp_save(m: nn.Module, opt: Lamb, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}, checkpoint_id=path)
+
+
+def dcp_load(m: nn.Module, opt: Lamb, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    before = [full(p.detach()).clone() for p in m.parameters()]
+    sd = {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
+    # the template call must not step: no counter, EMA or parameter change
+    assert opt._iterations == 0
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(full(p.detach()), b)
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(m, sd["model"])
+    set_optimizer_state_dict(m, opt, sd["optim"])
+
+
+def single_process_dcp(tmp: str) -> list[torch.Tensor]:
+    """Uninterrupted 6 steps; a 3-step checkpoint at tmp/one; returns the final params and EMA."""
+    ref = model()
+    opt = dcp_opt(ref)
+    run(ref, opt, range(3), 0, 1)
+    dcp_save(ref, opt, os.path.join(tmp, "one"))
+    run(ref, opt, range(3, 6), 0, 1)
+    return [p.detach().clone() for p in ref.parameters()] + [opt.state[p]["average"] for p in ref.parameters()]
+
+
+def resume_single(tmp: str) -> list[torch.Tensor]:
+    """Load the 2-rank checkpoint tmp/two in one process and finish the run."""
+    m = model()
+    opt = dcp_opt(m)
+    dcp_load(m, opt, os.path.join(tmp, "two"))
+    assert opt._iterations == 3
+    run(m, opt, range(3, 6), 0, 1)
+    return [p.detach().clone() for p in m.parameters()] + [opt.state[p]["average"] for p in m.parameters()]
+
+
+def sharded(mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    m = model()
+    for layer in m:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    return m
+
+
+def dcp_checks(rank: int, world: int, mesh, tmp: str, expected: list[torch.Tensor]) -> None:
+    # 2 ranks: 3 steps, save (for the 2 -> 1 check done by the parent)
+    m = sharded(mesh)
+    opt = dcp_opt(m)
+    run(m, opt, range(3), rank, world)
+    dcp_save(m, opt, os.path.join(tmp, "two"))
+    # 1 -> 2: resume the single-process checkpoint on 2 ranks
+    m = sharded(mesh)
+    opt = dcp_opt(m)
+    dcp_load(m, opt, os.path.join(tmp, "one"))
+    assert opt._iterations == 3 and opt.iterations == 1
+    run(m, opt, range(3, 6), rank, world)
+    got = [full(p.detach()) for p in m.parameters()] + [full(opt.state[p]["average"]) for p in m.parameters()]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 def worker(rank: int, world: int, init: str) -> None:
@@ -105,6 +191,8 @@ def worker(rank: int, world: int, init: str) -> None:
     run(ddp, dopt, range(steps), rank, world)
     for p, q in zip(ddp.module.parameters(), ref.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    tmp = os.environ["DIST_TMP"]
+    dcp_checks(rank, world, mesh, tmp, torch.load(os.path.join(tmp, "expected.pt")))
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:

@@ -14,13 +14,13 @@ from .schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CosineDecay",
-    "CosineDecayRestarts",
-    "ExponentialDecay",
-    "InverseTimeDecay",
     "Lamb",
     "LearningRateSchedule",
+    "ExponentialDecay",
     "PiecewiseConstantDecay",
     "PolynomialDecay",
+    "InverseTimeDecay",
+    "CosineDecay",
+    "CosineDecayRestarts",
     "__version__",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm"]
+__all__ = ["clip_by_value", "clip_by_norm", "clip_by_global_norm", "global_norm"]
 
 
 def _scale(grads: list[Tensor], factors: Sequence[Tensor] | Tensor, inplace: bool) -> list[Tensor]:

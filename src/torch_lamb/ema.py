@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ema_momentum_at", "overwrite_with_averages", "should_overwrite", "update_averages"]
+__all__ = ["ema_momentum_at", "update_averages", "overwrite_with_averages", "should_overwrite"]
 
 
 def ema_momentum_at(iterations: int, ema_momentum: float) -> float:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .distributed import Reducer, full_norms
 
-__all__ = ["LambScalars", "TrustStats", "lamb_reference", "lamb_scalars", "lamb_update"]
+__all__ = ["LambScalars", "TrustStats", "lamb_scalars", "lamb_update", "lamb_reference"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
-    "CosineDecay",
-    "CosineDecayRestarts",
-    "ExponentialDecay",
-    "InverseTimeDecay",
     "LearningRateSchedule",
+    "ExponentialDecay",
     "PiecewiseConstantDecay",
     "PolynomialDecay",
+    "InverseTimeDecay",
+    "CosineDecay",
+    "CosineDecayRestarts",
 ]
 
 
