@@ -52,7 +52,7 @@ def main() -> None:
             dist.all_reduce(avg)
             if rank == 0:
                 print(f"micro-step {step + 1:3d}  updates {opt.iterations:3d}  loss {avg.item() / world:.4f}")
-    path = os.environ.get("CKPT_DIR") or os.path.join(tempfile.gettempdir(), "lamb_fsdp_ckpt")  # same on all ranks
+    path = os.environ.get("CKPT_DIR") or os.path.join(tempfile.gettempdir(), "lamb_fsdp_ckpt")
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
              checkpoint_id=path)
     if rank == 0:
