@@ -152,36 +152,37 @@ def placement_checks(world: int) -> None:
     shapes = [(5, 3), (4, 6), (3, 5), (1, 4), (6,)]
     ws = [torch.randn(s, generator=g) for s in shapes]
     grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
-    ref = [w.clone().requires_grad_() for w in ws]
-    ropt = Lamb(ref, learning_rate=0.01, weight_decay=0.1, clipnorm=0.4, use_ema=True)
     m1 = init_device_mesh("cpu", (world,))
     m2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))  # Replicate over 2 ranks on "dp"
     m3 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
-    layouts = [
-        (m1, [Shard(1)]),
-        (m2, [Replicate(), Shard(0)]),
-        (m3, [Replicate(), Shard(1)]),
-        (m3, [Shard(0), Shard(0)]),
-        None,
-    ]
-    dts = [
-        w.clone() if lay is None else distribute_tensor(w, lay[0], lay[1])
-        for w, lay in zip(ws, layouts, strict=False)
-    ]
-    dts = [nn.Parameter(t) for t in dts]
-    opt = Lamb(dts, learning_rate=0.01, weight_decay=0.1, clipnorm=0.4, use_ema=True)
-    for gs in grads:
-        for r, gr in zip(ref, gs, strict=False):
-            r.grad = gr.clone()
-        for d, gr, lay in zip(dts, gs, layouts, strict=False):
-            d.grad = gr.clone() if lay is None else distribute_tensor(gr, lay[0], lay[1])
-        ropt.step()
-        opt.step()
-    for d, r in zip(dts, ref, strict=False):
-        torch.testing.assert_close(full(d.detach()), r.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(
-            full(opt.state[d]["average"]), ropt.state[r]["average"], rtol=1e-5, atol=1e-6
-        )
+    for clip in ({"clipnorm": 0.4}, {"global_clipnorm": 0.5}):  # global: plain and sharded buckets mixed
+        ref = [w.clone().requires_grad_() for w in ws]
+        ropt = Lamb(ref, learning_rate=0.01, weight_decay=0.1, use_ema=True, **clip)
+        layouts = [
+            (m1, [Shard(1)]),
+            (m2, [Replicate(), Shard(0)]),
+            (m3, [Replicate(), Shard(1)]),
+            (m3, [Shard(0), Shard(0)]),
+            None,
+        ]
+        dts = [
+            w.clone() if lay is None else distribute_tensor(w, lay[0], lay[1])
+            for w, lay in zip(ws, layouts, strict=False)
+        ]
+        dts = [nn.Parameter(t) for t in dts]
+        opt = Lamb(dts, learning_rate=0.01, weight_decay=0.1, use_ema=True, **clip)
+        for gs in grads:
+            for r, gr in zip(ref, gs, strict=False):
+                r.grad = gr.clone()
+            for d, gr, lay in zip(dts, gs, layouts, strict=False):
+                d.grad = gr.clone() if lay is None else distribute_tensor(gr, lay[0], lay[1])
+            ropt.step()
+            opt.step()
+        for d, r in zip(dts, ref, strict=False):
+            torch.testing.assert_close(full(d.detach()), r.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                full(opt.state[d]["average"]), ropt.state[r]["average"], rtol=1e-5, atol=1e-6
+            )
     bad = nn.Parameter(torch.distributed.tensor.DTensor.from_local(ws[0], m1, [Partial()]))
     bopt = Lamb([bad], learning_rate=0.01)
     bad.grad = torch.distributed.tensor.DTensor.from_local(ws[0], m1, [Partial()])

@@ -61,11 +61,11 @@ def is_dtensor(t: Tensor) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
 
 
-_REDUCERS: dict[tuple[int, tuple[int, ...]], Reducer] = {}
+_REDUCERS: dict[tuple[object, tuple[int, ...]], Reducer] = {}  # (mesh, dims); meshes are hashable
 
 
-def reducer_key(t: Tensor) -> tuple[int, tuple[int, ...]] | None:
-    """``(id(mesh), shard mesh dims)`` of a DTensor, or None for a plain or fully replicated tensor.
+def reducer_key(t: Tensor) -> tuple[object, tuple[int, ...]] | None:
+    """``(mesh, shard mesh dims)`` of a DTensor, or None for a plain or fully replicated tensor.
 
     Supported placements: ``Shard(d)`` on any tensor dim (FSDP2, tensor parallel) and ``Replicate``,
     on 1-D or N-D meshes. ``Partial`` (and any other placement) raises, since its local values are
@@ -83,7 +83,7 @@ def reducer_key(t: Tensor) -> tuple[int, tuple[int, ...]] | None:
                 f"Lamb supports DTensor placements Shard and Replicate only; received {t.placements!r}. "
                 "Redistribute the parameter (e.g. to Replicate) first."
             )
-    return (id(t.device_mesh), tuple(dims)) if dims else None
+    return (t.device_mesh, tuple(dims)) if dims else None
 
 
 def dtensor_reducer(t: Tensor) -> Reducer | None:
