@@ -12,7 +12,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Reducer", "full_norms", "local", "local_norms", "local_squared_norms"]
+__all__ = [
+    "Reducer", "dtensor_reducer", "full_norms", "is_dtensor", "local", "local_norms", "local_squared_norms",
+    "reducer_key",
+]
 
 
 def local(t: Tensor) -> Tensor:
@@ -51,3 +54,59 @@ def full_norms(*tensor_lists: Sequence[Tensor], reduce: Reducer | None = None) -
 
 def _norm_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (checked without importing ``torch.distributed.tensor``)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+_REDUCERS: dict[tuple[object, tuple[int, ...]], Reducer] = {}  # (mesh, dims); meshes are hashable
+
+
+def reducer_key(t: Tensor) -> tuple[object, tuple[int, ...]] | None:
+    """``(mesh, shard mesh dims)`` of a DTensor, or None for a plain or fully replicated tensor.
+
+    Supported placements: ``Shard(d)`` on any tensor dim (FSDP2, tensor parallel) and ``Replicate``,
+    on 1-D or N-D meshes. ``Partial`` (and any other placement) raises, since its local values are
+    not a piece of the full tensor.
+    """
+    if not is_dtensor(t):
+        return None
+    dims = []
+    for i, pl in enumerate(t.placements):
+        kind = type(pl).__name__
+        if kind == "Shard" or kind == "_StridedShard":
+            dims.append(i)
+        elif kind != "Replicate":
+            raise ValueError(
+                f"Lamb supports DTensor placements Shard and Replicate only; received {t.placements!r}. "
+                "Redistribute the parameter (e.g. to Replicate) first."
+            )
+    return (t.device_mesh, tuple(dims)) if dims else None
+
+
+def dtensor_reducer(t: Tensor) -> Reducer | None:
+    """A :data:`Reducer` summing squared norms over the mesh dims where ``t`` is sharded.
+
+    One ``all_reduce`` per sharded mesh dim (one for FSDP2 or TP, two for a 2-D mesh sharded on
+    both dims); Replicate dims are skipped so replicas are not double-counted.
+    """
+    key = reducer_key(t)
+    if key is None:
+        return None
+    cached = _REDUCERS.get(key)
+    if cached is not None:
+        return cached
+    import torch.distributed as dist
+
+    mesh = t.device_mesh
+    groups = [mesh.get_group(d) for d in key[1]]
+
+    def reduce(squares: Tensor) -> Tensor:
+        for g in groups:
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=g)
+        return squares
+
+    _REDUCERS[key] = reduce
+    return reduce

@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from . import _validation as check
 from .clipping import clip_by_global_norm, clip_by_norm, clip_by_value, global_clip_factor, global_norm
-from .distributed import Reducer, full_norms, local
+from .distributed import Reducer, dtensor_reducer, full_norms, local, reducer_key
 from .ema import ema_momentum_at, overwrite_with_averages, should_overwrite, update_averages
 from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
 from .fused import fused_lamb_update
@@ -229,6 +229,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         super().__init__(params, defaults)
         if callable(learning_rate):
             self._refresh_learning_rates()
+        # Build the slots now: torch.distributed.checkpoint then never needs its dummy zero-lr step
+        # (`_init_optim_state`), which would advance counters and the EMA. Master weights wait for the
+        # first step, so that weights loaded into the model after construction are the ones copied.
+        self._ensure_state(with_masters=False)
 
     # ------------------------------------------------------------------ param groups
 
@@ -277,6 +281,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._state_complete = False
         if callable(source):
             self._refresh_learning_rates()
+        if hasattr(self, "_learning_rate") and hasattr(self, "name"):  # added after construction
+            self._ensure_state(with_masters=False)
 
     # ------------------------------------------------------------------ public Keras API
 
@@ -531,7 +537,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         return out
 
     def _buckets(self) -> list[_Bucket]:
-        buckets: dict[tuple[int, torch.device, torch.dtype], _Bucket] = {}
+        buckets: dict[tuple[Any, ...], _Bucket] = {}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             excluded = group[DECAY_EXCLUDED]
@@ -539,10 +545,12 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                key = (gi, p.device, p.dtype)
+                key = (gi, p.device, p.dtype, reducer_key(p))
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(group, adapt_mask=[] if any(fixed) else None)
+                    b = buckets[key] = _Bucket(
+                        group, adapt_mask=[] if any(fixed) else None, reduce=dtensor_reducer(p)
+                    )
                 state = self.state[p]
                 if MASTER in state:
                     b.params.append(local(state[MASTER]))
@@ -619,7 +627,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _ensure_state(self) -> None:
+    def _ensure_state(self, with_masters: bool = True) -> None:
         """Create the slots of every parameter (Keras builds them all on the first apply)."""
         if self._state_complete:
             return
@@ -634,6 +642,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 state[AVERAGE] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             if self.gradient_accumulation_steps:
                 state[ACCUMULATOR] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if self.master_weights and not with_masters:
+            return  # the step completes the state
         if self.master_weights:  # also after loading a state dict saved without master weights
             for p in self._all_params():
                 if p.dtype in LOW_PRECISION and MASTER not in self.state[p]:
