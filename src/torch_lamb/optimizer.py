@@ -112,7 +112,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         master_weights: keep float32 master copies of float16/bfloat16 parameters (state key
             ``"master_weight"``); the update runs on the master and the parameter is copied from it.
         skip_nonfinite: skip a call whose gradients hold inf or NaN, decided on the device without a
-            host sync (see ``docs/variants.md`` for the exact semantics).
+            host sync (the README section "Beyond Keras" gives the exact semantics).
     """
 
     def __init__(
