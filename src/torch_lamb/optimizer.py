@@ -8,7 +8,6 @@ follows Keras's order::
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -834,7 +833,3 @@ def _by_device_dtype(params: list[Tensor], others: list[Tensor]) -> list[tuple[l
         g[1].append(o)
     return list(groups.values())
 
-
-def clone_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of an optimizer state dict (tensors cloned), for checkpoints kept in memory."""
-    return copy.deepcopy(state_dict)
