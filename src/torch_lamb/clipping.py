@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm"]
+__all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_clip_factor", "global_norm",
+           "norm_clip_factors"]
 
 
 def _scale(grads: list[Tensor], factors: Sequence[Tensor] | Tensor, inplace: bool) -> list[Tensor]:
@@ -45,8 +46,12 @@ def clip_by_norm(
     grads = list(grads)
     if not grads:
         return grads
-    factors = clipnorm / torch.clamp_min(norms, clipnorm)
-    return _scale(grads, factors.unbind(0), inplace)
+    return _scale(grads, norm_clip_factors(norms, clipnorm).unbind(0), inplace)
+
+
+def norm_clip_factors(norms: Tensor, clipnorm: float) -> Tensor:
+    """Per tensor, Keras's ``clipnorm / max(||g||, clipnorm)`` (the factor :func:`clip_by_norm` applies)."""
+    return clipnorm / torch.clamp_min(norms, clipnorm)
 
 
 def global_norm(norms: Sequence[Tensor]) -> Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ema_momentum_at", "overwrite_with_averages", "should_overwrite", "update_averages"]
+__all__ = ["ema_momentum_at", "ema_weight", "overwrite_with_averages", "should_overwrite", "update_averages"]
 
 
 def ema_momentum_at(iterations: int, ema_momentum: float) -> float:
@@ -16,12 +16,16 @@ def ema_momentum_at(iterations: int, ema_momentum: float) -> float:
     return 0.0 if iterations == 0 else float(ema_momentum)
 
 
+def ema_weight(momentum: float) -> float:
+    """The lerp weight ``1 - momentum``, rounded to float32 as Keras forms it."""
+    return float(np.float32(1.0) - np.float32(momentum))
+
+
 def update_averages(averages: Sequence[Tensor], params: Sequence[Tensor], momentum: float) -> None:
     """``avg = momentum * avg + (1 - momentum) * param`` for every pair (one foreach pass)."""
     if averages:
         params = [p.to(a.dtype) if p.dtype != a.dtype else p for a, p in zip(averages, params)]
-        weight = float(np.float32(1.0) - np.float32(momentum))  # float32, as in Keras
-        torch._foreach_lerp_(list(averages), params, weight)
+        torch._foreach_lerp_(list(averages), params, ema_weight(momentum))
 
 
 def should_overwrite(iterations: int, frequency: int | None) -> bool:

@@ -1,4 +1,4 @@
-"""A fused two-pass LAMB step for float32 CPU tensors (a small C kernel compiled at first use).
+"""A fused LAMB step for float32 CPU tensors (a small C kernel compiled at first use).
 
 The kernel (``_lamb_kernel.c`` beside this file) is compiled with the system C compiler
 (``$CC`` or ``gcc``; ``-O3 -march=native -fopenmp``) the first time it is needed, and cached by
@@ -6,13 +6,18 @@ source hash under ``${TORCH_LAMB_CACHE_DIR:-~/.cache/torch_lamb}`` (written to a
 then renamed, so concurrent processes are safe). Nothing is compiled at import.
 
 Pass 1 reads p, g, m, v, writes m, v and sums ``||w||^2`` and ``||u||^2`` per tensor in double;
-the trust ratios are then formed in torch (after the optional ``reduce`` of the packed squared
-norms, so sharded parameters stay exact); pass 2 re-forms u from the new m, v and writes p.
+pass 2 re-forms u from the new m, v and writes p. Whole tensors run segment by segment (pass 2
+finds a segment still in cache) with the trust ratios formed in the kernel; sharded tensors run
+pass 1 over the bucket, sum the packed squared norms across ranks with ``reduce``, form the ratios
+in torch and run pass 2. The optimizer's gradient pipeline (unscale, accumulate, clip) folds into
+pass 1 through :class:`GradientPipeline`, and the moving average into pass 2 through
+:class:`MovingAverage`, so an update with every Keras feature on streams each tensor once per pass.
 
-Covered: CPU, contiguous, float32 params, grads and moments, with host (Python float) scalars.
-Anything else (CUDA, float64, float16/bfloat16 params or grads (master weights included), non-contiguous tensors,
-device-tensor scalars as ``skip_nonfinite`` uses, no compiler) falls back to the foreach path
-(:func:`torch_lamb.functional.lamb_update`) with identical semantics.
+Covered: CPU, contiguous, float32 params, grads, moments, accumulators and averages, with host
+(Python float) scalars. Anything else (CUDA, float64, float16/bfloat16 params or grads (master
+weights included), non-contiguous tensors, device-tensor scalars as ``skip_nonfinite`` uses, no
+compiler) takes the foreach path (:func:`torch_lamb.functional.lamb_update`) with identical
+semantics; :func:`kernel_supports` says which.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -35,17 +40,67 @@ from torch import Tensor
 from .distributed import Reducer
 from .functional import LambScalars, TrustStats, lamb_update, trust_ratio
 
-__all__ = ["available", "compile_seconds", "fused_lamb_update", "kernel_supports", "load_kernel"]
+__all__ = [
+    "GradientPipeline", "MovingAverage", "available", "compile_seconds", "fused_accumulate", "fused_ema",
+    "fused_gradient_squares", "fused_lamb_update", "kernel_supports", "load_kernel",
+]
 
 _SOURCE = Path(__file__).with_name("_lamb_kernel.c")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
 _compile_s: float = 0.0
 
+_MIN_PER_THREAD = 1 << 16  # below ~64K elements per thread, waking OpenMP workers costs more than it saves
+_SEGMENT_BYTES = 8 << 20  # pass 2 re-reads a segment of this many bytes (all streams) from cache
+
+# flags of the kernel's Bucket (keep in step with _lamb_kernel.c)
+F_DECAY, F_ADAPTIVE_DECAY, F_MIN_RATIO, F_MAX_RATIO = 1, 2, 4, 8
+F_LOSS_SCALE, F_ACCUMULATE, F_CLIPVALUE, F_CLIP_FACTORS, F_EMA = 16, 32, 64, 128, 256
+
 _PP = ctypes.POINTER(ctypes.c_void_p)
-_MIN_PER_THREAD = 1 << 16
+
+
+class _Bucket(ctypes.Structure):
+    """The kernel's ``Bucket`` (field for field)."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        *[(name, _PP) for name in ("p", "g", "m", "v", "acc", "avg")],
+        *[(name, ctypes.c_void_p) for name in
+          ("sizes", "decay_mask", "adapt_mask", "clip_factors", "scale", "sums", "ratios")],
+        *[(name, ctypes.c_int64) for name in ("flags", "nthreads", "segment")],
+        *[(name, ctypes.c_float) for name in (
+            "beta_1c", "beta_2c", "bc1", "bc2", "eps", "decay", "adaptive_decay", "lr", "min_ratio", "max_ratio",
+            "loss_scale", "accumulation_steps", "clipvalue", "ema_weight")],
+    ]
+
+
+_ENTRY_POINTS = ("lamb_fused", "lamb_pass1", "lamb_pass2", "lamb_grad_sums", "lamb_accumulate", "lamb_ema")
+
+
+@dataclass
+class GradientPipeline:
+    """How pass 1 forms each gradient, in Keras's order (each step optional).
+
+    ``t = g / loss_scale``; ``t = (acc + t) / accumulation_steps`` (then ``acc`` is zeroed);
+    ``t = clamp(t, -clipvalue, clipvalue)``; ``t = t * clip_factors[i]`` (clipnorm, global_clipnorm).
+    """
+
+    loss_scale: float | None = None
+    accumulators: Sequence[Tensor] | None = None
+    accumulation_steps: int | None = None
+    clipvalue: float | None = None
+    clip_factors: Tensor | None = None  # float32, one per tensor
+
+
+@dataclass
+class MovingAverage:
+    """``avg = lerp(avg, p, weight)`` after p moves (Keras's ``use_ema``)."""
+
+    averages: Sequence[Tensor]
+    weight: float
 
 
 def cache_dir() -> Path:
@@ -88,13 +143,12 @@ def load_kernel() -> ctypes.CDLL | None:
             if not target.exists():
                 _build(target, cc)
             lib = ctypes.CDLL(str(target))
-            lib.lamb_pass1.argtypes = [ctypes.c_int, _PP, _PP, _PP, _PP, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            lib.lamb_pass2.argtypes = [ctypes.c_int, _PP, _PP, _PP, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            lib.lamb_pass1.restype = lib.lamb_pass2.restype = ctypes.c_int
+            for name in _ENTRY_POINTS:
+                fn = getattr(lib, name)
+                fn.argtypes = [ctypes.POINTER(_Bucket)]
+                fn.restype = ctypes.c_int
             _lib = lib
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+        except (OSError, RuntimeError, AttributeError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", b"") or b""
             _failed = f"{err} {detail.decode(errors='replace')[:500]}".strip()
         _compile_s = time.perf_counter() - t0
@@ -111,11 +165,10 @@ def compile_seconds() -> float:
     return _compile_s
 
 
-def kernel_supports(params: Sequence[Tensor], grads: Sequence[Tensor], momentums: Sequence[Tensor],
-                    velocities: Sequence[Tensor]) -> bool:
-    """Whether a bucket is covered by the kernel: CPU, contiguous float32 throughout."""
+def kernel_supports(*tensor_lists: Sequence[Tensor]) -> bool:
+    """Whether the kernel covers these tensors: CPU, contiguous float32 throughout."""
     f32 = torch.float32
-    for ts in (params, grads, momentums, velocities):
+    for ts in tensor_lists:
         for t in ts:
             if t.dtype != f32 or t.device.type != "cpu" or not t.is_contiguous():
                 return False
@@ -124,6 +177,59 @@ def kernel_supports(params: Sequence[Tensor], grads: Sequence[Tensor], momentums
 
 def _ptrs(tensors: Sequence[Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _threads(numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), numel // _MIN_PER_THREAD))
+
+
+class _Call:
+    """One kernel call's arguments; keeps the buffers the struct points into alive."""
+
+    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor] | None = None) -> None:
+        self.keep: list[object] = []
+        self.b = _Bucket()
+        self.n = len(params)
+        self.b.n = self.n
+        self.sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+        self.b.sizes = self.sizes.data_ptr()
+        self.b.nthreads = _threads(int(self.sizes.sum()))
+        self.set("p", params)
+        if grads is not None:
+            self.set("g", grads)
+
+    def set(self, field: str, tensors: Sequence[Tensor]) -> None:
+        arr = _ptrs(tensors)
+        self.keep.append(arr)
+        setattr(self.b, field, ctypes.cast(arr, _PP))
+
+    def buffer(self, field: str, tensor: Tensor) -> Tensor:
+        self.keep.append(tensor)
+        setattr(self.b, field, tensor.data_ptr())
+        return tensor
+
+    def run(self, name: str) -> None:
+        if getattr(load_kernel(), name)(ctypes.byref(self.b)) != 0:
+            raise MemoryError(f"torch_lamb fused kernel: allocation failed in {name}")
+
+    def pipeline(self, pipe: GradientPipeline | None) -> None:
+        if pipe is None:
+            return
+        if pipe.loss_scale is not None:
+            self.b.flags |= F_LOSS_SCALE
+            self.b.loss_scale = pipe.loss_scale
+        if pipe.accumulation_steps is not None:
+            self.b.flags |= F_ACCUMULATE
+            self.b.accumulation_steps = pipe.accumulation_steps
+            self.set("acc", pipe.accumulators or ())
+        if pipe.clipvalue is not None and pipe.clip_factors is not None:
+            raise ValueError("GradientPipeline: give `clipvalue` or `clip_factors`, not both.")
+        if pipe.clipvalue is not None:
+            self.b.flags |= F_CLIPVALUE
+            self.b.clipvalue = pipe.clipvalue
+        if pipe.clip_factors is not None:
+            self.b.flags |= F_CLIP_FACTORS
+            self.buffer("clip_factors", pipe.clip_factors.to(torch.float32).contiguous())
 
 
 def fused_lamb_update(
@@ -136,44 +242,91 @@ def fused_lamb_update(
     decay_mask: Sequence[bool],
     adapt_mask: Sequence[bool] | None = None,
     reduce: Reducer | None = None,
+    pipeline: GradientPipeline | None = None,
+    average: MovingAverage | None = None,
 ) -> TrustStats:
-    """:func:`~torch_lamb.functional.lamb_update` with the fused kernel where it applies."""
-    if not params:
-        return lamb_update(params, grads, momentums, velocities, scalars, decay_mask=decay_mask,
-                           adapt_mask=adapt_mask, reduce=reduce)
-    # device-tensor scalars (skip_nonfinite) stay on the foreach path: reading them would be a host read
+    """:func:`~torch_lamb.functional.lamb_update` with the fused kernel where it applies.
+
+    ``pipeline`` and ``average`` fold the gradient pipeline and the moving average into the
+    kernel's passes; they need a bucket the kernel covers (check :func:`kernel_supports` on every
+    tensor involved first), else this raises.
+    """
     host = not any(isinstance(getattr(scalars, f.name), Tensor) for f in fields(scalars))
-    lib = load_kernel() if host and params[0].device.type == "cpu" else None
-    if lib is None or not kernel_supports(params, grads, momentums, velocities):
+    extras = [*(pipeline.accumulators or () if pipeline else ()), *(average.averages if average else ())]
+    lib = load_kernel() if params and host and params[0].device.type == "cpu" else None
+    if lib is None or not kernel_supports(params, grads, momentums, velocities, extras):
+        if pipeline is not None or average is not None:
+            raise ValueError("fused_lamb_update: `pipeline`/`average` need a bucket the kernel covers.")
         return lamb_update(params, grads, momentums, velocities, scalars, decay_mask=decay_mask,
                            adapt_mask=adapt_mask, reduce=reduce)
     n = len(params)
     s = scalars
-    sc = torch.tensor([
-        s.one_minus_beta_1, s.one_minus_beta_2, s.bias_correction_1, s.bias_correction_2, s.epsilon,
-        s.decay_factor if s.decay_factor is not None else 1.0,
-        s.adaptive_weight_decay if s.adaptive_weight_decay is not None else 0.0,
-        float(s.decay_factor is not None), float(s.adaptive_weight_decay is not None),
-    ], dtype=torch.float32)
-    sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    dmask = torch.tensor(list(decay_mask), dtype=torch.uint8)
-    sums = torch.empty(2 * n, dtype=torch.float64)
-    pp, mp, vp = _ptrs(params), _ptrs(momentums), _ptrs(velocities)
-    # below ~64K elements per thread, waking OpenMP workers costs more than it saves
-    threads = max(1, min(torch.get_num_threads(), int(sizes.sum()) // _MIN_PER_THREAD))
-    rc = lib.lamb_pass1(n, pp, _ptrs(grads), mp, vp, sizes.data_ptr(), dmask.data_ptr(), sc.data_ptr(),
-                        sums.data_ptr(), threads)
-    if rc != 0:
-        raise MemoryError("torch_lamb fused kernel: allocation failed in pass 1")
-    squares = sums.to(torch.float32)
-    if reduce is not None:
-        squares = reduce(squares)
-    norms = torch.sqrt(squares)
+    call = _Call(params, grads)
+    b = call.b
+    call.set("m", momentums)
+    call.set("v", velocities)
+    b.beta_1c, b.beta_2c, b.eps, b.lr = s.one_minus_beta_1, s.one_minus_beta_2, s.epsilon, s.lr
+    b.bc1, b.bc2 = s.bias_correction_1, s.bias_correction_2
+    if s.decay_factor is not None:
+        b.flags |= F_DECAY
+        b.decay = s.decay_factor
+    if s.adaptive_weight_decay is not None:
+        b.flags |= F_ADAPTIVE_DECAY
+        b.adaptive_decay = s.adaptive_weight_decay
+    if s.min_trust_ratio is not None:
+        b.flags |= F_MIN_RATIO
+        b.min_ratio = s.min_trust_ratio
+    if s.max_trust_ratio is not None:
+        b.flags |= F_MAX_RATIO
+        b.max_ratio = s.max_trust_ratio
+    call.buffer("decay_mask", torch.tensor(list(decay_mask), dtype=torch.uint8))
+    if adapt_mask is not None:
+        call.buffer("adapt_mask", torch.tensor(list(adapt_mask), dtype=torch.uint8))
+    call.pipeline(pipeline)
+    if average is not None:
+        b.flags |= F_EMA
+        b.ema_weight = average.weight
+        call.set("avg", average.averages)
+    sums = call.buffer("sums", torch.empty(2 * n, dtype=torch.float64))
+
+    if reduce is None:
+        ratio = call.buffer("ratios", torch.empty(n, dtype=torch.float32))
+        streams = 4 + bool(pipeline and pipeline.accumulators) + (average is not None)
+        b.segment = max(1, _SEGMENT_BYTES // (4 * streams))
+        call.run("lamb_fused")
+        norms = torch.sqrt(sums.to(torch.float32))
+        return TrustStats(norms[:n], norms[n:], ratio)
+    call.run("lamb_pass1")
+    norms = torch.sqrt(reduce(sums.to(torch.float32)))
     weight_norm, update_norm = norms[:n], norms[n:]
     ratio = trust_ratio(weight_norm, update_norm, scalars, adapt_mask)
-    scale = (ratio * s.lr).to(torch.float32).contiguous()
-    rc = lib.lamb_pass2(n, pp, mp, vp, sizes.data_ptr(), dmask.data_ptr(), sc.data_ptr(), scale.data_ptr(),
-                        threads)
-    if rc != 0:
-        raise MemoryError("torch_lamb fused kernel: allocation failed in pass 2")
+    call.buffer("scale", (ratio * s.lr).to(torch.float32).contiguous())
+    call.run("lamb_pass2")
     return TrustStats(weight_norm, update_norm, ratio)
+
+
+def fused_gradient_squares(grads: Sequence[Tensor], pipeline: GradientPipeline) -> Tensor:
+    """Per tensor, the sum of squares (float64) of the gradient ``pipeline`` forms before clipping."""
+    call = _Call(grads, grads)
+    call.pipeline(GradientPipeline(pipeline.loss_scale, pipeline.accumulators, pipeline.accumulation_steps))
+    sums = call.buffer("sums", torch.empty(2 * len(grads), dtype=torch.float64))
+    call.run("lamb_grad_sums")
+    return sums[: len(grads)]
+
+
+def fused_accumulate(accumulators: Sequence[Tensor], grads: Sequence[Tensor], loss_scale: float | None) -> None:
+    """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
+    call = _Call(grads, grads)
+    call.set("acc", accumulators)
+    if loss_scale is not None:
+        call.b.flags |= F_LOSS_SCALE
+        call.b.loss_scale = loss_scale
+    call.run("lamb_accumulate")
+
+
+def fused_ema(averages: Sequence[Tensor], params: Sequence[Tensor], weight: float) -> None:
+    """``avg = lerp(avg, p, weight)``, in one pass."""
+    call = _Call(params)
+    call.set("avg", averages)
+    call.b.ema_weight = weight
+    call.run("lamb_ema")

@@ -18,11 +18,19 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _validation as check
-from .clipping import clip_by_global_norm, clip_by_norm, clip_by_value, global_clip_factor, global_norm
+from . import fused
+from .clipping import (
+    clip_by_global_norm,
+    clip_by_norm,
+    clip_by_value,
+    global_clip_factor,
+    global_norm,
+    norm_clip_factors,
+)
 from .distributed import Reducer, dtensor_reducer, full_norms, local, reducer_key
-from .ema import ema_momentum_at, overwrite_with_averages, should_overwrite, update_averages
+from .ema import ema_momentum_at, ema_weight, overwrite_with_averages, should_overwrite, update_averages
 from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
-from .fused import fused_lamb_update
+from .fused import GradientPipeline, MovingAverage, fused_lamb_update
 from .nonfinite import NonfiniteGuard
 from .schedules import LearningRateSchedule
 from .telemetry import TrustRatioTelemetry
@@ -72,13 +80,16 @@ class _Bucket:
     momentums: list[Tensor] = field(default_factory=list)
     velocities: list[Tensor] = field(default_factory=list)
     accumulators: list[Tensor] = field(default_factory=list)
+    averages: list[Tensor] = field(default_factory=list)  # EMA slots (``use_ema``)
     decay_mask: list[bool] = field(default_factory=list)
     adapt_mask: list[bool] | None = None  # None: every tensor takes the trust ratio
     reduce: Reducer | None = None  # sums local squared norms across shards (None: whole tensors)
     names: list[str] = field(default_factory=list)
+    owners: list[Tensor] = field(default_factory=list)  # the parameters themselves (keys of `state`)
     work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
     mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from `params` (masters)
     owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
+    pipeline: GradientPipeline | None = None  # set when the fused kernel forms the gradients itself
 
 
 class Lamb(TrustRatioTelemetry, Optimizer):
@@ -433,8 +444,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if guard is not None:  # skip_nonfinite: finite copies of the gradients, a device-side flag
             for b, grads in zip(buckets, guard.check([b.grads for b in buckets], [b.reduce for b in buckets])):
                 b.grads = grads
+        fusing = self._fuse(buckets, bool(n))
         if n:
             for b in buckets:
+                if b.pipeline is not None:  # fused: the update call reads g and acc in its own pass 1
+                    if not updating:
+                        fused.fused_accumulate(b.accumulators, b.grads, self.loss_scale_factor)
+                    continue
                 grads = b.grads
                 if self.loss_scale_factor is not None:
                     grads = torch._foreach_div(grads, self.loss_scale_factor)
@@ -444,11 +460,15 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             if guard is not None:
                 guard.count_window()
             for b in buckets if updating else ():
+                if b.pipeline is not None:
+                    continue
                 divisor = n if guard is None else guard.window_divisor(b.params[0].device, b.accumulators[0].dtype)
                 torch._foreach_div_(b.accumulators, divisor)
                 b.work, b.owned = b.accumulators, True
         else:
             for b in buckets:
+                if b.pipeline is not None:
+                    continue
                 if self.loss_scale_factor is not None:
                     b.work, b.owned = list(torch._foreach_div(b.grads, self.loss_scale_factor)), True
                 else:
@@ -463,18 +483,26 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 group_scalars = scalars[id(b.group)]
                 if guard is not None:
                     group_scalars = guard.scalars(group_scalars, *betas[id(b.group)], like=b.momentums[0])
-                stats = update(
-                    b.params, b.work, b.momentums, b.velocities, group_scalars,
-                    decay_mask=b.decay_mask, adapt_mask=b.adapt_mask, reduce=b.reduce,
-                )
+                if b.pipeline is not None:
+                    average = MovingAverage(b.averages, ema_weight(ema_momentum_at(iterations, self.ema_momentum)))
+                    stats = fused_lamb_update(
+                        b.params, b.grads, b.momentums, b.velocities, group_scalars, decay_mask=b.decay_mask,
+                        adapt_mask=b.adapt_mask, reduce=b.reduce, pipeline=b.pipeline,
+                        average=average if self.use_ema else None,
+                    )
+                else:
+                    stats = update(
+                        b.params, b.work, b.momentums, b.velocities, group_scalars,
+                        decay_mask=b.decay_mask, adapt_mask=b.adapt_mask, reduce=b.reduce,
+                    )
                 if b.mirrors:  # master weights: refresh the low-precision parameters
                     torch._foreach_copy_(b.mirrors, b.params)
                 self._update_stats(b, stats)
             if n:
-                self._zero_accumulators()
+                self._zero_accumulators(fusing)
 
         if self.use_ema:
-            self._update_ema(iterations)
+            self._update_ema(iterations, fusing if updating else ())
         if guard is not None:
             if updating:
                 guard.end_update(accumulating=bool(n))
@@ -563,51 +591,99 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 b.velocities.append(local(state[VELOCITY]))
                 if ACCUMULATOR in state:
                     b.accumulators.append(local(state[ACCUMULATOR]))
+                if AVERAGE in state:
+                    b.averages.append(local(state[AVERAGE]))
                 b.decay_mask.append(group["weight_decay"] is not None and not excluded[i])
                 b.names.append(names[i] if names else f"{gi}.{i}")
+                b.owners.append(p)
         return list(buckets.values())
+
+    def _fuse(self, buckets: Sequence[_Bucket], accumulating: bool) -> set[int]:
+        """Give the buckets the fused kernel covers a gradient pipeline; returns their params' ids.
+
+        Such a bucket's gradients are never materialised: the kernel forms them (unscale,
+        accumulate, clip) inside its first pass, and updates the moving average in its second.
+        """
+        if self.implementation != "fused" or self._guard is not None or not fused.available():
+            return set()
+        ids: set[int] = set()
+        for b in buckets:
+            if b.mirrors or not fused.kernel_supports(
+                b.params, b.grads, b.momentums, b.velocities, b.accumulators, b.averages
+            ):
+                continue
+            b.pipeline = GradientPipeline(
+                loss_scale=self.loss_scale_factor,
+                accumulators=b.accumulators if accumulating else None,
+                accumulation_steps=self.gradient_accumulation_steps if accumulating else None,
+            )
+            ids.update(id(p) for p in b.owners)
+        return ids
+
+    def _gradient_norms(self, b: _Bucket) -> Tensor:
+        """Full norms of the bucket's gradients as the update will use them (before clipping)."""
+        if b.pipeline is None:
+            return full_norms(b.work, reduce=b.reduce)[0]
+        squares = fused.fused_gradient_squares(b.grads, b.pipeline).to(torch.float32)
+        return torch.sqrt(b.reduce(squares) if b.reduce is not None else squares)
 
     def _clip(self, buckets: Sequence[_Bucket]) -> None:
         if self.clipnorm is not None:
             for b in buckets:
-                (norms,) = full_norms(b.work, reduce=b.reduce)
-                b.work = clip_by_norm(b.work, norms, self.clipnorm, inplace=b.owned)
-                b.owned = True
+                norms = self._gradient_norms(b)
+                if b.pipeline is not None:
+                    b.pipeline.clip_factors = norm_clip_factors(norms, self.clipnorm)
+                else:
+                    b.work = clip_by_norm(b.work, norms, self.clipnorm, inplace=b.owned)
+                    b.owned = True
         elif self.global_clipnorm is not None:
-            norms = [n for b in buckets for n in full_norms(b.work, reduce=b.reduce)]
+            norms = [self._gradient_norms(b) for b in buckets]
             factor = global_clip_factor(global_norm(norms), self.global_clipnorm)
             for b in buckets:
-                b.work = clip_by_global_norm(b.work, factor, inplace=b.owned)
-                b.owned = True
+                if b.pipeline is not None:
+                    b.pipeline.clip_factors = factor.to(torch.float32).expand(len(b.params))
+                else:
+                    b.work = clip_by_global_norm(b.work, factor, inplace=b.owned)
+                    b.owned = True
         elif self.clipvalue is not None:
             for b in buckets:
-                b.work = clip_by_value(b.work, self.clipvalue, inplace=b.owned)
-                b.owned = True
+                if b.pipeline is not None:
+                    b.pipeline.clipvalue = self.clipvalue
+                else:
+                    b.work = clip_by_value(b.work, self.clipvalue, inplace=b.owned)
+                    b.owned = True
 
     def _update_stats(self, bucket: _Bucket, stats: TrustStats) -> None:
         """Hook for trust-ratio telemetry (a no-op unless ``track_trust_ratios(True)``)."""
         if self._trust_recorder is not None:
             self._record_trust_stats(bucket.names, stats)
 
-    def _zero_accumulators(self) -> None:
-        accs = [local(s[ACCUMULATOR]) for s in self.state.values() if ACCUMULATOR in s]
+    def _zero_accumulators(self, done: set[int]) -> None:
+        """Zero the accumulators, but those of ``done`` (ids of params the fused kernel zeroed)."""
+        accs = [local(self.state[p][ACCUMULATOR]) for p in self._all_params() if id(p) not in done]
         if accs:
             torch._foreach_zero_(accs)
 
-    def _update_ema(self, iterations: int) -> None:
+    def _update_ema(self, iterations: int, done: set[int] | tuple[()] = ()) -> None:
+        """Move the averages toward the weights (but those of ``done``, moved by the fused kernel)."""
         params = self._all_params()
         ps = [self._weight(p) for p in params]  # the float32 master where there is one
         avgs = [local(self.state[p][AVERAGE]) for p in params]
+        todo = [i for i, p in enumerate(params) if id(p) not in done]
         overwrite = should_overwrite(iterations, self.ema_overwrite_frequency)
         guard = self._guard
-        for group in _by_device_dtype(ps, avgs):
-            if guard is None:
-                update_averages(group[1], group[0], ema_momentum_at(iterations, self.ema_momentum))
-            else:
+        momentum = ema_momentum_at(iterations, self.ema_momentum)
+        kernel = self.implementation == "fused" and guard is None and fused.available()
+        for group in _by_device_dtype([ps[i] for i in todo], [avgs[i] for i in todo]):
+            if guard is not None:
                 guard.update_averages(group[1], group[0], self.ema_momentum)
-            if overwrite:
-                (overwrite_with_averages if guard is None else guard.overwrite)(group[0], group[1])
+            elif kernel and fused.kernel_supports(*group):
+                fused.fused_ema(group[1], group[0], ema_weight(momentum))
+            else:
+                update_averages(group[1], group[0], momentum)
         if overwrite:
+            for group in _by_device_dtype(ps, avgs):
+                (overwrite_with_averages if guard is None else guard.overwrite)(group[0], group[1])
             self._sync_masters(params)
 
     def _weight(self, p: Tensor) -> Tensor:
