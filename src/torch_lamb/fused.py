@@ -41,8 +41,8 @@ from .distributed import Reducer
 from .functional import LambScalars, TrustStats, lamb_update, trust_ratio
 
 __all__ = [
-    "GradientPipeline", "MovingAverage", "available", "compile_seconds", "fused_accumulate", "fused_ema",
-    "fused_gradient_squares", "fused_lamb_update", "kernel_supports", "load_kernel",
+    "GradientPipeline", "KernelBucket", "MovingAverage", "available", "compile_seconds", "fused_ema",
+    "fused_lamb_update", "kernel_supports", "load_kernel",
 ]
 
 _SOURCE = Path(__file__).with_name("_lamb_kernel.c")
@@ -169,9 +169,9 @@ def kernel_supports(*tensor_lists: Sequence[Tensor]) -> bool:
     """Whether the kernel covers these tensors: CPU, contiguous float32 throughout."""
     f32 = torch.float32
     for ts in tensor_lists:
-        for t in ts:
-            if t.dtype != f32 or t.device.type != "cpu" or not t.is_contiguous():
-                return False
+        if not (all([t.dtype is f32 for t in ts]) and all([t.is_cpu for t in ts])
+                and all([t.is_contiguous() for t in ts])):
+            return False
     return True
 
 
@@ -183,53 +183,151 @@ def _threads(numel: int) -> int:
     return max(1, min(torch.get_num_threads(), numel // _MIN_PER_THREAD))
 
 
-class _Call:
-    """One kernel call's arguments; keeps the buffers the struct points into alive."""
+class KernelBucket:
+    """The kernel's view of one bucket: sizes, masks and state pointers, built once and reused.
 
-    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor] | None = None) -> None:
-        self.keep: list[object] = []
-        self.b = _Bucket()
-        self.n = len(params)
-        self.b.n = self.n
-        self.sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-        self.b.sizes = self.sizes.data_ptr()
-        self.b.nthreads = _threads(int(self.sizes.sum()))
-        self.set("p", params)
-        if grads is not None:
-            self.set("g", grads)
+    The optimizer keeps one per bucket while its layout holds; each call passes the tensors that
+    may change between steps (parameters, gradients). Every tensor must have the element count
+    of the matching momentum (the optimizer checks shapes; :func:`fused_lamb_update` checks here).
+    """
 
-    def set(self, field: str, tensors: Sequence[Tensor]) -> None:
-        arr = _ptrs(tensors)
-        self.keep.append(arr)
-        setattr(self.b, field, ctypes.cast(arr, _PP))
+    def __init__(
+        self,
+        momentums: Sequence[Tensor],
+        velocities: Sequence[Tensor],
+        *,
+        decay_mask: Sequence[bool],
+        adapt_mask: Sequence[bool] | None = None,
+        accumulators: Sequence[Tensor] = (),
+        averages: Sequence[Tensor] = (),
+    ) -> None:
+        self.n = len(momentums)
+        self.numels = [m.numel() for m in momentums]
+        self.sizes = torch.tensor(self.numels, dtype=torch.int64)
+        self.numel = sum(self.numels)
+        self.decay_mask = torch.tensor(list(decay_mask), dtype=torch.uint8)
+        self.adapt_list = None if adapt_mask is None else list(adapt_mask)
+        self.adapt_mask = None if adapt_mask is None else torch.tensor(self.adapt_list, dtype=torch.uint8)
+        self.tensors = (list(momentums), list(velocities), list(accumulators), list(averages))  # kept alive
+        self.m, self.v = _ptrs(momentums), _ptrs(velocities)
+        self.acc = _ptrs(accumulators) if accumulators else None
+        self.avg = _ptrs(averages) if averages else None
 
-    def buffer(self, field: str, tensor: Tensor) -> Tensor:
-        self.keep.append(tensor)
-        setattr(self.b, field, tensor.data_ptr())
-        return tensor
+    def _struct(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[_Bucket, list[object]]:
+        b = _Bucket()
+        keep: list[object] = [_ptrs(params), _ptrs(grads)]
+        b.n, b.p, b.g = self.n, ctypes.cast(keep[0], _PP), ctypes.cast(keep[1], _PP)
+        b.m, b.v = ctypes.cast(self.m, _PP), ctypes.cast(self.v, _PP)
+        b.sizes, b.decay_mask = self.sizes.data_ptr(), self.decay_mask.data_ptr()
+        if self.adapt_mask is not None:
+            b.adapt_mask = self.adapt_mask.data_ptr()
+        b.nthreads = _threads(self.numel)
+        return b, keep
 
-    def run(self, name: str) -> None:
-        if getattr(load_kernel(), name)(ctypes.byref(self.b)) != 0:
-            raise MemoryError(f"torch_lamb fused kernel: allocation failed in {name}")
-
-    def pipeline(self, pipe: GradientPipeline | None) -> None:
+    def _pipeline(self, b: _Bucket, keep: list[object], pipe: GradientPipeline | None) -> None:
         if pipe is None:
             return
         if pipe.loss_scale is not None:
-            self.b.flags |= F_LOSS_SCALE
-            self.b.loss_scale = pipe.loss_scale
+            b.flags |= F_LOSS_SCALE
+            b.loss_scale = pipe.loss_scale
         if pipe.accumulation_steps is not None:
-            self.b.flags |= F_ACCUMULATE
-            self.b.accumulation_steps = pipe.accumulation_steps
-            self.set("acc", pipe.accumulators or ())
+            if self.acc is None:
+                raise ValueError("GradientPipeline: accumulation needs the bucket's accumulators.")
+            b.flags |= F_ACCUMULATE
+            b.accumulation_steps = pipe.accumulation_steps
+            b.acc = ctypes.cast(self.acc, _PP)
         if pipe.clipvalue is not None and pipe.clip_factors is not None:
             raise ValueError("GradientPipeline: give `clipvalue` or `clip_factors`, not both.")
         if pipe.clipvalue is not None:
-            self.b.flags |= F_CLIPVALUE
-            self.b.clipvalue = pipe.clipvalue
+            b.flags |= F_CLIPVALUE
+            b.clipvalue = pipe.clipvalue
         if pipe.clip_factors is not None:
-            self.b.flags |= F_CLIP_FACTORS
-            self.buffer("clip_factors", pipe.clip_factors.to(torch.float32).contiguous())
+            factors = pipe.clip_factors.to(torch.float32).expand(self.n).contiguous()
+            keep.append(factors)
+            b.flags |= F_CLIP_FACTORS
+            b.clip_factors = factors.data_ptr()
+
+    def update(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        scalars: LambScalars,
+        *,
+        reduce: Reducer | None = None,
+        pipeline: GradientPipeline | None = None,
+        average: MovingAverage | None = None,
+    ) -> TrustStats:
+        """One LAMB update of the bucket (host scalars only)."""
+        s, n = scalars, self.n
+        b, keep = self._struct(params, grads)
+        b.beta_1c, b.beta_2c, b.eps, b.lr = s.one_minus_beta_1, s.one_minus_beta_2, s.epsilon, s.lr
+        b.bc1, b.bc2 = s.bias_correction_1, s.bias_correction_2
+        if s.decay_factor is not None:
+            b.flags |= F_DECAY
+            b.decay = s.decay_factor
+        if s.adaptive_weight_decay is not None:
+            b.flags |= F_ADAPTIVE_DECAY
+            b.adaptive_decay = s.adaptive_weight_decay
+        if s.min_trust_ratio is not None:
+            b.flags |= F_MIN_RATIO
+            b.min_ratio = s.min_trust_ratio
+        if s.max_trust_ratio is not None:
+            b.flags |= F_MAX_RATIO
+            b.max_ratio = s.max_trust_ratio
+        self._pipeline(b, keep, pipeline)
+        if average is not None:
+            if self.avg is None:
+                raise ValueError("MovingAverage: the bucket was built without averages.")
+            b.flags |= F_EMA
+            b.ema_weight = average.weight
+            b.avg = ctypes.cast(self.avg, _PP)
+        sums = torch.empty(2 * n, dtype=torch.float64)
+        b.sums = sums.data_ptr()
+        if reduce is None:
+            ratio = torch.empty(n, dtype=torch.float32)
+            b.ratios = ratio.data_ptr()
+            streams = 4 + (b.flags & F_ACCUMULATE != 0) + (b.flags & F_EMA != 0)
+            b.segment = max(1, _SEGMENT_BYTES // (4 * streams))
+            _run("lamb_fused", b)
+            norms = torch.sqrt(sums.to(torch.float32))
+            return TrustStats(norms[:n], norms[n:], ratio)
+        _run("lamb_pass1", b)
+        norms = torch.sqrt(reduce(sums.to(torch.float32)))
+        weight_norm, update_norm = norms[:n], norms[n:]
+        ratio = trust_ratio(weight_norm, update_norm, scalars, self.adapt_list)
+        scale = (ratio * s.lr).to(torch.float32).contiguous()
+        b.scale = scale.data_ptr()
+        _run("lamb_pass2", b)
+        return TrustStats(weight_norm, update_norm, ratio)
+
+    def gradient_squares(self, grads: Sequence[Tensor], pipeline: GradientPipeline) -> Tensor:
+        """Per tensor, the sum of squares (float64) of the gradients ``pipeline`` forms, before clipping."""
+        b, keep = self._struct(grads, grads)
+        self._pipeline(b, keep, GradientPipeline(pipeline.loss_scale, None, pipeline.accumulation_steps))
+        sums = torch.empty(2 * self.n, dtype=torch.float64)
+        b.sums = sums.data_ptr()
+        _run("lamb_grad_sums", b)
+        return sums[: self.n]
+
+    def accumulate(self, grads: Sequence[Tensor], loss_scale: float | None) -> None:
+        """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
+        b, _keep = self._struct(grads, grads)
+        b.acc = ctypes.cast(self.acc, _PP)
+        if loss_scale is not None:
+            b.flags |= F_LOSS_SCALE
+            b.loss_scale = loss_scale
+        _run("lamb_accumulate", b)
+
+
+def _run(name: str, b: _Bucket) -> None:
+    if getattr(load_kernel(), name)(ctypes.byref(b)) != 0:
+        raise MemoryError(f"torch_lamb fused kernel: allocation failed in {name}")
+
+
+def _check_sizes(numels: list[int], *tensor_lists: Sequence[Tensor]) -> None:
+    for ts in tensor_lists:
+        if ts and [t.numel() for t in ts] != numels:
+            raise ValueError("fused_lamb_update: every list needs tensors of the parameters' sizes, in order.")
 
 
 def fused_lamb_update(
@@ -252,81 +350,28 @@ def fused_lamb_update(
     tensor involved first), else this raises.
     """
     host = not any(isinstance(getattr(scalars, f.name), Tensor) for f in fields(scalars))
-    extras = [*(pipeline.accumulators or () if pipeline else ()), *(average.averages if average else ())]
+    accumulators = list(pipeline.accumulators or ()) if pipeline else []
+    averages = list(average.averages) if average else []
     lib = load_kernel() if params and host and params[0].device.type == "cpu" else None
-    if lib is None or not kernel_supports(params, grads, momentums, velocities, extras):
+    if lib is None or not kernel_supports(params, grads, momentums, velocities, accumulators, averages):
         if pipeline is not None or average is not None:
             raise ValueError("fused_lamb_update: `pipeline`/`average` need a bucket the kernel covers.")
         return lamb_update(params, grads, momentums, velocities, scalars, decay_mask=decay_mask,
                            adapt_mask=adapt_mask, reduce=reduce)
-    n = len(params)
-    s = scalars
-    call = _Call(params, grads)
-    b = call.b
-    call.set("m", momentums)
-    call.set("v", velocities)
-    b.beta_1c, b.beta_2c, b.eps, b.lr = s.one_minus_beta_1, s.one_minus_beta_2, s.epsilon, s.lr
-    b.bc1, b.bc2 = s.bias_correction_1, s.bias_correction_2
-    if s.decay_factor is not None:
-        b.flags |= F_DECAY
-        b.decay = s.decay_factor
-    if s.adaptive_weight_decay is not None:
-        b.flags |= F_ADAPTIVE_DECAY
-        b.adaptive_decay = s.adaptive_weight_decay
-    if s.min_trust_ratio is not None:
-        b.flags |= F_MIN_RATIO
-        b.min_ratio = s.min_trust_ratio
-    if s.max_trust_ratio is not None:
-        b.flags |= F_MAX_RATIO
-        b.max_ratio = s.max_trust_ratio
-    call.buffer("decay_mask", torch.tensor(list(decay_mask), dtype=torch.uint8))
-    if adapt_mask is not None:
-        call.buffer("adapt_mask", torch.tensor(list(adapt_mask), dtype=torch.uint8))
-    call.pipeline(pipeline)
-    if average is not None:
-        b.flags |= F_EMA
-        b.ema_weight = average.weight
-        call.set("avg", average.averages)
-    sums = call.buffer("sums", torch.empty(2 * n, dtype=torch.float64))
-
-    if reduce is None:
-        ratio = call.buffer("ratios", torch.empty(n, dtype=torch.float32))
-        streams = 4 + bool(pipeline and pipeline.accumulators) + (average is not None)
-        b.segment = max(1, _SEGMENT_BYTES // (4 * streams))
-        call.run("lamb_fused")
-        norms = torch.sqrt(sums.to(torch.float32))
-        return TrustStats(norms[:n], norms[n:], ratio)
-    call.run("lamb_pass1")
-    norms = torch.sqrt(reduce(sums.to(torch.float32)))
-    weight_norm, update_norm = norms[:n], norms[n:]
-    ratio = trust_ratio(weight_norm, update_norm, scalars, adapt_mask)
-    call.buffer("scale", (ratio * s.lr).to(torch.float32).contiguous())
-    call.run("lamb_pass2")
-    return TrustStats(weight_norm, update_norm, ratio)
-
-
-def fused_gradient_squares(grads: Sequence[Tensor], pipeline: GradientPipeline) -> Tensor:
-    """Per tensor, the sum of squares (float64) of the gradient ``pipeline`` forms before clipping."""
-    call = _Call(grads, grads)
-    call.pipeline(GradientPipeline(pipeline.loss_scale, pipeline.accumulators, pipeline.accumulation_steps))
-    sums = call.buffer("sums", torch.empty(2 * len(grads), dtype=torch.float64))
-    call.run("lamb_grad_sums")
-    return sums[: len(grads)]
-
-
-def fused_accumulate(accumulators: Sequence[Tensor], grads: Sequence[Tensor], loss_scale: float | None) -> None:
-    """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
-    call = _Call(grads, grads)
-    call.set("acc", accumulators)
-    if loss_scale is not None:
-        call.b.flags |= F_LOSS_SCALE
-        call.b.loss_scale = loss_scale
-    call.run("lamb_accumulate")
+    bucket = KernelBucket(momentums, velocities, decay_mask=decay_mask, adapt_mask=adapt_mask,
+                          accumulators=accumulators, averages=averages)
+    _check_sizes(bucket.numels, params, grads, velocities, accumulators, averages)
+    if len(decay_mask) != bucket.n or (adapt_mask is not None and len(adapt_mask) != bucket.n):
+        raise ValueError("fused_lamb_update: `decay_mask` and `adapt_mask` need one flag per tensor.")
+    return bucket.update(params, grads, scalars, reduce=reduce, pipeline=pipeline, average=average)
 
 
 def fused_ema(averages: Sequence[Tensor], params: Sequence[Tensor], weight: float) -> None:
-    """``avg = lerp(avg, p, weight)``, in one pass."""
-    call = _Call(params)
-    call.set("avg", averages)
-    call.b.ema_weight = weight
-    call.run("lamb_ema")
+    """``avg = lerp(avg, p, weight)``, in one pass (tensors of equal sizes, pairwise)."""
+    _check_sizes([a.numel() for a in averages], params)
+    b = _Bucket()
+    sizes = torch.tensor([a.numel() for a in averages], dtype=torch.int64)
+    keep = [_ptrs(params), _ptrs(averages)]
+    b.n, b.p, b.avg = len(averages), ctypes.cast(keep[0], _PP), ctypes.cast(keep[1], _PP)
+    b.sizes, b.nthreads, b.ema_weight = sizes.data_ptr(), _threads(int(sizes.sum())), weight
+    _run("lamb_ema", b)

@@ -8,6 +8,7 @@ follows Keras's order::
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .clipping import (
     global_norm,
     norm_clip_factors,
 )
-from .distributed import Reducer, dtensor_reducer, full_norms, local, reducer_key
+from .distributed import Reducer, dtensor_reducer, full_norms, is_dtensor, local, reducer_key
 from .ema import ema_momentum_at, ema_weight, overwrite_with_averages, should_overwrite, update_averages
 from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
 from .fused import GradientPipeline, MovingAverage, fused_lamb_update
@@ -72,7 +73,11 @@ def state_dtype(param: Tensor) -> torch.dtype:
 
 @dataclass
 class _Bucket:
-    """Parameters with gradients that share a param group, a device and a dtype."""
+    """Parameters with gradients that share a param group, a device and a dtype.
+
+    The layout fields are cached across steps while nothing structural changes (see
+    ``Lamb._buckets``); ``grads``, ``work``, ``owned`` and ``pipeline`` are refilled every step.
+    """
 
     group: dict[str, Any]
     params: list[Tensor] = field(default_factory=list)
@@ -86,6 +91,8 @@ class _Bucket:
     reduce: Reducer | None = None  # sums local squared norms across shards (None: whole tensors)
     names: list[str] = field(default_factory=list)
     owners: list[Tensor] = field(default_factory=list)  # the parameters themselves (keys of `state`)
+    dtensor: bool = False  # DTensor parameters: locals and local gradients are re-read every step
+    kernel: fused.KernelBucket | None = None  # the fused kernel's static view, when it covers the layout
     work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
     mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from `params` (masters)
     owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
@@ -225,6 +232,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._adapt_exclusion: tuple[frozenset[int], re.Pattern[str] | None] = (frozenset(), None)
         self._iterations = 0
         self._state_complete = False
+        self._layout: tuple[Any, ...] | None = None  # the cached bucket layout (see `_buckets`)
         self.name = name if name is not None else _auto_name()
 
         initial_lr = float(learning_rate) if not callable(learning_rate) else 0.0
@@ -288,7 +296,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._lr_sources.append(source)
         self._resolve_decay_exclusion(self.param_groups[-1])
         self._resolve_adapt_exclusion(self.param_groups[-1])
-        self._state_complete = False
+        self._state_complete, self._layout = False, None
         if callable(source):
             self._refresh_learning_rates()
         if hasattr(self, "_learning_rate") and hasattr(self, "name"):  # added after construction
@@ -347,6 +355,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         ``model.named_parameters()`` passed to the constructor.
         """
         self._decay_exclusion = self._exclusion(var_list, var_names)
+        self._layout = None
         for group in self.param_groups:
             self._resolve_decay_exclusion(group)
 
@@ -359,6 +368,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         are independent (Keras has no adaptation exclusion, so nothing is excluded by default).
         """
         self._adapt_exclusion = self._exclusion(var_list, var_names)
+        self._layout = None
         for group in self.param_groups:
             self._resolve_adapt_exclusion(group)
 
@@ -449,7 +459,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             for b in buckets:
                 if b.pipeline is not None:  # fused: the update call reads g and acc in its own pass 1
                     if not updating:
-                        fused.fused_accumulate(b.accumulators, b.grads, self.loss_scale_factor)
+                        b.kernel.accumulate(b.grads, self.loss_scale_factor)
                     continue
                 grads = b.grads
                 if self.loss_scale_factor is not None:
@@ -485,9 +495,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                     group_scalars = guard.scalars(group_scalars, *betas[id(b.group)], like=b.momentums[0])
                 if b.pipeline is not None:
                     average = MovingAverage(b.averages, ema_weight(ema_momentum_at(iterations, self.ema_momentum)))
-                    stats = fused_lamb_update(
-                        b.params, b.grads, b.momentums, b.velocities, group_scalars, decay_mask=b.decay_mask,
-                        adapt_mask=b.adapt_mask, reduce=b.reduce, pipeline=b.pipeline,
+                    stats = b.kernel.update(
+                        b.params, b.grads, group_scalars, reduce=b.reduce, pipeline=b.pipeline,
                         average=average if self.use_ema else None,
                     )
                 else:
@@ -513,25 +522,28 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     # ------------------------------------------------------------------ step stages
 
     def _check_grads(self) -> None:
-        any_grad = False
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                any_grad = True
-                if g.is_sparse:
-                    raise RuntimeError("Lamb does not support sparse gradients.")
-                if g.shape != p.shape:
-                    raise RuntimeError(
-                        f"A gradient's shape {tuple(g.shape)} differs from its parameter's {tuple(p.shape)}."
-                    )
-                if g.device != p.device:
-                    raise RuntimeError(
-                        f"A gradient is on {g.device} but its parameter is on {p.device}."
-                    )
-        if not any_grad:
+        params = [p for p in self._all_params() if p.grad is not None]
+        if not params:
             raise ValueError("No gradients provided for any parameter.")
+        grads = [p.grad for p in params]
+        if (
+            not any([g.is_sparse for g in grads])
+            and [g.shape for g in grads] == [p.shape for p in params]
+            and ((all([g.is_cpu for g in grads]) and all([p.is_cpu for p in params]))
+                 or [g.device for g in grads] == [p.device for p in params])
+        ):
+            return  # the common case, checked list-wise; otherwise find the offender
+        for p, g in zip(params, grads):
+            if g.is_sparse:
+                raise RuntimeError("Lamb does not support sparse gradients.")
+            if g.shape != p.shape:
+                raise RuntimeError(
+                    f"A gradient's shape {tuple(g.shape)} differs from its parameter's {tuple(p.shape)}."
+                )
+            if g.device != p.device:
+                raise RuntimeError(
+                    f"A gradient is on {g.device} but its parameter is on {p.device}."
+                )
 
     def _group_scalars(
         self, raw_it: int, step: int, betas: dict[int, tuple[float, float]] | None = None
@@ -564,6 +576,34 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         return out
 
     def _buckets(self) -> list[_Bucket]:
+        """This step's buckets: the cached layout (rebuilt when it no longer holds), with gradients."""
+        params = self._all_params()
+        grads = [p.grad for p in params]
+        key = (
+            tuple([g is None for g in grads]),
+            tuple([(g["weight_decay"] is None, g["layer_adaptation"]) for g in self.param_groups]),
+            self.implementation,
+        )
+        layout = self._layout
+        if layout is None or layout[0] != key or not all(map(operator.is_, layout[1], params)) or any(
+            b.dtensor or [t.data_ptr() for t in b.params] != ptrs or [t.shape for t in b.params] != shapes
+            for b, ptrs, shapes in layout[3]
+        ):
+            buckets = self._build_buckets()
+            checks = [(b, [t.data_ptr() for t in b.params], [t.shape for t in b.params]) for b in buckets]
+            layout = self._layout = (key, params, buckets, checks)
+        buckets = layout[2]
+        for b in buckets:
+            b.work, b.owned, b.pipeline = [], False, None
+            if b.dtensor:
+                b.params = [local(self.state[p][MASTER]) if MASTER in self.state[p] else local(p) for p in b.owners]
+                b.mirrors = [local(p) for p in b.owners] if b.mirrors else []
+                b.grads = [local(p.grad) for p in b.owners]
+            else:
+                b.grads = [p.grad for p in b.owners]
+        return buckets
+
+    def _build_buckets(self) -> list[_Bucket]:
         buckets: dict[tuple[Any, ...], _Bucket] = {}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
@@ -576,7 +616,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(
-                        group, adapt_mask=[] if any(fixed) else None, reduce=dtensor_reducer(p)
+                        group, adapt_mask=[] if any(fixed) else None, reduce=dtensor_reducer(p), dtensor=is_dtensor(p)
                     )
                 state = self.state[p]
                 if MASTER in state:
@@ -586,7 +626,6 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                     b.params.append(local(p))
                 if b.adapt_mask is not None:
                     b.adapt_mask.append(not fixed[i])
-                b.grads.append(local(p.grad))
                 b.momentums.append(local(state[MOMENTUM]))
                 b.velocities.append(local(state[VELOCITY]))
                 if ACCUMULATOR in state:
@@ -596,6 +635,15 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 b.decay_mask.append(group["weight_decay"] is not None and not excluded[i])
                 b.names.append(names[i] if names else f"{gi}.{i}")
                 b.owners.append(p)
+        kernel = self.implementation == "fused" and self._guard is None and fused.available()
+        for b in buckets.values():
+            if kernel and not b.mirrors and fused.kernel_supports(
+                b.params, b.momentums, b.velocities, b.accumulators, b.averages
+            ) and all(p.shape == m.shape for p, m in zip(b.params, b.momentums)):
+                b.kernel = fused.KernelBucket(
+                    b.momentums, b.velocities, decay_mask=b.decay_mask, adapt_mask=b.adapt_mask,
+                    accumulators=b.accumulators, averages=b.averages,
+                )
         return list(buckets.values())
 
     def _fuse(self, buckets: Sequence[_Bucket], accumulating: bool) -> set[int]:
@@ -604,27 +652,23 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         Such a bucket's gradients are never materialised: the kernel forms them (unscale,
         accumulate, clip) inside its first pass, and updates the moving average in its second.
         """
-        if self.implementation != "fused" or self._guard is not None or not fused.available():
-            return set()
         ids: set[int] = set()
         for b in buckets:
-            if b.mirrors or not fused.kernel_supports(
-                b.params, b.grads, b.momentums, b.velocities, b.accumulators, b.averages
-            ):
+            if b.kernel is None or not fused.kernel_supports(b.grads):
                 continue
             b.pipeline = GradientPipeline(
                 loss_scale=self.loss_scale_factor,
                 accumulators=b.accumulators if accumulating else None,
                 accumulation_steps=self.gradient_accumulation_steps if accumulating else None,
             )
-            ids.update(id(p) for p in b.owners)
+            ids.update(map(id, b.owners))
         return ids
 
     def _gradient_norms(self, b: _Bucket) -> Tensor:
         """Full norms of the bucket's gradients as the update will use them (before clipping)."""
         if b.pipeline is None:
             return full_norms(b.work, reduce=b.reduce)[0]
-        squares = fused.fused_gradient_squares(b.grads, b.pipeline).to(torch.float32)
+        squares = b.kernel.gradient_squares(b.grads, b.pipeline).to(torch.float32)
         return torch.sqrt(b.reduce(squares) if b.reduce is not None else squares)
 
     def _clip(self, buckets: Sequence[_Bucket]) -> None:
@@ -801,7 +845,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if self._guard is not None:
             self._guard.load(counters)
         self._iterations = iterations
-        self._state_complete = False
+        self._state_complete, self._layout = False, None
 
     _PICKLED = (
         "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
@@ -828,7 +872,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self._guard = NonfiniteGuard() if self.skip_nonfinite else None
             if self._guard is not None:
                 self._guard.load(counters or {})
-        self._state_complete = False
+        self._state_complete, self._layout = False, None
 
     # ------------------------------------------------------------------ helpers
 
