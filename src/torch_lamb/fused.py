@@ -319,6 +319,13 @@ class KernelBucket:
         _run("lamb_accumulate", b)
 
 
+    def ema(self, params: Sequence[Tensor], weight: float) -> None:
+        """``avg = lerp(avg, p, weight)`` over the bucket's averages, in one pass."""
+        b, _keep = self._struct(params, params)
+        b.avg, b.ema_weight = ctypes.cast(self.avg, _PP), weight
+        _run("lamb_ema", b)
+
+
 def _run(name: str, b: _Bucket) -> None:
     if getattr(load_kernel(), name)(ctypes.byref(b)) != 0:
         raise MemoryError(f"torch_lamb fused kernel: allocation failed in {name}")

@@ -511,7 +511,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 self._zero_accumulators(fusing)
 
         if self.use_ema:
-            self._update_ema(iterations, fusing if updating else ())
+            self._update_ema(iterations, buckets, fusing, updated=updating)
         if guard is not None:
             if updating:
                 guard.end_update(accumulating=bool(n))
@@ -704,27 +704,36 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
     def _zero_accumulators(self, done: set[int]) -> None:
         """Zero the accumulators, but those of ``done`` (ids of params the fused kernel zeroed)."""
-        accs = [local(self.state[p][ACCUMULATOR]) for p in self._all_params() if id(p) not in done]
-        if accs:
+        params = self._all_params()
+        if len(done) < len(params):
+            accs = [local(self.state[p][ACCUMULATOR]) for p in params if id(p) not in done]
             torch._foreach_zero_(accs)
 
-    def _update_ema(self, iterations: int, done: set[int] | tuple[()] = ()) -> None:
-        """Move the averages toward the weights (but those of ``done``, moved by the fused kernel)."""
+    def _update_ema(self, iterations: int, buckets: Sequence[_Bucket], fusing: set[int], updated: bool) -> None:
+        """Move the averages toward the weights; the fused kernel's buckets did it in their pass 2 when
+        ``updated``, else the kernel does it here."""
+        momentum = ema_momentum_at(iterations, self.ema_momentum)
+        if not updated:
+            for b in buckets:
+                if id(b.owners[0]) in fusing:
+                    b.kernel.ema(b.params, ema_weight(momentum))
         params = self._all_params()
+        overwrite = should_overwrite(iterations, self.ema_overwrite_frequency)
+        if len(fusing) == len(params) and not overwrite:
+            return
         ps = [self._weight(p) for p in params]  # the float32 master where there is one
         avgs = [local(self.state[p][AVERAGE]) for p in params]
-        todo = [i for i, p in enumerate(params) if id(p) not in done]
-        overwrite = should_overwrite(iterations, self.ema_overwrite_frequency)
         guard = self._guard
-        momentum = ema_momentum_at(iterations, self.ema_momentum)
-        kernel = self.implementation == "fused" and guard is None and fused.available()
-        for group in _by_device_dtype([ps[i] for i in todo], [avgs[i] for i in todo]):
-            if guard is not None:
-                guard.update_averages(group[1], group[0], self.ema_momentum)
-            elif kernel and fused.kernel_supports(*group):
-                fused.fused_ema(group[1], group[0], ema_weight(momentum))
-            else:
-                update_averages(group[1], group[0], momentum)
+        if len(fusing) < len(params):
+            todo = [i for i, p in enumerate(params) if id(p) not in fusing]
+            kernel = self.implementation == "fused" and guard is None and fused.available()
+            for group in _by_device_dtype([ps[i] for i in todo], [avgs[i] for i in todo]):
+                if guard is not None:
+                    guard.update_averages(group[1], group[0], self.ema_momentum)
+                elif kernel and fused.kernel_supports(*group):
+                    fused.fused_ema(group[1], group[0], ema_weight(momentum))
+                else:
+                    update_averages(group[1], group[0], momentum)
         if overwrite:
             for group in _by_device_dtype(ps, avgs):
                 (overwrite_with_averages if guard is None else guard.overwrite)(group[0], group[1])
