@@ -135,3 +135,87 @@ def test_no_compiler_falls_back_to_foreach(tmp_path, monkeypatch) -> None:
         for x, y in zip(xs, ys, strict=True):
             assert torch.equal(x, y)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ the optimizer on the kernel, every feature
+
+PIPELINE_CONFIGS = {
+    "decay": {"weight_decay": 0.05},
+    "loss_scale": {"loss_scale_factor": 8.0},
+    "clipnorm": {"clipnorm": 0.05},
+    "global_clipnorm": {"global_clipnorm": 0.1},
+    "clipvalue": {"clipvalue": 4e-3},
+    "ema_overwrite": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 3},
+    "accumulation": {"gradient_accumulation_steps": 3},
+    "everything": {"weight_decay": 0.05, "global_clipnorm": 0.1, "use_ema": True, "ema_momentum": 0.9,
+                   "loss_scale_factor": 4.0, "gradient_accumulation_steps": 2},
+    "everything_clipvalue": {"weight_decay": 0.05, "clipvalue": 4e-3, "use_ema": True, "loss_scale_factor": 4.0,
+                             "gradient_accumulation_steps": 3, "ema_overwrite_frequency": 2},
+    "adaptive_bounds_clipnorm": {"weight_decay_mode": "adaptive", "weight_decay": 0.1, "min_trust_ratio": 0.5,
+                                 "max_trust_ratio": 2.0, "clipnorm": 0.05, "gradient_accumulation_steps": 2},
+    "large_lerp_weights": {"beta_1": 0.3, "beta_2": 0.6, "use_ema": True, "ema_momentum": 0.3},
+}
+OPT_SHAPES = [(300, 7), (0,), (5,), (40_000,), (1,), (16_385,), (64, 64)]
+
+
+def _run_optimizer(impl: str, config: dict, calls: int = 8) -> tuple[list[torch.Tensor], Lamb]:
+    torch.manual_seed(0)
+    named = [(f"layer{i}.{'bias' if len(s) == 1 else 'weight'}", torch.nn.Parameter(torch.randn(s)))
+             for i, s in enumerate(OPT_SHAPES)]
+    opt = Lamb(named, learning_rate=1e-2, implementation=impl, **config)
+    opt.exclude_from_weight_decay(var_names=["bias"])
+    opt.exclude_from_layer_adaptation(var_names=["layer6"])
+    params = [p for _, p in named]
+    gen = torch.Generator().manual_seed(1)
+    for call in range(calls):
+        for i, p in enumerate(params):  # layer 2's gradient comes and goes
+            p.grad = None if (i == 2 and call % 3 == 1) else torch.randn(p.shape, generator=gen) * 1e-2
+        opt.step()
+    return [p.detach() for p in params] + [t for p in params for t in opt.state[p].values()], opt
+
+
+@pytest.mark.parametrize("segment_bytes", [1 << 16, fused._SEGMENT_BYTES], ids=["many_segments", "default"])
+@pytest.mark.parametrize("config", sorted(PIPELINE_CONFIGS))
+def test_every_feature_runs_in_the_kernel_and_matches_reference(config, segment_bytes, monkeypatch) -> None:
+    monkeypatch.setattr(fused, "_SEGMENT_BYTES", segment_bytes)
+    ran: list[str] = []
+    real_run = fused._run
+    monkeypatch.setattr(fused, "_run", lambda name, b: (ran.append(name), real_run(name, b)))
+    cfg = PIPELINE_CONFIGS[config]
+    got, _ = _run_optimizer("fused", cfg)
+    assert "lamb_fused" in ran
+    assert ("lamb_accumulate" in ran) == ("gradient_accumulation_steps" in cfg)
+    assert ("lamb_grad_sums" in ran) == ("clipnorm" in cfg or "global_clipnorm" in cfg)
+    assert ("lamb_ema" in ran) == ("use_ema" in cfg)  # micro-steps, and the parameter without a gradient
+    want, _ = _run_optimizer("reference", cfg)
+    for x, y in zip(got, want, strict=True):
+        _close(x, y)
+    assert not torch.equal(got[0], _run_optimizer("reference", cfg, calls=0)[0][0])  # training moved it
+
+
+def test_sharded_two_pass_path_equals_segmented_path() -> None:
+    """pass1 -> reduce -> pass2 (ratios in torch) gives the bits of the segmented path (ratios in C)."""
+    sc = lamb_scalars(lr=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.01, step=3,
+                      min_trust_ratio=0.1, max_trust_ratio=5.0)
+    outs = []
+    for reduce in (None, lambda x: x):
+        ps, gs, ms, vs = _bucket(4)
+        accs, avgs = [g.flip(-1) * 0.5 if g.dim() else g * 0.5 for g in gs], [p.clone() for p in ps]
+        kb = fused.KernelBucket(ms, vs, decay_mask=[True, False] * 3, adapt_mask=[True] * 5 + [False],
+                                accumulators=accs, averages=avgs)
+        pipe = fused.GradientPipeline(loss_scale=2.0, accumulators=accs, accumulation_steps=2, clipvalue=1e-2)
+        stats = kb.update(ps, gs, sc, reduce=reduce, pipeline=pipe, average=fused.MovingAverage(avgs, 0.25))
+        outs.append([*ps, *ms, *vs, *accs, *avgs, stats.trust_ratio, stats.weight_norm, stats.update_norm])
+    for x, y in zip(*outs, strict=True):
+        assert torch.equal(x, y)
+    assert all(not a.any() for a in outs[0][18:24])  # the accumulators were zeroed
+
+
+def test_mismatched_sizes_raise_before_the_kernel_runs() -> None:
+    sc = lamb_scalars(lr=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None, step=1)
+    ps, gs, ms, vs = _bucket()
+    gs[3] = torch.zeros(10)
+    before = [p.clone() for p in ps]
+    with pytest.raises(ValueError, match="sizes"):
+        fused.fused_lamb_update(ps, gs, ms, vs, sc, decay_mask=[False] * len(SHAPES))
+    assert all(torch.equal(a, b) for a, b in zip(ps, before, strict=True))

@@ -387,3 +387,63 @@ def test_low_precision_parameters_use_float32_state_and_math():
     assert opts[0].state[w16]["momentum"].dtype == torch.float32
     assert torch.isfinite(w16).all()
     assert torch.equal(w16.detach(), w32.detach().to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------ the cached bucket layout
+
+
+def _layout_scenario(impl: str, rebuild_every_step: bool = False) -> list[torch.Tensor]:
+    """Eight steps with a structural change before most: the cached layout must follow every one."""
+    model = _model()
+    opt = Lamb(model.named_parameters(), implementation=impl, use_ema=True, learning_rate=0.02)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(5)
+    snapshot = None
+    for step in range(8):
+        if step == 1:  # new storage for a parameter (as `p.data = ...` does), non-contiguous at that
+            params[0].data = (params[0].detach().t().contiguous() * 1.5).t()
+        if step == 2:  # contiguous again (the kernel's again), and a parameter without a gradient
+            params[0].data = params[0].detach().contiguous()
+            params[1].requires_grad_(False)
+        if step == 3:
+            params[1].requires_grad_(True)
+        if step == 4:
+            opt.param_groups[0]["weight_decay"] = 0.2  # decay switched on after construction
+            snapshot = copy.deepcopy(opt.state_dict())
+        if step == 5:
+            opt.exclude_from_weight_decay(var_names=["bias"])
+        if step == 6:  # back to an earlier state, in the same optimizer (new state tensors)
+            opt.load_state_dict(snapshot)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 0.1 if p.requires_grad else None
+        if rebuild_every_step:
+            opt._layout = None
+        opt.step()
+    return [p.detach().clone() for p in params] + [opt.state[p]["average"] for p in params]
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_cached_layout_follows_structural_changes(impl):
+    got, want = _layout_scenario(impl), _layout_scenario(impl, rebuild_every_step=True)
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x, y)
+    reference = _layout_scenario("reference", rebuild_every_step=True)
+    for x, y in zip(got, reference, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_layout_is_reused_while_nothing_changes():
+    model = _model()
+    opt = Lamb(model.parameters())
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        layout = opt._layout
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # new gradient tensors: the layout holds
+    opt.step()
+    assert opt._layout is layout
+    next(model.parameters()).grad = None
+    opt.step()
+    assert opt._layout is not layout
