@@ -25,6 +25,8 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert case["peak_rss_mb"] > 0
     ratios = {r["name"]: r["ratio_vs_adamw_fused"] for r in case["rows"]}
     assert ratios["adamw-fused"] == 1.0
+    floor = {r["name"]: r["ratio_vs_floor"] for r in case["rows"]}
+    assert floor["floor"] == pytest.approx(1.0) and all(v > 0 for v in floor.values())
 
 
 def test_bench_rejects_unknown_row() -> None:

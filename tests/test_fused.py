@@ -219,3 +219,16 @@ def test_mismatched_sizes_raise_before_the_kernel_runs() -> None:
     with pytest.raises(ValueError, match="sizes"):
         fused.fused_lamb_update(ps, gs, ms, vs, sc, decay_mask=[False] * len(SHAPES))
     assert all(torch.equal(a, b) for a, b in zip(ps, before, strict=True))
+
+
+def test_floor_stream_moves_bytes_without_changing_parameters() -> None:
+    ps, gs, _, _ = _bucket(5)
+    before = [p.clone() for p in ps]
+    scratch = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+    bucket = fused.KernelBucket(*scratch, decay_mask=[False] * len(ps))
+    for _ in range(3):
+        bucket.stream(ps, gs)
+    for p, b, g, m, v in zip(ps, before, gs, *scratch, strict=True):
+        assert torch.equal(p, b)
+        torch.testing.assert_close(m, 3 * g)  # the momentums saw every gradient: pass 1 ran over all of it
+        assert torch.equal(v, -m)

@@ -23,7 +23,8 @@
  * elements), so that pass 2 finds the segment still in cache; it forms the trust ratios itself.
  * lamb_pass1 / lamb_pass2 are the same passes over the whole bucket, for sharded tensors whose
  * squared norms must be summed across ranks (in torch) between the passes.
- * lamb_grad_sums (the clipping norms), lamb_accumulate and lamb_ema are single passes.
+ * lamb_grad_sums (the clipping norms), lamb_accumulate and lamb_ema are single passes; lamb_stream
+ * moves lamb_fused's bytes in lamb_fused's order with no arithmetic (the benchmark's floor).
  *
  * The float32 forms follow torch_lamb.functional.lamb_update; lerp is torch's vectorised form
  * fma(w, end - start, start) for |w| < 0.5, else fma(w - 1, end - start, end).
@@ -241,7 +242,30 @@ static void gather_sums(const Bucket *b, const int64_t *starts, const double *pa
     }
 }
 
-int lamb_fused(const Bucket *b) {
+/* The memory traffic of the two passes with no LAMB arithmetic: the benchmark's floor. */
+static void stream1_block(const Bucket *b, Span s, double *out) {
+    const float *restrict pp = b->p[s.i] + s.off, *restrict gp = b->g[s.i] + s.off;
+    float *restrict mp = b->m[s.i] + s.off, *restrict vp = b->v[s.i] + s.off;
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < s.len; j++) {
+        mp[j] = mp[j] + gp[j];
+        vp[j] = vp[j] - gp[j];
+        total += pp[j];
+    }
+    out[0] = total;
+    out[1] = 0.0;
+}
+
+static void stream2_block(const Bucket *b, Span s, float scale) {
+    float *restrict pp = b->p[s.i] + s.off;
+    const float *restrict mp = b->m[s.i] + s.off, *restrict vp = b->v[s.i] + s.off;
+#pragma omp simd
+    for (int64_t j = 0; j < s.len; j++) pp[j] = pp[j] + scale * (mp[j] + vp[j]);
+}
+
+/* Both passes segment by segment (see the header); `stream` runs the floor's bodies instead. */
+static int run_segments(const Bucket *b, int stream) {
     int64_t *starts = build_blocks(b);
     double *part = starts ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
     int64_t *segs = part ? malloc(sizeof(int64_t) * (b->n + 1)) : NULL;
@@ -265,17 +289,20 @@ int lamb_fused(const Bucket *b) {
     for (int64_t sg = 0; sg < nseg; sg++) {
         const int64_t t0 = segs[sg], t1 = segs[sg + 1];
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t blk = starts[t0]; blk < starts[t1]; blk++)
-            pass1_block(b, block_span(b, starts, blk), part + 2 * blk);
+        for (int64_t blk = starts[t0]; blk < starts[t1]; blk++) {
+            const Span s = block_span(b, starts, blk);
+            if (stream) stream1_block(b, s, part + 2 * blk); else pass1_block(b, s, part + 2 * blk);
+        }
 #pragma omp single
         {
             gather_sums(b, starts, part, t0, t1);
-            for (int64_t i = t0; i < t1; i++) b->ratios[i] = ratio_of(b, i, b->sums[i], b->sums[b->n + i]);
+            for (int64_t i = t0; i < t1; i++)
+                b->ratios[i] = stream ? 0.0f : ratio_of(b, i, b->sums[i], b->sums[b->n + i]);
         }
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t blk = starts[t0]; blk < starts[t1]; blk++) {
             const Span s = block_span(b, starts, blk);
-            pass2_block(b, s, b->ratios[s.i] * b->lr);
+            if (stream) stream2_block(b, s, b->ratios[s.i]); else pass2_block(b, s, b->ratios[s.i] * b->lr);
         }
     }
     free(segs);
@@ -283,6 +310,10 @@ int lamb_fused(const Bucket *b) {
     free(starts);
     return 0;
 }
+
+int lamb_fused(const Bucket *b) { return run_segments(b, 0); }
+
+int lamb_stream(const Bucket *b) { return run_segments(b, 1); }
 
 int lamb_pass1(const Bucket *b) {
     int64_t *starts = build_blocks(b);

@@ -77,7 +77,9 @@ class _Bucket(ctypes.Structure):
     ]
 
 
-_ENTRY_POINTS = ("lamb_fused", "lamb_pass1", "lamb_pass2", "lamb_grad_sums", "lamb_accumulate", "lamb_ema")
+_ENTRY_POINTS = (
+    "lamb_fused", "lamb_pass1", "lamb_pass2", "lamb_grad_sums", "lamb_accumulate", "lamb_ema", "lamb_stream",
+)
 
 
 @dataclass
@@ -318,6 +320,17 @@ class KernelBucket:
             b.loss_scale = loss_scale
         _run("lamb_accumulate", b)
 
+
+    def stream(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """The benchmark's floor: the update's passes, segments and bytes, without the arithmetic.
+
+        Adds g to the momentums and subtracts it from the velocities (the bucket's own scratch
+        state, not an optimizer's); the parameters are rewritten unchanged.
+        """
+        b, _keep = self._struct(params, grads)
+        sums, ratios = torch.empty(2 * self.n, dtype=torch.float64), torch.empty(self.n, dtype=torch.float32)
+        b.sums, b.ratios, b.segment = sums.data_ptr(), ratios.data_ptr(), max(1, _SEGMENT_BYTES // 16)
+        _run("lamb_stream", b)
 
     def ema(self, params: Sequence[Tensor], weight: float) -> None:
         """``avg = lerp(avg, p, weight)`` over the bucket's averages, in one pass."""
