@@ -20,7 +20,9 @@
  * m, v and sums w'^2 and u^2 (in double, per block); pass 2 recomputes u and writes p.
  *
  * lamb_fused runs both passes segment by segment (consecutive tensors of about `segment`
- * elements), so that pass 2 finds the segment still in cache; it forms the trust ratios itself.
+ * elements), so that pass 2 finds the segment still in cache, and runs pass 2 backwards, so that
+ * even a segment larger than the cache starts on the blocks pass 1 touched last; it forms the
+ * trust ratios itself.
  * lamb_pass1 / lamb_pass2 are the same passes over the whole bucket, for sharded tensors whose
  * squared norms must be summed across ranks (in torch) between the passes.
  * lamb_grad_sums (the clipping norms), lamb_accumulate and lamb_ema are single passes; lamb_stream
@@ -300,8 +302,8 @@ static int run_segments(const Bucket *b, int stream) {
                 b->ratios[i] = stream ? 0.0f : ratio_of(b, i, b->sums[i], b->sums[b->n + i]);
         }
 #pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t blk = starts[t0]; blk < starts[t1]; blk++) {
-            const Span s = block_span(b, starts, blk);
+        for (int64_t k = starts[t0]; k < starts[t1]; k++) { /* backwards: the last blocks are still cached */
+            const Span s = block_span(b, starts, starts[t1] - 1 - (k - starts[t0]));
             if (stream) stream2_block(b, s, b->ratios[s.i]); else pass2_block(b, s, b->ratios[s.i] * b->lr);
         }
     }
