@@ -51,8 +51,9 @@ def _compare(steps: int = 12, none_every: int = 0, seed: int = 0, **kwargs) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Keras warns about None gradients
         expected = ko.run_keras(NAMES, init, grads, **kwargs)
-    actual = ko.run_torch(NAMES, init, grads, **kwargs)
-    ko.assert_trajectories_close(actual, expected)
+    for implementation in ("fused", "foreach", "reference"):  # every path against the one Keras run
+        actual = ko.run_torch(NAMES, init, grads, implementation=implementation, **kwargs)
+        ko.assert_trajectories_close(actual, expected)
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
