@@ -12,7 +12,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -97,6 +97,16 @@ class _Bucket:
     mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from `params` (masters)
     owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
     pipeline: GradientPipeline | None = None  # set when the fused kernel forms the gradients itself
+
+
+class _Layout(NamedTuple):
+    """The buckets of the last step, and what must still hold for the next step to reuse them."""
+
+    key: tuple[Any, ...]  # which params have gradients; per group, weight decay off and layer adaptation
+    params: list[Tensor]  # every parameter, in group order
+    buckets: list[_Bucket]
+    pointers: list[list[int]]  # per bucket, the data pointers of the tensors it updates
+    shapes: list[list[torch.Size]]
 
 
 class Lamb(TrustRatioTelemetry, Optimizer):
@@ -232,7 +242,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._adapt_exclusion: tuple[frozenset[int], re.Pattern[str] | None] = (frozenset(), None)
         self._iterations = 0
         self._state_complete = False
-        self._layout: tuple[Any, ...] | None = None  # the cached bucket layout (see `_buckets`)
+        self._layout: _Layout | None = None  # the cached bucket layout (see `_buckets`)
         self.name = name if name is not None else _auto_name()
 
         initial_lr = float(learning_rate) if not callable(learning_rate) else 0.0
@@ -585,22 +595,22 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self.implementation,
         )
         layout = self._layout
-        if layout is None or layout[0] != key or not all(map(operator.is_, layout[1], params)) or any(
-            b.dtensor or [t.data_ptr() for t in b.params] != ptrs or [t.shape for t in b.params] != shapes
-            for b, ptrs, shapes in layout[3]
+        if (
+            layout is None or layout.key != key or not all(map(operator.is_, layout.params, params))
+            # new storage (``p.data = ...``) or shape; DTensor buckets are rebuilt every step (FSDP may swap
+            # local tensors)
+            or any(b.dtensor or [t.data_ptr() for t in b.params] != ptrs or [t.shape for t in b.params] != shapes
+                   for b, ptrs, shapes in zip(layout.buckets, layout.pointers, layout.shapes))
         ):
             buckets = self._build_buckets()
-            checks = [(b, [t.data_ptr() for t in b.params], [t.shape for t in b.params]) for b in buckets]
-            layout = self._layout = (key, params, buckets, checks)
-        buckets = layout[2]
+            layout = self._layout = _Layout(
+                key, params, buckets, [[t.data_ptr() for t in b.params] for b in buckets],
+                [[t.shape for t in b.params] for b in buckets],
+            )
+        buckets = layout.buckets
         for b in buckets:
             b.work, b.owned, b.pipeline = [], False, None
-            if b.dtensor:
-                b.params = [local(self.state[p][MASTER]) if MASTER in self.state[p] else local(p) for p in b.owners]
-                b.mirrors = [local(p) for p in b.owners] if b.mirrors else []
-                b.grads = [local(p.grad) for p in b.owners]
-            else:
-                b.grads = [p.grad for p in b.owners]
+            b.grads = [local(p.grad) for p in b.owners] if b.dtensor else [p.grad for p in b.owners]
         return buckets
 
     def _build_buckets(self) -> list[_Bucket]:
@@ -715,7 +725,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         momentum = ema_momentum_at(iterations, self.ema_momentum)
         if not updated:
             for b in buckets:
-                if id(b.owners[0]) in fusing:
+                if b.pipeline is not None:
                     b.kernel.ema(b.params, ema_weight(momentum))
         params = self._all_params()
         overwrite = should_overwrite(iterations, self.ema_overwrite_frequency)
