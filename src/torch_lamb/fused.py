@@ -22,6 +22,7 @@ semantics; :func:`kernel_supports` says which.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import os
@@ -59,15 +60,13 @@ _SEGMENT_BYTES = 8 << 20  # pass 2 re-reads a segment of this many bytes (all st
 F_DECAY, F_ADAPTIVE_DECAY, F_MIN_RATIO, F_MAX_RATIO = 1, 2, 4, 8
 F_LOSS_SCALE, F_ACCUMULATE, F_CLIPVALUE, F_CLIP_FACTORS, F_EMA = 16, 32, 64, 128, 256
 
-_PP = ctypes.POINTER(ctypes.c_void_p)
-
 
 class _Bucket(ctypes.Structure):
     """The kernel's ``Bucket`` (field for field)."""
 
     _fields_ = [
         ("n", ctypes.c_int64),
-        *[(name, _PP) for name in ("p", "g", "m", "v", "acc", "avg")],
+        *[(name, ctypes.c_void_p) for name in ("p", "g", "m", "v", "acc", "avg")],  # arrays of data pointers
         *[(name, ctypes.c_void_p) for name in
           ("sizes", "decay_mask", "adapt_mask", "clip_factors", "scale", "sums", "ratios")],
         *[(name, ctypes.c_int64) for name in ("flags", "nthreads", "segment")],
@@ -177,8 +176,13 @@ def kernel_supports(*tensor_lists: Sequence[Tensor]) -> bool:
     return True
 
 
-def _ptrs(tensors: Sequence[Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+def _ptrs(tensors: Sequence[Tensor]) -> array.array:
+    """The tensors' data pointers as a C array of int64 (``_addr`` gives its address)."""
+    return array.array("q", [t.data_ptr() for t in tensors])
+
+
+def _addr(pointers: array.array) -> int:
+    return pointers.buffer_info()[0]
 
 
 def _threads(numel: int) -> int:
@@ -218,8 +222,7 @@ class KernelBucket:
     def _struct(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[_Bucket, list[object]]:
         b = _Bucket()
         keep: list[object] = [_ptrs(params), _ptrs(grads)]
-        b.n, b.p, b.g = self.n, ctypes.cast(keep[0], _PP), ctypes.cast(keep[1], _PP)
-        b.m, b.v = ctypes.cast(self.m, _PP), ctypes.cast(self.v, _PP)
+        b.n, b.p, b.g, b.m, b.v = self.n, _addr(keep[0]), _addr(keep[1]), _addr(self.m), _addr(self.v)
         b.sizes, b.decay_mask = self.sizes.data_ptr(), self.decay_mask.data_ptr()
         if self.adapt_mask is not None:
             b.adapt_mask = self.adapt_mask.data_ptr()
@@ -237,7 +240,7 @@ class KernelBucket:
                 raise ValueError("GradientPipeline: accumulation needs the bucket's accumulators.")
             b.flags |= F_ACCUMULATE
             b.accumulation_steps = pipe.accumulation_steps
-            b.acc = ctypes.cast(self.acc, _PP)
+            b.acc = _addr(self.acc)
         if pipe.clipvalue is not None and pipe.clip_factors is not None:
             raise ValueError("GradientPipeline: give `clipvalue` or `clip_factors`, not both.")
         if pipe.clipvalue is not None:
@@ -282,7 +285,7 @@ class KernelBucket:
                 raise ValueError("MovingAverage: the bucket was built without averages.")
             b.flags |= F_EMA
             b.ema_weight = average.weight
-            b.avg = ctypes.cast(self.avg, _PP)
+            b.avg = _addr(self.avg)
         sums = torch.empty(2 * n, dtype=torch.float64)
         b.sums = sums.data_ptr()
         if reduce is None:
@@ -314,7 +317,7 @@ class KernelBucket:
     def accumulate(self, grads: Sequence[Tensor], loss_scale: float | None) -> None:
         """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
         b, _keep = self._struct(grads, grads)
-        b.acc = ctypes.cast(self.acc, _PP)
+        b.acc = _addr(self.acc)
         if loss_scale is not None:
             b.flags |= F_LOSS_SCALE
             b.loss_scale = loss_scale
@@ -335,7 +338,7 @@ class KernelBucket:
     def ema(self, params: Sequence[Tensor], weight: float) -> None:
         """``avg = lerp(avg, p, weight)`` over the bucket's averages, in one pass."""
         b, _keep = self._struct(params, params)
-        b.avg, b.ema_weight = ctypes.cast(self.avg, _PP), weight
+        b.avg, b.ema_weight = _addr(self.avg), weight
         _run("lamb_ema", b)
 
 
@@ -392,6 +395,6 @@ def fused_ema(averages: Sequence[Tensor], params: Sequence[Tensor], weight: floa
     b = _Bucket()
     sizes = torch.tensor([a.numel() for a in averages], dtype=torch.int64)
     keep = [_ptrs(params), _ptrs(averages)]
-    b.n, b.p, b.avg = len(averages), ctypes.cast(keep[0], _PP), ctypes.cast(keep[1], _PP)
+    b.n, b.p, b.avg = len(averages), _addr(keep[0]), _addr(keep[1])
     b.sizes, b.nthreads, b.ema_weight = sizes.data_ptr(), _threads(int(sizes.sum())), weight
     _run("lamb_ema", b)

@@ -91,6 +91,7 @@ class _Bucket:
     reduce: Reducer | None = None  # sums local squared norms across shards (None: whole tensors)
     names: list[str] = field(default_factory=list)
     owners: list[Tensor] = field(default_factory=list)  # the parameters themselves (keys of `state`)
+    indices: list[int] = field(default_factory=list)  # their positions among all parameters, in group order
     dtensor: bool = False  # DTensor parameters: locals and local gradients are re-read every step
     kernel: fused.KernelBucket | None = None  # the fused kernel's static view, when it covers the layout
     work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
@@ -454,12 +455,14 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         n = self.gradient_accumulation_steps
         updating = not n or (raw_it + 1) % n == 0
         iterations = raw_it // n if n else raw_it
-        self._check_grads()
+        params = self._all_params()
+        all_grads = [p.grad for p in params]
+        self._check_grads(params, all_grads)
         betas: dict[int, tuple[float, float]] = {}
         scalars = self._group_scalars(raw_it, iterations + 1, betas) if updating else None
 
         self._ensure_state()
-        buckets = self._buckets()
+        buckets = self._buckets(params, all_grads)
         guard = self._guard
         if guard is not None:  # skip_nonfinite: finite copies of the gradients, a device-side flag
             for b, grads in zip(buckets, guard.check([b.grads for b in buckets], [b.reduce for b in buckets])):
@@ -531,11 +534,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
     # ------------------------------------------------------------------ step stages
 
-    def _check_grads(self) -> None:
-        params = [p for p in self._all_params() if p.grad is not None]
-        if not params:
+    def _check_grads(self, params: list[Tensor], grads: list[Tensor | None]) -> None:
+        missing = [g is None for g in grads]
+        if all(missing):
             raise ValueError("No gradients provided for any parameter.")
-        grads = [p.grad for p in params]
+        if any(missing):
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
         if (
             not any([g.is_sparse for g in grads])
             and [g.shape for g in grads] == [p.shape for p in params]
@@ -585,10 +590,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 group["lr"] = lr
         return out
 
-    def _buckets(self) -> list[_Bucket]:
-        """This step's buckets: the cached layout (rebuilt when it no longer holds), with gradients."""
-        params = self._all_params()
-        grads = [p.grad for p in params]
+    def _buckets(self, params: list[Tensor], grads: list[Tensor | None]) -> list[_Bucket]:
+        """This step's buckets: the cached layout (rebuilt when it no longer holds), with gradients.
+
+        ``params`` is every parameter in group order and ``grads`` their ``.grad``.
+        """
         key = (
             tuple([g is None for g in grads]),
             tuple([(g["weight_decay"] is None, g["layer_adaptation"]) for g in self.param_groups]),
@@ -610,16 +616,18 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         buckets = layout.buckets
         for b in buckets:
             b.work, b.owned, b.pipeline = [], False, None
-            b.grads = [local(p.grad) for p in b.owners] if b.dtensor else [p.grad for p in b.owners]
+            b.grads = [local(grads[i]) for i in b.indices] if b.dtensor else [grads[i] for i in b.indices]
         return buckets
 
     def _build_buckets(self) -> list[_Bucket]:
         buckets: dict[tuple[Any, ...], _Bucket] = {}
+        position = -1
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             excluded = group[DECAY_EXCLUDED]
             fixed = [not group["layer_adaptation"] or e for e in group[ADAPT_EXCLUDED]]  # ratio 1
             for i, p in enumerate(group["params"]):
+                position += 1
                 if p.grad is None:
                     continue
                 key = (gi, p.device, p.dtype, reducer_key(p))
@@ -645,6 +653,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 b.decay_mask.append(group["weight_decay"] is not None and not excluded[i])
                 b.names.append(names[i] if names else f"{gi}.{i}")
                 b.owners.append(p)
+                b.indices.append(position)
         kernel = self.implementation == "fused" and self._guard is None and fused.available()
         for b in buckets.values():
             if kernel and not b.mirrors and fused.kernel_supports(
