@@ -317,7 +317,12 @@ int lamb_fused(const Bucket *b) { return run_segments(b, 0); }
 
 int lamb_stream(const Bucket *b) { return run_segments(b, 1); }
 
-int lamb_pass1(const Bucket *b) {
+/* ---------------------------------------------------------------- single passes */
+
+typedef void (*BlockFn)(const Bucket *b, Span s, double *out);
+
+/* Run `fn` over every block on b->nthreads threads; with `sums`, gather its partial sums into b->sums. */
+static int run_blocks(const Bucket *b, BlockFn fn, int sums) {
     int64_t *starts = build_blocks(b);
     double *part = starts ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
     if (!part) {
@@ -325,24 +330,16 @@ int lamb_pass1(const Bucket *b) {
         return -1;
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(b->nthreads)
-    for (int64_t blk = 0; blk < starts[b->n]; blk++)
-        pass1_block(b, block_span(b, starts, blk), part + 2 * blk);
-    gather_sums(b, starts, part, 0, b->n);
+    for (int64_t blk = 0; blk < starts[b->n]; blk++) fn(b, block_span(b, starts, blk), part + 2 * blk);
+    if (sums) gather_sums(b, starts, part, 0, b->n);
     free(part);
     free(starts);
     return 0;
 }
 
-int lamb_pass2(const Bucket *b) {
-    int64_t *starts = build_blocks(b);
-    if (!starts) return -1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(b->nthreads)
-    for (int64_t blk = 0; blk < starts[b->n]; blk++) {
-        const Span s = block_span(b, starts, blk);
-        pass2_block(b, s, b->scale[s.i]);
-    }
-    free(starts);
-    return 0;
+static void scaled_pass2_block(const Bucket *b, Span s, double *out) {
+    (void)out;
+    pass2_block(b, s, b->scale[s.i]);
 }
 
 INLINE double grad_sum_impl(const Bucket *b, Span s, int gflags) {
@@ -362,30 +359,14 @@ INLINE double grad_sum_impl(const Bucket *b, Span s, int gflags) {
     return total;
 }
 
-/* Squared norms of the gradients the update would use before norm clipping, into sums[0, n). */
-int lamb_grad_sums(const Bucket *b) {
-    int64_t *starts = build_blocks(b);
-    double *part = starts ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
-    if (!part) {
-        free(starts);
-        return -1;
+static void grad_sum_block(const Bucket *b, Span s, double *out) {
+    switch (b->flags & (F_LOSS_SCALE | F_ACCUMULATE)) {
+        case 0: out[0] = grad_sum_impl(b, s, 0); break;
+        case F_LOSS_SCALE: out[0] = grad_sum_impl(b, s, F_LOSS_SCALE); break;
+        case F_ACCUMULATE: out[0] = grad_sum_impl(b, s, F_ACCUMULATE); break;
+        default: out[0] = grad_sum_impl(b, s, F_LOSS_SCALE | F_ACCUMULATE);
     }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(b->nthreads)
-    for (int64_t blk = 0; blk < starts[b->n]; blk++) {
-        const Span s = block_span(b, starts, blk);
-        double *out = part + 2 * blk;
-        switch (b->flags & (F_LOSS_SCALE | F_ACCUMULATE)) {
-            case 0: out[0] = grad_sum_impl(b, s, 0); break;
-            case F_LOSS_SCALE: out[0] = grad_sum_impl(b, s, F_LOSS_SCALE); break;
-            case F_ACCUMULATE: out[0] = grad_sum_impl(b, s, F_ACCUMULATE); break;
-            default: out[0] = grad_sum_impl(b, s, F_LOSS_SCALE | F_ACCUMULATE);
-        }
-        out[1] = 0.0;
-    }
-    gather_sums(b, starts, part, 0, b->n);
-    free(part);
-    free(starts);
-    return 0;
+    out[1] = 0.0;
 }
 
 INLINE void accumulate_impl(const Bucket *b, Span s, int scaled) {
@@ -396,32 +377,31 @@ INLINE void accumulate_impl(const Bucket *b, Span s, int scaled) {
     for (int64_t j = 0; j < s.len; j++) ap[j] = ap[j] + (scaled ? gp[j] / ls : gp[j]);
 }
 
-/* acc += g (/ loss_scale): a micro-step of gradient accumulation. */
-int lamb_accumulate(const Bucket *b) {
-    int64_t *starts = build_blocks(b);
-    if (!starts) return -1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(b->nthreads)
-    for (int64_t blk = 0; blk < starts[b->n]; blk++) {
-        const Span s = block_span(b, starts, blk);
-        if (b->flags & F_LOSS_SCALE) accumulate_impl(b, s, 1); else accumulate_impl(b, s, 0);
-    }
-    free(starts);
-    return 0;
+static void accumulate_block(const Bucket *b, Span s, double *out) {
+    (void)out;
+    if (b->flags & F_LOSS_SCALE) accumulate_impl(b, s, 1); else accumulate_impl(b, s, 0);
 }
 
-/* avg = lerp(avg, p, ema_weight): the moving average on a call that does not update p. */
-int lamb_ema(const Bucket *b) {
-    int64_t *starts = build_blocks(b);
-    if (!starts) return -1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(b->nthreads)
-    for (int64_t blk = 0; blk < starts[b->n]; blk++) {
-        const Span s = block_span(b, starts, blk);
-        float *restrict avp = b->avg[s.i] + s.off;
-        const float *restrict pp = b->p[s.i] + s.off;
-        const Lerp le = lerp_weight(b->ema_weight);
+static void ema_block(const Bucket *b, Span s, double *out) {
+    (void)out;
+    float *restrict avp = b->avg[s.i] + s.off;
+    const float *restrict pp = b->p[s.i] + s.off;
+    const Lerp le = lerp_weight(b->ema_weight);
 #pragma omp simd
-        for (int64_t j = 0; j < s.len; j++) avp[j] = lerp(le, avp[j], pp[j]);
-    }
-    free(starts);
-    return 0;
+    for (int64_t j = 0; j < s.len; j++) avp[j] = lerp(le, avp[j], pp[j]);
 }
+
+/* Pass 1 over the whole bucket (squared norms into b->sums, for a reduce across ranks). */
+int lamb_pass1(const Bucket *b) { return run_blocks(b, pass1_block, 1); }
+
+/* Pass 2 over the whole bucket with the per-tensor ratio * lr in b->scale. */
+int lamb_pass2(const Bucket *b) { return run_blocks(b, scaled_pass2_block, 0); }
+
+/* Squared norms of the gradients the update would use before norm clipping, into sums[0, n). */
+int lamb_grad_sums(const Bucket *b) { return run_blocks(b, grad_sum_block, 1); }
+
+/* acc += g (/ loss_scale): a micro-step of gradient accumulation. */
+int lamb_accumulate(const Bucket *b) { return run_blocks(b, accumulate_block, 0); }
+
+/* avg = lerp(avg, p, ema_weight): the moving average on a call that does not update p. */
+int lamb_ema(const Bucket *b) { return run_blocks(b, ema_block, 0); }

@@ -87,6 +87,7 @@ class GradientPipeline:
 
     ``t = g / loss_scale``; ``t = (acc + t) / accumulation_steps`` (then ``acc`` is zeroed);
     ``t = clamp(t, -clipvalue, clipvalue)``; ``t = t * clip_factors[i]`` (clipnorm, global_clipnorm).
+    ``accumulators`` is read by :func:`fused_lamb_update`; a :class:`KernelBucket` uses its own.
     """
 
     loss_scale: float | None = None
@@ -232,9 +233,7 @@ class KernelBucket:
     def _pipeline(self, b: _Bucket, keep: list[object], pipe: GradientPipeline | None) -> None:
         if pipe is None:
             return
-        if pipe.loss_scale is not None:
-            b.flags |= F_LOSS_SCALE
-            b.loss_scale = pipe.loss_scale
+        _options(b, (F_LOSS_SCALE, "loss_scale", pipe.loss_scale), (F_CLIPVALUE, "clipvalue", pipe.clipvalue))
         if pipe.accumulation_steps is not None:
             if self.acc is None:
                 raise ValueError("GradientPipeline: accumulation needs the bucket's accumulators.")
@@ -243,9 +242,6 @@ class KernelBucket:
             b.acc = _addr(self.acc)
         if pipe.clipvalue is not None and pipe.clip_factors is not None:
             raise ValueError("GradientPipeline: give `clipvalue` or `clip_factors`, not both.")
-        if pipe.clipvalue is not None:
-            b.flags |= F_CLIPVALUE
-            b.clipvalue = pipe.clipvalue
         if pipe.clip_factors is not None:
             factors = pipe.clip_factors.to(torch.float32).expand(self.n).contiguous()
             keep.append(factors)
@@ -267,18 +263,8 @@ class KernelBucket:
         b, keep = self._struct(params, grads)
         b.beta_1c, b.beta_2c, b.eps, b.lr = s.one_minus_beta_1, s.one_minus_beta_2, s.epsilon, s.lr
         b.bc1, b.bc2 = s.bias_correction_1, s.bias_correction_2
-        if s.decay_factor is not None:
-            b.flags |= F_DECAY
-            b.decay = s.decay_factor
-        if s.adaptive_weight_decay is not None:
-            b.flags |= F_ADAPTIVE_DECAY
-            b.adaptive_decay = s.adaptive_weight_decay
-        if s.min_trust_ratio is not None:
-            b.flags |= F_MIN_RATIO
-            b.min_ratio = s.min_trust_ratio
-        if s.max_trust_ratio is not None:
-            b.flags |= F_MAX_RATIO
-            b.max_ratio = s.max_trust_ratio
+        _options(b, (F_DECAY, "decay", s.decay_factor), (F_ADAPTIVE_DECAY, "adaptive_decay", s.adaptive_weight_decay),
+                 (F_MIN_RATIO, "min_ratio", s.min_trust_ratio), (F_MAX_RATIO, "max_ratio", s.max_trust_ratio))
         self._pipeline(b, keep, pipeline)
         if average is not None:
             if self.avg is None:
@@ -318,9 +304,7 @@ class KernelBucket:
         """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
         b, _keep = self._struct(grads, grads)
         b.acc = _addr(self.acc)
-        if loss_scale is not None:
-            b.flags |= F_LOSS_SCALE
-            b.loss_scale = loss_scale
+        _options(b, (F_LOSS_SCALE, "loss_scale", loss_scale))
         _run("lamb_accumulate", b)
 
 
@@ -340,6 +324,14 @@ class KernelBucket:
         b, _keep = self._struct(params, params)
         b.avg, b.ema_weight = _addr(self.avg), weight
         _run("lamb_ema", b)
+
+
+def _options(b: _Bucket, *options: tuple[int, str, float | None]) -> None:
+    """For each ``(flag, field, value)`` with a value: set the flag and the field."""
+    for flag, name, value in options:
+        if value is not None:
+            b.flags |= flag
+            setattr(b, name, value)
 
 
 def _run(name: str, b: _Bucket) -> None:
