@@ -506,11 +506,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 group_scalars = scalars[id(b.group)]
                 if guard is not None:
                     group_scalars = guard.scalars(group_scalars, *betas[id(b.group)], like=b.momentums[0])
-                if b.pipeline is not None:
-                    average = MovingAverage(b.averages, ema_weight(ema_momentum_at(iterations, self.ema_momentum)))
+                if b.pipeline is not None:  # the kernel: pipeline in pass 1, EMA in pass 2
+                    weight = ema_weight(ema_momentum_at(iterations, self.ema_momentum))
                     stats = b.kernel.update(
                         b.params, b.grads, group_scalars, reduce=b.reduce, pipeline=b.pipeline,
-                        average=average if self.use_ema else None,
+                        average=MovingAverage(b.averages, weight) if self.use_ema else None,
                     )
                 else:
                     stats = update(
