@@ -232,3 +232,14 @@ def test_floor_stream_moves_bytes_without_changing_parameters() -> None:
         assert torch.equal(p, b)
         torch.testing.assert_close(m, 3 * g)  # the momentums saw every gradient: pass 1 ran over all of it
         assert torch.equal(v, -m)
+
+
+def test_cache_is_per_cpu(tmp_path, monkeypatch) -> None:
+    """A cache dir shared between machines (an NFS home) keeps one build per CPU model and features."""
+    monkeypatch.setenv("TORCH_LAMB_CACHE_DIR", str(tmp_path))
+    for cpu in ("cpu-a avx2", "cpu-b avx2 avx512f", "cpu-a avx2"):
+        monkeypatch.setattr(fused, "_lib", None)
+        monkeypatch.setattr(fused, "_failed", None)
+        monkeypatch.setattr(fused, "_cpu_identity", lambda cpu=cpu: cpu)
+        assert fused.load_kernel() is not None
+    assert len(list(tmp_path.glob("lamb_kernel_*.so"))) == 2

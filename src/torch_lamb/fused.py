@@ -2,8 +2,9 @@
 
 The kernel (``_lamb_kernel.c`` beside this file) is compiled with the system C compiler
 (``$CC`` or ``gcc``; ``-O3 -march=native -fopenmp``) the first time it is needed, and cached by
-source hash under ``${TORCH_LAMB_CACHE_DIR:-~/.cache/torch_lamb}`` (written to a temporary name
-then renamed, so concurrent processes are safe). Nothing is compiled at import.
+hash of the source, compiler, flags and CPU under ``${TORCH_LAMB_CACHE_DIR:-~/.cache/torch_lamb}``
+(written to a temporary name then renamed, so concurrent processes are safe). Nothing is compiled at
+import.
 
 Pass 1 reads p, g, m, v, writes m, v and sums ``||w||^2`` and ``||u||^2`` per tensor in double;
 pass 2 re-forms u from the new m, v and writes p. Whole tensors run segment by segment (pass 2
@@ -26,6 +27,7 @@ import array
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -115,6 +117,17 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
 
 
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags: ``-march=native`` code is cached per CPU, so a cache dir
+    shared between machines (an NFS home) never hands one an instruction set it lacks."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in f) if k.strip()}
+        return f"{lines.get('model name', '')} {lines.get('flags', lines.get('Features', ''))}"
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
 def _build(target: Path, cc: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -140,7 +153,8 @@ def load_kernel() -> ctypes.CDLL | None:
             cc = _compiler()
             if cc is None:
                 raise RuntimeError("no C compiler found (set $CC)")
-            key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+            recipe = " ".join([cc, *_FLAGS, _cpu_identity()]).encode()
+            key = hashlib.sha256(_SOURCE.read_bytes() + recipe).hexdigest()[:16]
             target = cache_dir() / f"lamb_kernel_{key}.so"
             if not target.exists():
                 _build(target, cc)
