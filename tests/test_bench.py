@@ -32,3 +32,15 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_rejects_unknown_row() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--case", "tiny", "--rows", "nope"])
+
+
+def test_bench_low_precision_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--case", "tiny", "--rounds", "1", "--threads", "1", "--dtype", "bfloat16",
+                       "--rows", "lamb-fused,lamb-fused-master,adamw-fused,floor", "--json"]) == 0
+    (case,) = json.loads(capsys.readouterr().out)["cases"]
+    assert case["dtype"] == "bfloat16"
+    rows = {r["name"]: r for r in case["rows"]}
+    assert set(rows) == {"lamb-fused", "lamb-fused-master", "adamw-fused"}  # the floor streams float32 only
+    assert rows["lamb-fused"]["bytes_per_param"] == 32 and rows["lamb-fused-master"]["bytes_per_param"] == 40
+    assert rows["adamw-fused"]["bytes_per_param"] == 14
+    assert bench.nominal_bytes("lamb-fused-all", bench.torch.float32) == bench.LAMB_ALL_BPP == 88

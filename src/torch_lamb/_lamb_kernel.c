@@ -1,4 +1,4 @@
-/* Fused LAMB step for float32 CPU tensors, with the Keras gradient pipeline folded in.
+/* Fused LAMB step for CPU tensors, with the Keras gradient pipeline folded in.
  *
  * Compiled at first use by torch_lamb.fused (gcc -O3 -march=native -fopenmp), loaded with ctypes.
  * No torch headers: a bucket of tensors arrives as a `Bucket` of raw float pointers (fused.py
@@ -30,16 +30,25 @@
  *
  * The float32 forms follow torch_lamb.functional.lamb_update; lerp is torch's vectorised form
  * fma(w, end - start, start) for |w| < 0.5, else fma(w - 1, end - start, end).
+ *
+ * State (m, v, acc, avg) is float32. Parameters and gradients may be bfloat16 or float16
+ * (p_dtype, g_dtype): they are widened to float32 a chunk at a time, all math is float32, and a
+ * low-precision p is rounded back once (round to nearest even, as torch rounds); the EMA of such a
+ * p follows the rounded value, as the foreach path's does. With master weights, p is the float32
+ * master and pass 2 also writes its low-precision copy (`mirror`).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 16384 /* elements per work item: 64 KiB per stream */
+#define CHUNK 1024  /* elements widened at a time for bfloat16/float16 tensors (a multiple of 64) */
 #define INLINE static inline __attribute__((always_inline))
 
 enum { F_DECAY = 1, F_ADAPTIVE_DECAY = 2, F_MIN_RATIO = 4, F_MAX_RATIO = 8, F_LOSS_SCALE = 16,
-       F_ACCUMULATE = 32, F_CLIPVALUE = 64, F_CLIP_FACTORS = 128, F_EMA = 256 };
+       F_ACCUMULATE = 32, F_CLIPVALUE = 64, F_CLIP_FACTORS = 128, F_EMA = 256, F_MIRROR = 512 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 #define GRAD_FLAGS (F_LOSS_SCALE | F_ACCUMULATE | F_CLIPVALUE | F_CLIP_FACTORS)
 
 typedef struct {
@@ -61,7 +70,80 @@ typedef struct {
     float decay, adaptive_decay; /* 1 - weight_decay * lr (decoupled), weight_decay (adaptive) */
     float lr, min_ratio, max_ratio;
     float loss_scale, accumulation_steps, clipvalue, ema_weight;
+    void **mirror;               /* F_MIRROR: low-precision parameters copied from the float32 p */
+    int64_t p_dtype, g_dtype, mirror_dtype;
 } Bucket;
+
+/* ---------------------------------------------------------------- low precision */
+
+INLINE float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+INLINE uint16_t f32_to_bf16(float f) { /* c10::BFloat16's round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint16_t rounded = (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : rounded;
+}
+
+#if defined(__FLT16_MANT_DIG__)
+INLINE float f16_to_f32(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, sizeof h);
+    return (float)x;
+}
+
+INLINE uint16_t f32_to_f16(float f) { /* IEEE round to nearest even, as c10::Half */
+    const _Float16 x = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &x, sizeof h);
+    return h;
+}
+
+int lamb_has_float16(void) { return 1; }
+#else
+INLINE float f16_to_f32(uint16_t h) { (void)h; return NAN; }
+INLINE uint16_t f32_to_f16(float f) { (void)f; return 0x7E00; }
+int lamb_has_float16(void) { return 0; } /* fused.py keeps float16 buckets on the foreach path */
+#endif
+
+/* n elements of a tensor of dtype `dt` from element `off`, as float32: the tensor itself when it
+ * is float32, else widened into buf. */
+static float *widen(int64_t dt, void *base, int64_t off, int64_t n, float *buf) {
+    if (dt == DT_F32) return (float *)base + off;
+    const uint16_t *h = (const uint16_t *)base + off;
+    if (dt == DT_BF16) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) buf[j] = bf16_to_f32(h[j]);
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) buf[j] = f16_to_f32(h[j]);
+    }
+    return buf;
+}
+
+/* Round n float32 values into a low-precision tensor from element `off`; buf takes the rounded
+ * values (widened back), so that what follows sees what the tensor holds. */
+static void narrow(int64_t dt, void *base, int64_t off, int64_t n, float *buf) {
+    uint16_t *h = (uint16_t *)base + off;
+    if (dt == DT_BF16) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            h[j] = f32_to_bf16(buf[j]);
+            buf[j] = bf16_to_f32(h[j]);
+        }
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            h[j] = f32_to_f16(buf[j]);
+            buf[j] = f16_to_f32(h[j]);
+        }
+    }
+}
 
 /* torch's lerp with a loop-invariant weight, split so that the element loop has no branch:
  * lerp(start, end) = fma(coef, end - start, small ? start : end). */
@@ -124,21 +206,28 @@ INLINE Span block_span(const Bucket *b, const int64_t *starts, int64_t blk) {
 
 /* ---------------------------------------------------------------- pass 1 */
 
-INLINE void pass1_impl(const Bucket *b, Span s, double *out, int gflags, int adaptive) {
-    const int64_t i = s.i;
-    float *restrict pp = b->p[i] + s.off, *restrict gp = b->g[i] + s.off;
-    float *restrict mp = b->m[i] + s.off, *restrict vp = b->v[i] + s.off;
-    float *restrict ap = (gflags & F_ACCUMULATE) ? b->acc[i] + s.off : NULL;
-    const int dec = b->decay_mask[i];
+/* A run of `len` elements of tensor i, as float32 pointers (widened copies for low precision;
+ * pass 2 writes p in place, into the copy for a low-precision p). */
+typedef struct {
+    int64_t i, len;
+    float *p;
+    const float *g;
+    float *acc, *m, *v, *avg;
+} Run;
+
+/* Pass 1 over a run; the squared sums are added to *ws and *us (float per 64 elements, then double). */
+INLINE void pass1_impl(const Bucket *b, Run r, double *ws, double *us, int gflags, int adaptive) {
+    const float *restrict pp = r.p, *restrict gp = r.g;
+    float *restrict ap = r.acc, *restrict mp = r.m, *restrict vp = r.v;
+    const int dec = b->decay_mask[r.i];
     const float df = ((b->flags & F_DECAY) && dec) ? b->decay : 1.0f;
     const float aw = b->adaptive_decay;
-    const float factor = (gflags & F_CLIP_FACTORS) ? b->clip_factors[i] : 1.0f;
+    const float factor = (gflags & F_CLIP_FACTORS) ? b->clip_factors[r.i] : 1.0f;
     const Lerp l1 = lerp_weight(b->beta_1c), l2 = lerp_weight(b->beta_2c);
     const float eps = b->eps;
     const float ibc1 = 1.0f / b->bc1, ibc2 = 1.0f / b->bc2;
-    double ws = 0.0, us = 0.0;
-    for (int64_t j0 = 0; j0 < s.len; j0 += 64) { /* float partial sums per 64 elements, then double */
-        const int64_t j1 = j0 + 64 < s.len ? j0 + 64 : s.len;
+    for (int64_t j0 = 0; j0 < r.len; j0 += 64) {
+        const int64_t j1 = j0 + 64 < r.len ? j0 + 64 : r.len;
         float wsf = 0.0f, usf = 0.0f;
 #pragma omp simd reduction(+ : wsf, usf)
         for (int64_t j = j0; j < j1; j++) {
@@ -154,21 +243,19 @@ INLINE void pass1_impl(const Bucket *b, Span s, double *out, int gflags, int ada
             wsf += w * w;
             usf += u * u;
         }
-        ws += wsf;
-        us += usf;
+        *ws += wsf;
+        *us += usf;
     }
-    out[0] = ws;
-    out[1] = us;
 }
 
 #define PASS1_CASE(GF)                                                  \
     case GF:                                                           \
-        if (adaptive) pass1_impl(b, s, out, GF, 1);                    \
-        else pass1_impl(b, s, out, GF, 0);                             \
+        if (adaptive) pass1_impl(b, r, ws, us, GF, 1);                 \
+        else pass1_impl(b, r, ws, us, GF, 0);                          \
         break;
 
-static void pass1_block(const Bucket *b, Span s, double *out) {
-    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && b->decay_mask[s.i];
+static void pass1_run(const Bucket *b, Run r, double *ws, double *us) {
+    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && b->decay_mask[r.i];
     switch (b->flags & GRAD_FLAGS) {
         PASS1_CASE(0)
         PASS1_CASE(F_LOSS_SCALE)
@@ -182,24 +269,58 @@ static void pass1_block(const Bucket *b, Span s, double *out) {
         PASS1_CASE(F_LOSS_SCALE | F_CLIP_FACTORS)
         PASS1_CASE(F_ACCUMULATE | F_CLIP_FACTORS)
         PASS1_CASE(F_LOSS_SCALE | F_ACCUMULATE | F_CLIP_FACTORS)
-        default: out[0] = out[1] = NAN; /* clipvalue with clip factors: rejected in fused.py */
+        default: *ws = *us = NAN; /* clipvalue with clip factors: rejected in fused.py */
     }
+}
+
+enum { RUN_P = 1, RUN_G = 2 };
+
+/* The run of tensor s.i from element `at`, `n` long, with p and g as `what` asks, widened into pbuf
+ * and gbuf where they are low precision (a float32 tensor is used in place, whatever n is). */
+INLINE Run make_run(const Bucket *b, Span s, int64_t at, int64_t n, float *pbuf, float *gbuf, int what) {
+    const int64_t i = s.i, o = s.off + at;
+    Run r = {i, n, NULL, NULL, NULL, NULL, NULL, NULL};
+    if (what & RUN_P) r.p = widen(b->p_dtype, b->p[i], o, n, pbuf);
+    if (what & RUN_G) r.g = widen(b->g_dtype, b->g[i], o, n, gbuf);
+    if (b->m) {
+        r.m = b->m[i] + o;
+        r.v = b->v[i] + o;
+    }
+    if (b->flags & F_ACCUMULATE) r.acc = b->acc[i] + o;
+    if (b->flags & F_EMA) r.avg = b->avg[i] + o;
+    return r;
+}
+
+INLINE int widens(const Bucket *b) { return b->p_dtype != DT_F32 || b->g_dtype != DT_F32; }
+
+static void pass1_block(const Bucket *b, Span s, double *out) {
+    double ws = 0.0, us = 0.0;
+    float pbuf[CHUNK], gbuf[CHUNK];
+    if (!widens(b)) {
+        pass1_run(b, make_run(b, s, 0, s.len, pbuf, gbuf, RUN_P | RUN_G), &ws, &us);
+    } else {
+        for (int64_t at = 0; at < s.len; at += CHUNK) {
+            const int64_t n = s.len - at < CHUNK ? s.len - at : CHUNK;
+            pass1_run(b, make_run(b, s, at, n, pbuf, gbuf, RUN_P | RUN_G), &ws, &us);
+        }
+    }
+    out[0] = ws;
+    out[1] = us;
 }
 
 /* ---------------------------------------------------------------- pass 2 */
 
-INLINE void pass2_impl(const Bucket *b, Span s, float scale, int adaptive, int ema) {
-    const int64_t i = s.i;
-    float *restrict pp = b->p[i] + s.off;
-    const float *restrict mp = b->m[i] + s.off, *restrict vp = b->v[i] + s.off;
-    float *restrict avp = ema ? b->avg[i] + s.off : NULL;
-    const int dec = b->decay_mask[i];
+INLINE void pass2_impl(const Bucket *b, Run r, float scale, int adaptive, int ema) {
+    float *restrict pp = r.p;
+    const float *restrict mp = r.m, *restrict vp = r.v;
+    float *restrict avp = r.avg;
+    const int dec = b->decay_mask[r.i];
     const float df = ((b->flags & F_DECAY) && dec) ? b->decay : 1.0f;
     const float aw = b->adaptive_decay, eps = b->eps;
     const Lerp le = lerp_weight(b->ema_weight);
     const float ibc1 = 1.0f / b->bc1, ibc2 = 1.0f / b->bc2;
 #pragma omp simd
-    for (int64_t j = 0; j < s.len; j++) {
+    for (int64_t j = 0; j < r.len; j++) {
         const float w = pp[j] * df;
         float u = (mp[j] * ibc1) / (sqrtf(vp[j] * ibc2) + eps);
         if (adaptive) u = u + aw * w;
@@ -209,12 +330,40 @@ INLINE void pass2_impl(const Bucket *b, Span s, float scale, int adaptive, int e
     }
 }
 
-static void pass2_block(const Bucket *b, Span s, float scale) {
-    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && b->decay_mask[s.i];
-    if (b->flags & F_EMA) {
-        if (adaptive) pass2_impl(b, s, scale, 1, 1); else pass2_impl(b, s, scale, 0, 1);
+static void ema_run(const Bucket *b, float *restrict avp, const float *restrict pp, int64_t n) {
+    const Lerp le = lerp_weight(b->ema_weight);
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) avp[j] = lerp(le, avp[j], pp[j]);
+}
+
+static void pass2_run(const Bucket *b, Run r, float scale, int ema) {
+    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && b->decay_mask[r.i];
+    if (ema) {
+        if (adaptive) pass2_impl(b, r, scale, 1, 1); else pass2_impl(b, r, scale, 0, 1);
     } else {
-        if (adaptive) pass2_impl(b, s, scale, 1, 0); else pass2_impl(b, s, scale, 0, 0);
+        if (adaptive) pass2_impl(b, r, scale, 1, 0); else pass2_impl(b, r, scale, 0, 0);
+    }
+}
+
+static void pass2_block(const Bucket *b, Span s, float scale) {
+    const int ema = (b->flags & F_EMA) != 0;
+    float pbuf[CHUNK];
+    if (b->p_dtype == DT_F32 && !(b->flags & F_MIRROR)) {
+        pass2_run(b, make_run(b, s, 0, s.len, pbuf, NULL, RUN_P), scale, ema);
+        return;
+    }
+    for (int64_t at = 0; at < s.len; at += CHUNK) {
+        const int64_t n = s.len - at < CHUNK ? s.len - at : CHUNK;
+        const Run r = make_run(b, s, at, n, pbuf, NULL, RUN_P);
+        if (b->p_dtype == DT_F32) { /* a float32 master: update it, then round its copy */
+            pass2_run(b, r, scale, ema);
+            memcpy(pbuf, r.p, sizeof(float) * n);
+            narrow(b->mirror_dtype, b->mirror[s.i], s.off + at, n, pbuf);
+        } else { /* a low-precision p: update in float32, round once; the EMA follows the rounded p */
+            pass2_run(b, r, scale, 0);
+            narrow(b->p_dtype, b->p[s.i], s.off + at, n, pbuf);
+            if (ema) ema_run(b, r.avg, pbuf, n);
+        }
     }
 }
 
@@ -342,53 +491,65 @@ static void scaled_pass2_block(const Bucket *b, Span s, double *out) {
     pass2_block(b, s, b->scale[s.i]);
 }
 
-INLINE double grad_sum_impl(const Bucket *b, Span s, int gflags) {
-    const float *restrict gp = b->g[s.i] + s.off;
-    const float *restrict ap = (gflags & F_ACCUMULATE) ? b->acc[s.i] + s.off : NULL;
-    double total = 0.0;
-    for (int64_t j0 = 0; j0 < s.len; j0 += 64) {
-        const int64_t j1 = j0 + 64 < s.len ? j0 + 64 : s.len;
+INLINE void grad_sum_impl(const Bucket *b, Run r, double *total, int gflags) {
+    const float *restrict gp = r.g, *restrict ap = r.acc;
+    for (int64_t j0 = 0; j0 < r.len; j0 += 64) {
+        const int64_t j1 = j0 + 64 < r.len ? j0 + 64 : r.len;
         float part = 0.0f;
 #pragma omp simd reduction(+ : part)
         for (int64_t j = j0; j < j1; j++) {
             const float t = grad_value(b, gp[j], (gflags & F_ACCUMULATE) ? ap[j] : 0.0f, 1.0f, gflags);
             part += t * t;
         }
-        total += part;
+        *total += part;
     }
-    return total;
 }
 
-static void grad_sum_block(const Bucket *b, Span s, double *out) {
-    switch (b->flags & (F_LOSS_SCALE | F_ACCUMULATE)) {
-        case 0: out[0] = grad_sum_impl(b, s, 0); break;
-        case F_LOSS_SCALE: out[0] = grad_sum_impl(b, s, F_LOSS_SCALE); break;
-        case F_ACCUMULATE: out[0] = grad_sum_impl(b, s, F_ACCUMULATE); break;
-        default: out[0] = grad_sum_impl(b, s, F_LOSS_SCALE | F_ACCUMULATE);
-    }
-    out[1] = 0.0;
-}
-
-INLINE void accumulate_impl(const Bucket *b, Span s, int scaled) {
-    float *restrict ap = b->acc[s.i] + s.off;
-    const float *restrict gp = b->g[s.i] + s.off;
+INLINE void accumulate_impl(const Bucket *b, Run r, int scaled) {
+    float *restrict ap = r.acc;
+    const float *restrict gp = r.g;
     const float ls = b->loss_scale;
 #pragma omp simd
-    for (int64_t j = 0; j < s.len; j++) ap[j] = ap[j] + (scaled ? gp[j] / ls : gp[j]);
+    for (int64_t j = 0; j < r.len; j++) ap[j] = ap[j] + (scaled ? gp[j] / ls : gp[j]);
+}
+
+/* The single passes below read g (or p) through runs of at most CHUNK elements, widened as needed. */
+static void grad_sum_block(const Bucket *b, Span s, double *out) {
+    float gbuf[CHUNK];
+    double total = 0.0;
+    for (int64_t at = 0; at < s.len; at += CHUNK) {
+        const int64_t n = s.len - at < CHUNK ? s.len - at : CHUNK;
+        const Run r = make_run(b, s, at, n, NULL, gbuf, RUN_G);
+        switch (b->flags & (F_LOSS_SCALE | F_ACCUMULATE)) {
+            case 0: grad_sum_impl(b, r, &total, 0); break;
+            case F_LOSS_SCALE: grad_sum_impl(b, r, &total, F_LOSS_SCALE); break;
+            case F_ACCUMULATE: grad_sum_impl(b, r, &total, F_ACCUMULATE); break;
+            default: grad_sum_impl(b, r, &total, F_LOSS_SCALE | F_ACCUMULATE);
+        }
+    }
+    out[0] = total;
+    out[1] = 0.0;
 }
 
 static void accumulate_block(const Bucket *b, Span s, double *out) {
     (void)out;
-    if (b->flags & F_LOSS_SCALE) accumulate_impl(b, s, 1); else accumulate_impl(b, s, 0);
+    float gbuf[CHUNK];
+    for (int64_t at = 0; at < s.len; at += CHUNK) {
+        const int64_t n = s.len - at < CHUNK ? s.len - at : CHUNK;
+        Run r = make_run(b, s, at, n, NULL, gbuf, RUN_G);
+        r.acc = b->acc[s.i] + s.off + at;
+        if (b->flags & F_LOSS_SCALE) accumulate_impl(b, r, 1); else accumulate_impl(b, r, 0);
+    }
 }
 
 static void ema_block(const Bucket *b, Span s, double *out) {
     (void)out;
-    float *restrict avp = b->avg[s.i] + s.off;
-    const float *restrict pp = b->p[s.i] + s.off;
-    const Lerp le = lerp_weight(b->ema_weight);
-#pragma omp simd
-    for (int64_t j = 0; j < s.len; j++) avp[j] = lerp(le, avp[j], pp[j]);
+    float pbuf[CHUNK];
+    for (int64_t at = 0; at < s.len; at += CHUNK) {
+        const int64_t n = s.len - at < CHUNK ? s.len - at : CHUNK;
+        const float *pp = widen(b->p_dtype, b->p[s.i], s.off + at, n, pbuf);
+        ema_run(b, b->avg[s.i] + s.off + at, pp, n);
+    }
 }
 
 /* Pass 1 over the whole bucket (squared norms into b->sums, for a reduce across ranks). */

@@ -1,18 +1,21 @@
 """``python -m torch_lamb.bench`` / ``torch-lamb bench``: time a LAMB step against its references.
 
-Every row steps its own optimizer over one shared set of float32 CPU parameters (fixed random
-gradients). Rows run interleaved, round by round, so machine noise hits them alike; the table
-gives the median step, the ratio to torch's fused AdamW, the implied bandwidth (nominal bytes per
-parameter: 40 for LAMB's two passes, 28 for AdamW's one, 88 for every feature), the time against
-the floor's rate for the row's bytes, the optimizer state, the largest transient allocation of a
-step (peak RSS during the step minus RSS before it) and the first step.
+Every row steps its own optimizer over one shared set of CPU parameters (float32 unless
+``--dtype`` says otherwise; fixed random gradients). Rows run interleaved, round by round, so
+machine noise hits them alike; the table gives the median step, the ratio to torch's fused AdamW,
+the implied bandwidth (nominal bytes per parameter, :func:`nominal_bytes`: in float32, 40 for
+LAMB's two passes, 28 for AdamW's one, 88 for every feature), the time against the floor's rate
+for the row's bytes, the optimizer state, the largest transient allocation of a step (peak RSS
+during the step minus RSS before it) and the first step.
 
-Rows: ``lamb-fused`` (torch-lamb's default), ``lamb-foreach``, the same two with every Keras
+Rows: ``lamb-fused`` (torch-lamb's default), ``lamb-fused-master`` (``master_weights=True``; with
+``--dtype bfloat16/float16`` only), ``lamb-foreach``, the fused and foreach steps with every Keras
 feature on (``-all``: gradient accumulation over 2 micro-steps, global-norm clipping, EMA; one
 "step" is the 2 calls that make one update), torch's AdamW (fused, foreach), timm's Lamb (when
-timm is installed; loaded from its file without timm's package), and ``floor``: LAMB's two passes
-over the same tensors, in the fused kernel's blocks and segments, with the arithmetic taken out
-(the least time LAMB's 40 bytes per parameter take here; without the kernel, a scaled torch copy).
+timm is installed; loaded from its file without timm's package), and ``floor`` (float32 only):
+LAMB's two passes over the same tensors, in the fused kernel's blocks and segments, with the
+arithmetic taken out (the least time LAMB's 40 bytes per parameter take here; without the kernel,
+a scaled torch copy).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 __all__ = ["CASES", "main"]
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-6, 0.01
-LAMB_BPP, ADAMW_BPP = 40, 28
+LAMB_BPP = 40  # float32: see nominal_bytes
 # all features, per update of 2 micro-steps: the first call accumulates (read g, acc; write acc: 12 B)
 # and moves the EMA (read p, avg; write avg: 12); the second reads g and acc for the global norm (8),
 # then pass 1 reads p, g, acc, m, v and writes acc (zeroed), m, v (32), and pass 2 reads p, m, v, avg
@@ -62,7 +65,7 @@ CASES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "huge": lambda: [(64 * 1024 * 1024,)],
     "tiny": lambda: [(64, 64), (64,), (1000,)],
 }
-DEFAULT_ROWS = ["lamb-fused", "lamb-foreach", "lamb-fused-all", "lamb-foreach-all", "adamw-fused",
+DEFAULT_ROWS = ["lamb-fused", "lamb-fused-master", "lamb-foreach", "lamb-fused-all", "lamb-foreach-all", "adamw-fused",
                 "adamw-foreach", "timm-lamb", "floor"]
 LARGE_ROWS = ["lamb-fused", "lamb-foreach", "adamw-fused", "floor"]  # bert-large: fits in 24 GiB
 
@@ -122,9 +125,30 @@ def _state_bytes(opt: torch.optim.Optimizer) -> Callable[[], int]:
     return count
 
 
+def nominal_bytes(row: str, dtype: torch.dtype) -> int:
+    """Bytes per parameter a row must move, for parameters and gradients of ``dtype`` (e bytes each).
+
+    LAMB (float32 state): pass 1 reads p, g, m, v and writes m, v; pass 2 reads p, m, v and writes
+    p: 4e + 24 (40 in float32). With master weights p is the float32 master and pass 2 also writes
+    the e-byte copy: 2e + 36. Every feature on, per update: ``LAMB_ALL_BPP`` in float32, 7e + 60 in
+    general. AdamW and timm keep their state in the parameters' dtype: 7e and 10e.
+    """
+    e = torch.tensor([], dtype=dtype).element_size()
+    if row.endswith("-all"):
+        return 7 * e + 60
+    if row == "lamb-fused-master":
+        return 2 * e + 36
+    if row.startswith("adamw-"):
+        return 7 * e
+    if row == "timm-lamb":
+        return 10 * e
+    return 4 * e + 24
+
+
 def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list[_Row]:
     from .optimizer import Lamb
 
+    dtype = params[0].dtype
     rows = []
     for name in names:
         if name.startswith("lamb-"):
@@ -134,6 +158,10 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
             if name.endswith("-all"):
                 kw = {"gradient_accumulation_steps": 2, "global_clipnorm": 1.0, "use_ema": True}
                 calls = 2
+            if name.endswith("-master"):
+                if dtype == torch.float32:
+                    continue  # master weights are for float16/bfloat16 parameters
+                kw = {"master_weights": True}
             opt = Lamb(params, learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD,
                        implementation=impl, **kw)
 
@@ -141,19 +169,20 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
                 for _ in range(calls):
                     opt.step()
 
-            rows.append(_Row(name, step, LAMB_ALL_BPP if calls == 2 else LAMB_BPP, _state_bytes(opt)))
+            rows.append(_Row(name, step, nominal_bytes(name, dtype), _state_bytes(opt)))
         elif name.startswith("adamw-"):
             flag = {"fused": True} if name == "adamw-fused" else {"foreach": True}
             opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **flag)
-            rows.append(_Row(name, opt.step, ADAMW_BPP, _state_bytes(opt)))
+            rows.append(_Row(name, opt.step, nominal_bytes(name, dtype), _state_bytes(opt)))
         elif name == "timm-lamb":
             timm_lamb = load_timm_lamb()
             if timm_lamb is None:
                 continue
             opt = timm_lamb(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-            rows.append(_Row(name, opt.step, LAMB_BPP, _state_bytes(opt)))
+            rows.append(_Row(name, opt.step, nominal_bytes(name, dtype), _state_bytes(opt)))
         elif name == "floor":
-            rows.append(_floor_row(params, numel))
+            if dtype == torch.float32:  # the floor streams float32 parameters
+                rows.append(_floor_row(params, numel))
         else:
             raise ValueError(f"unknown row {name!r}; known: {DEFAULT_ROWS}")
     return rows
@@ -196,8 +225,8 @@ def _cold_compile_s() -> float | None:
         return time.perf_counter() - t0
 
 
-def run_case(case: str, rounds: int, rows: list[str] | None) -> dict[str, Any]:
-    """Time one parameter set; returns a JSON-ready dict."""
+def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Time one parameter set (parameters and gradients of ``dtype``); returns a JSON-ready dict."""
     from . import fused
 
     shapes = CASES[case]()
@@ -206,8 +235,8 @@ def run_case(case: str, rounds: int, rows: list[str] | None) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     params = []
     for s in shapes:
-        p = torch.nn.Parameter(torch.randn(s, generator=g) * 0.02)
-        p.grad = torch.randn(s, generator=g) * 1e-3
+        p = torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(dtype))
+        p.grad = (torch.randn(s, generator=g) * 1e-3).to(dtype)
         params.append(p)
     rss_base = _rss_mb()
     t0 = time.perf_counter()
@@ -253,6 +282,7 @@ def run_case(case: str, rounds: int, rows: list[str] | None) -> dict[str, Any]:
         })
     return {
         "case": case,
+        "dtype": str(dtype).removeprefix("torch."),
         "tensors": len(shapes),
         "params": numel,
         "rounds": rounds,
@@ -266,7 +296,7 @@ def run_case(case: str, rounds: int, rows: list[str] | None) -> dict[str, Any]:
 
 def _print(result: dict[str, Any]) -> None:
     print(f"\ncase {result['case']}: {result['tensors']} tensors, "
-          f"{result['params'] / 1e6:.2f}M float32 params, "
+          f"{result['params'] / 1e6:.2f}M {result['dtype']} params, "
           f"{result['rounds']} rounds, fused kernel {'on' if result['fused_kernel'] else 'OFF (fallback)'}")
     print(f"{'row':<18}{'median ms':>11}{'vs AdamW':>10}{'GB/s':>8}{'B/param':>9}{'vs floor':>10}{'state MB':>10}"
           f"{'transient MB':>14}{'first ms':>10}")
@@ -286,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="parameter set (repeatable; default: bert-base and small-many)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the parameters and gradients (Lamb's state stays float32; default float32)")
     ap.add_argument("--rows", default=None, help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)})")
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                     help="write JSON to FILE (or stdout when no FILE)")
@@ -312,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "compile_cold_s": cold,
         "kernel_load_cached_s": cached,
-        "cases": [run_case(c, args.rounds, rows) for c in (args.case or ["bert-base", "small-many"])],
+        "cases": [run_case(c, args.rounds, rows, getattr(torch, args.dtype))
+                  for c in (args.case or ["bert-base", "small-many"])],
     }
     if args.json == "-":
         print(json.dumps(report, indent=1))

@@ -1,4 +1,4 @@
-"""A fused LAMB step for float32 CPU tensors (a small C kernel compiled at first use).
+"""A fused LAMB step for CPU tensors (a small C kernel compiled at first use).
 
 The kernel (``_lamb_kernel.c`` beside this file) is compiled with the system C compiler
 (``$CC`` or ``gcc``; ``-O3 -march=native -fopenmp``) the first time it is needed, and cached by
@@ -14,11 +14,13 @@ in torch and run pass 2. The optimizer's gradient pipeline (unscale, accumulate,
 pass 1 through :class:`GradientPipeline`, and the moving average into pass 2 through
 :class:`MovingAverage`, so an update with every Keras feature on streams each tensor once per pass.
 
-Covered: CPU, contiguous, float32 params, grads, moments, accumulators and averages, with host
-(Python float) scalars. Anything else (CUDA, float64, float16/bfloat16 params or grads (master
-weights included), non-contiguous tensors, device-tensor scalars as ``skip_nonfinite`` uses, no
-compiler) takes the foreach path (:func:`torch_lamb.functional.lamb_update`) with identical
-semantics; :func:`kernel_supports` says which.
+Covered: CPU, contiguous tensors with float32 state (moments, accumulators, averages) and host
+(Python float) scalars; parameters and gradients in float32, bfloat16 or float16 (float16 where the
+compiler has ``_Float16``), widened to float32 a chunk at a time, with a low-precision parameter (or
+the low-precision copy of a float32 master) rounded once per step. Anything else (CUDA, float64,
+non-contiguous tensors, device-tensor scalars as ``skip_nonfinite`` uses, no compiler) takes the
+foreach path (:func:`torch_lamb.functional.lamb_update`) with the same semantics;
+:func:`kernel_supports` and :func:`kernel_dtype` say which.
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ _lib: ctypes.CDLL | None = None
 _failed: str | None = None
 _compile_s: float = 0.0
 
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # float16: 2, added when the kernel has _Float16
 _MIN_PER_THREAD = 1 << 16  # below ~64K elements per thread, waking OpenMP workers costs more than it saves
 _SEGMENT_BYTES = 8 << 20  # pass 2 re-reads a segment of this many bytes (all streams) from cache
 
 # flags of the kernel's Bucket (keep in step with _lamb_kernel.c)
 F_DECAY, F_ADAPTIVE_DECAY, F_MIN_RATIO, F_MAX_RATIO = 1, 2, 4, 8
-F_LOSS_SCALE, F_ACCUMULATE, F_CLIPVALUE, F_CLIP_FACTORS, F_EMA = 16, 32, 64, 128, 256
+F_LOSS_SCALE, F_ACCUMULATE, F_CLIPVALUE, F_CLIP_FACTORS, F_EMA, F_MIRROR = 16, 32, 64, 128, 256, 512
 
 
 class _Bucket(ctypes.Structure):
@@ -75,6 +78,8 @@ class _Bucket(ctypes.Structure):
         *[(name, ctypes.c_float) for name in (
             "beta_1c", "beta_2c", "bc1", "bc2", "eps", "decay", "adaptive_decay", "lr", "min_ratio", "max_ratio",
             "loss_scale", "accumulation_steps", "clipvalue", "ema_weight")],
+        ("mirror", ctypes.c_void_p),
+        *[(name, ctypes.c_int64) for name in ("p_dtype", "g_dtype", "mirror_dtype")],
     ]
 
 
@@ -163,6 +168,9 @@ def load_kernel() -> ctypes.CDLL | None:
                 fn = getattr(lib, name)
                 fn.argtypes = [ctypes.POINTER(_Bucket)]
                 fn.restype = ctypes.c_int
+            lib.lamb_has_float16.restype = ctypes.c_int
+            if lib.lamb_has_float16():
+                _DTYPE_CODES[torch.float16] = 2
             _lib = lib
         except (OSError, RuntimeError, AttributeError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", b"") or b""
@@ -181,14 +189,23 @@ def compile_seconds() -> float:
     return _compile_s
 
 
+def _covered(tensors: Sequence[Tensor], dtype: torch.dtype) -> bool:
+    return (all([t.dtype is dtype for t in tensors]) and all([t.is_cpu for t in tensors])
+            and all([t.is_contiguous() for t in tensors]))
+
+
 def kernel_supports(*tensor_lists: Sequence[Tensor]) -> bool:
-    """Whether the kernel covers these tensors: CPU, contiguous float32 throughout."""
-    f32 = torch.float32
-    for ts in tensor_lists:
-        if not (all([t.dtype is f32 for t in ts]) and all([t.is_cpu for t in ts])
-                and all([t.is_contiguous() for t in ts])):
-            return False
-    return True
+    """Whether the kernel covers these tensors as state: CPU, contiguous float32 throughout."""
+    return all(_covered(ts, torch.float32) for ts in tensor_lists)
+
+
+def kernel_dtype(tensors: Sequence[Tensor]) -> torch.dtype | None:
+    """The dtype the kernel reads these parameters or gradients in (float32, bfloat16, or float16
+    where the compiler has ``_Float16``), or None when they are not all of it, CPU and contiguous."""
+    if not tensors or load_kernel() is None:
+        return None
+    dtype = tensors[0].dtype
+    return dtype if dtype in _DTYPE_CODES and _covered(tensors, dtype) else None
 
 
 def _ptrs(tensors: Sequence[Tensor]) -> array.array:
@@ -238,6 +255,7 @@ class KernelBucket:
         b = _Bucket()
         keep: list[object] = [_ptrs(params), _ptrs(grads)]
         b.n, b.p, b.g, b.m, b.v = self.n, _addr(keep[0]), _addr(keep[1]), _addr(self.m), _addr(self.v)
+        b.p_dtype, b.g_dtype = _DTYPE_CODES[params[0].dtype], _DTYPE_CODES[grads[0].dtype]
         b.sizes, b.decay_mask = self.sizes.data_ptr(), self.decay_mask.data_ptr()
         if self.adapt_mask is not None:
             b.adapt_mask = self.adapt_mask.data_ptr()
@@ -271,10 +289,19 @@ class KernelBucket:
         reduce: Reducer | None = None,
         pipeline: GradientPipeline | None = None,
         average: MovingAverage | None = None,
+        mirrors: Sequence[Tensor] | None = None,
     ) -> TrustStats:
-        """One LAMB update of the bucket (host scalars only)."""
+        """One LAMB update of the bucket (host scalars only).
+
+        ``params`` and ``grads`` may be bfloat16/float16 (:func:`kernel_dtype`); ``mirrors``: the
+        low-precision copies of float32 master ``params``, rounded from them in pass 2.
+        """
         s, n = scalars, self.n
         b, keep = self._struct(params, grads)
+        if mirrors:
+            keep.append(mirror_ptrs := _ptrs(mirrors))
+            b.flags |= F_MIRROR
+            b.mirror, b.mirror_dtype = _addr(mirror_ptrs), _DTYPE_CODES[mirrors[0].dtype]
         b.beta_1c, b.beta_2c, b.eps, b.lr = s.one_minus_beta_1, s.one_minus_beta_2, s.epsilon, s.lr
         b.bc1, b.bc2 = s.bias_correction_1, s.bias_correction_2
         _options(b, (F_DECAY, "decay", s.decay_factor), (F_ADAPTIVE_DECAY, "adaptive_decay", s.adaptive_weight_decay),
@@ -381,8 +408,8 @@ def fused_lamb_update(
     host = not any(isinstance(getattr(scalars, f.name), Tensor) for f in fields(scalars))
     accumulators = list(pipeline.accumulators or ()) if pipeline else []
     averages = list(average.averages) if average else []
-    lib = load_kernel() if params and host and params[0].device.type == "cpu" else None
-    if lib is None or not kernel_supports(params, grads, momentums, velocities, accumulators, averages):
+    covered = host and kernel_dtype(params) is not None and kernel_dtype(grads) is not None
+    if not covered or not kernel_supports(momentums, velocities, accumulators, averages):
         if pipeline is not None or average is not None:
             raise ValueError("fused_lamb_update: `pipeline`/`average` need a bucket the kernel covers.")
         return lamb_update(params, grads, momentums, velocities, scalars, decay_mask=decay_mask,

@@ -98,6 +98,7 @@ class _Bucket:
     mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from `params` (masters)
     owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
     pipeline: GradientPipeline | None = None  # set when the fused kernel forms the gradients itself
+    upcast: bool = False  # `grads` are float32 copies of low-precision gradients
 
 
 class _Layout(NamedTuple):
@@ -468,6 +469,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             for b, grads in zip(buckets, guard.check([b.grads for b in buckets], [b.reduce for b in buckets])):
                 b.grads = grads
         fusing = self._fuse(buckets, bool(n))
+        for b in buckets:  # low-precision gradients go through the pipeline in float32, as in the kernel
+            if b.pipeline is None and b.grads[0].dtype in LOW_PRECISION:
+                b.grads, b.upcast = [g.float() for g in b.grads], True
         if n:
             for b in buckets:
                 if b.pipeline is not None:  # fused: the update call reads g and acc in its own pass 1
@@ -495,7 +499,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 if self.loss_scale_factor is not None:
                     b.work, b.owned = list(torch._foreach_div(b.grads, self.loss_scale_factor)), True
                 else:
-                    b.work, b.owned = b.grads, guard is not None  # the guard's copies may be clipped in place
+                    b.work, b.owned = b.grads, guard is not None or b.upcast  # our copies: clipped in place
 
         if updating:
             self._clip(buckets)
@@ -510,15 +514,15 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                     weight = ema_weight(ema_momentum_at(iterations, self.ema_momentum))
                     stats = b.kernel.update(
                         b.params, b.grads, group_scalars, reduce=b.reduce, pipeline=b.pipeline,
-                        average=MovingAverage(b.averages, weight) if self.use_ema else None,
+                        average=MovingAverage(b.averages, weight) if self.use_ema else None, mirrors=b.mirrors,
                     )
                 else:
                     stats = update(
                         b.params, b.work, b.momentums, b.velocities, group_scalars,
                         decay_mask=b.decay_mask, adapt_mask=b.adapt_mask, reduce=b.reduce,
                     )
-                if b.mirrors:  # master weights: refresh the low-precision parameters
-                    torch._foreach_copy_(b.mirrors, b.params)
+                    if b.mirrors:  # master weights: refresh the low-precision parameters
+                        torch._foreach_copy_(b.mirrors, b.params)
                 self._update_stats(b, stats)
             if n:
                 self._zero_accumulators(fusing)
@@ -615,7 +619,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             )
         buckets = layout.buckets
         for b in buckets:
-            b.work, b.owned, b.pipeline = [], False, None
+            b.work, b.owned, b.pipeline, b.upcast = [], False, None, False
             b.grads = [local(grads[i]) for i in b.indices] if b.dtensor else [grads[i] for i in b.indices]
         return buckets
 
@@ -656,9 +660,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 b.indices.append(position)
         kernel = self.implementation == "fused" and self._guard is None and fused.available()
         for b in buckets.values():
-            if kernel and not b.mirrors and fused.kernel_supports(
-                b.params, b.momentums, b.velocities, b.accumulators, b.averages
-            ) and all(p.shape == m.shape for p, m in zip(b.params, b.momentums)):
+            if kernel and fused.kernel_dtype(b.params) is not None and fused.kernel_supports(
+                b.momentums, b.velocities, b.accumulators, b.averages
+            ) and (not b.mirrors or fused.kernel_dtype(b.mirrors) is not None) and all(
+                p.shape == m.shape for p, m in zip(b.params, b.momentums)
+            ):
                 b.kernel = fused.KernelBucket(
                     b.momentums, b.velocities, decay_mask=b.decay_mask, adapt_mask=b.adapt_mask,
                     accumulators=b.accumulators, averages=b.averages,
@@ -673,7 +679,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         """
         ids: set[int] = set()
         for b in buckets:
-            if b.kernel is None or not fused.kernel_supports(b.grads):
+            if b.kernel is None or fused.kernel_dtype(b.grads) is None:
                 continue
             b.pipeline = GradientPipeline(
                 loss_scale=self.loss_scale_factor,
