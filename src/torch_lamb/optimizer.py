@@ -92,7 +92,7 @@ class _Bucket:
     names: list[str] = field(default_factory=list)
     owners: list[Tensor] = field(default_factory=list)  # the parameters themselves (keys of `state`)
     indices: list[int] = field(default_factory=list)  # their positions among all parameters, in group order
-    dtensor: bool = False  # DTensor parameters: locals and local gradients are re-read every step
+    dtensor: bool = False  # DTensor parameters: the layout is rebuilt every step (FSDP may swap locals)
     kernel: fused.KernelBucket | None = None  # the fused kernel's static view, when it covers the layout
     work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
     mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from `params` (masters)
