@@ -251,11 +251,19 @@ class KernelBucket:
         self.acc = _ptrs(accumulators) if accumulators else None
         self.avg = _ptrs(averages) if averages else None
 
-    def _struct(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[_Bucket, list[object]]:
+    def _struct(
+        self, params: Sequence[Tensor] | None, grads: Sequence[Tensor] | None, param_ptrs: array.array | None = None
+    ) -> tuple[_Bucket, list[object]]:
+        """The call's struct (a pass that reads no p or no g gets None for it), and what must outlive it."""
         b = _Bucket()
-        keep: list[object] = [_ptrs(params), _ptrs(grads)]
-        b.n, b.p, b.g, b.m, b.v = self.n, _addr(keep[0]), _addr(keep[1]), _addr(self.m), _addr(self.v)
-        b.p_dtype, b.g_dtype = _DTYPE_CODES[params[0].dtype], _DTYPE_CODES[grads[0].dtype]
+        keep: list[object] = []
+        if params is not None:
+            keep.append(ptrs := param_ptrs if param_ptrs is not None else _ptrs(params))
+            b.p, b.p_dtype = _addr(ptrs), _DTYPE_CODES[params[0].dtype]
+        if grads is not None:
+            keep.append(ptrs := _ptrs(grads))
+            b.g, b.g_dtype = _addr(ptrs), _DTYPE_CODES[grads[0].dtype]
+        b.n, b.m, b.v = self.n, _addr(self.m), _addr(self.v)
         b.sizes, b.decay_mask = self.sizes.data_ptr(), self.decay_mask.data_ptr()
         if self.adapt_mask is not None:
             b.adapt_mask = self.adapt_mask.data_ptr()
@@ -290,14 +298,16 @@ class KernelBucket:
         pipeline: GradientPipeline | None = None,
         average: MovingAverage | None = None,
         mirrors: Sequence[Tensor] | None = None,
+        param_ptrs: array.array | None = None,
     ) -> TrustStats:
         """One LAMB update of the bucket (host scalars only).
 
         ``params`` and ``grads`` may be bfloat16/float16 (:func:`kernel_dtype`); ``mirrors``: the
-        low-precision copies of float32 master ``params``, rounded from them in pass 2.
+        low-precision copies of float32 master ``params``, rounded from them in pass 2;
+        ``param_ptrs``: ``params``' data pointers when the caller already read them this step.
         """
         s, n = scalars, self.n
-        b, keep = self._struct(params, grads)
+        b, keep = self._struct(params, grads, param_ptrs)
         if mirrors:
             keep.append(mirror_ptrs := _ptrs(mirrors))
             b.flags |= F_MIRROR
@@ -334,7 +344,7 @@ class KernelBucket:
 
     def gradient_squares(self, grads: Sequence[Tensor], pipeline: GradientPipeline) -> Tensor:
         """Per tensor, the sum of squares (float64) of the gradients ``pipeline`` forms, before clipping."""
-        b, keep = self._struct(grads, grads)
+        b, keep = self._struct(None, grads)
         self._pipeline(b, keep, GradientPipeline(pipeline.loss_scale, None, pipeline.accumulation_steps))
         sums = torch.empty(2 * self.n, dtype=torch.float64)
         b.sums = sums.data_ptr()
@@ -343,7 +353,7 @@ class KernelBucket:
 
     def accumulate(self, grads: Sequence[Tensor], loss_scale: float | None) -> None:
         """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
-        b, _keep = self._struct(grads, grads)
+        b, _keep = self._struct(None, grads)
         b.acc = _addr(self.acc)
         _options(b, (F_LOSS_SCALE, "loss_scale", loss_scale))
         _run("lamb_accumulate", b)
@@ -360,9 +370,9 @@ class KernelBucket:
         b.sums, b.ratios, b.segment = sums.data_ptr(), ratios.data_ptr(), max(1, _SEGMENT_BYTES // 16)
         _run("lamb_stream", b)
 
-    def ema(self, params: Sequence[Tensor], weight: float) -> None:
+    def ema(self, params: Sequence[Tensor], weight: float, param_ptrs: array.array | None = None) -> None:
         """``avg = lerp(avg, p, weight)`` over the bucket's averages, in one pass."""
-        b, _keep = self._struct(params, params)
+        b, _keep = self._struct(params, None, param_ptrs)
         b.avg, b.ema_weight = _addr(self.avg), weight
         _run("lamb_ema", b)
 

@@ -8,6 +8,7 @@ follows Keras's order::
 
 from __future__ import annotations
 
+import array
 import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -94,6 +95,7 @@ class _Bucket:
     indices: list[int] = field(default_factory=list)  # their positions among all parameters, in group order
     dtensor: bool = False  # DTensor parameters: the layout is rebuilt every step (FSDP may swap locals)
     kernel: fused.KernelBucket | None = None  # the fused kernel's static view, when it covers the layout
+    param_ptrs: array.array | None = None  # this step's data pointers of `params`
     work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
     mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from `params` (masters)
     owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
@@ -106,9 +108,9 @@ class _Layout(NamedTuple):
 
     key: tuple[Any, ...]  # which params have gradients; per group, weight decay off and layer adaptation
     params: list[Tensor]  # every parameter, in group order
+    shapes: list[torch.Size]  # their shapes
     buckets: list[_Bucket]
-    pointers: list[list[int]]  # per bucket, the data pointers of the tensors it updates
-    shapes: list[list[torch.Size]]
+    pointers: list[array.array]  # per bucket, the data pointers of the tensors it updates
 
 
 class Lamb(TrustRatioTelemetry, Optimizer):
@@ -458,17 +460,18 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         iterations = raw_it // n if n else raw_it
         params = self._all_params()
         all_grads = [p.grad for p in params]
-        self._check_grads(params, all_grads)
+        shapes = [p.shape for p in params]
+        self._check_grads(params, all_grads, shapes)
         betas: dict[int, tuple[float, float]] = {}
         scalars = self._group_scalars(raw_it, iterations + 1, betas) if updating else None
 
         self._ensure_state()
-        buckets = self._buckets(params, all_grads)
+        buckets = self._buckets(params, all_grads, shapes)
         guard = self._guard
         if guard is not None:  # skip_nonfinite: finite copies of the gradients, a device-side flag
             for b, grads in zip(buckets, guard.check([b.grads for b in buckets], [b.reduce for b in buckets])):
                 b.grads = grads
-        fusing = self._fuse(buckets, bool(n))
+        self._fuse(buckets, bool(n))
         for b in buckets:  # low-precision gradients go through the pipeline in float32, as in the kernel
             if b.pipeline is None and b.grads[0].dtype in LOW_PRECISION:
                 b.grads, b.upcast = [g.float() for g in b.grads], True
@@ -515,6 +518,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                     stats = b.kernel.update(
                         b.params, b.grads, group_scalars, reduce=b.reduce, pipeline=b.pipeline,
                         average=MovingAverage(b.averages, weight) if self.use_ema else None, mirrors=b.mirrors,
+                        param_ptrs=b.param_ptrs,
                     )
                 else:
                     stats = update(
@@ -525,10 +529,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                         torch._foreach_copy_(b.mirrors, b.params)
                 self._update_stats(b, stats)
             if n:
-                self._zero_accumulators(fusing)
+                self._zero_accumulators(buckets)
 
         if self.use_ema:
-            self._update_ema(iterations, buckets, fusing, updated=updating)
+            self._update_ema(iterations, buckets, updated=updating)
         if guard is not None:
             if updating:
                 guard.end_update(accumulating=bool(n))
@@ -538,16 +542,17 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
     # ------------------------------------------------------------------ step stages
 
-    def _check_grads(self, params: list[Tensor], grads: list[Tensor | None]) -> None:
+    def _check_grads(self, params: list[Tensor], grads: list[Tensor | None], shapes: list[torch.Size]) -> None:
         missing = [g is None for g in grads]
         if all(missing):
             raise ValueError("No gradients provided for any parameter.")
         if any(missing):
             params = [p for p, g in zip(params, grads) if g is not None]
+            shapes = [s for s, g in zip(shapes, grads) if g is not None]
             grads = [g for g in grads if g is not None]
         if (
             not any([g.is_sparse for g in grads])
-            and [g.shape for g in grads] == [p.shape for p in params]
+            and [g.shape for g in grads] == shapes
             and ((all([g.is_cpu for g in grads]) and all([p.is_cpu for p in params]))
                  or [g.device for g in grads] == [p.device for p in params])
         ):
@@ -594,10 +599,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 group["lr"] = lr
         return out
 
-    def _buckets(self, params: list[Tensor], grads: list[Tensor | None]) -> list[_Bucket]:
+    def _buckets(self, params: list[Tensor], grads: list[Tensor | None], shapes: list[torch.Size]) -> list[_Bucket]:
         """This step's buckets: the cached layout (rebuilt when it no longer holds), with gradients.
 
-        ``params`` is every parameter in group order and ``grads`` their ``.grad``.
+        ``params`` is every parameter in group order, ``grads`` their ``.grad`` and ``shapes`` their shapes.
         """
         key = (
             tuple([g is None for g in grads]),
@@ -605,20 +610,20 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self.implementation,
         )
         layout = self._layout
-        if (
-            layout is None or layout.key != key or not all(map(operator.is_, layout.params, params))
-            # new storage (``p.data = ...``) or shape; DTensor buckets are rebuilt every step (FSDP may swap
-            # local tensors)
-            or any(b.dtensor or [t.data_ptr() for t in b.params] != ptrs or [t.shape for t in b.params] != shapes
-                   for b, ptrs, shapes in zip(layout.buckets, layout.pointers, layout.shapes))
-        ):
+        pointers = None
+        if layout is not None and layout.key == key and shapes == layout.shapes and all(
+            map(operator.is_, layout.params, params)
+        ):  # new storage (``p.data = ...``) rebuilds too; DTensor buckets always do (FSDP may swap locals)
+            pointers = [array.array("q", [t.data_ptr() for t in b.params]) for b in layout.buckets]
+            if any(b.dtensor for b in layout.buckets) or pointers != layout.pointers:
+                pointers = None
+        if pointers is None:
             buckets = self._build_buckets()
-            layout = self._layout = _Layout(
-                key, params, buckets, [[t.data_ptr() for t in b.params] for b in buckets],
-                [[t.shape for t in b.params] for b in buckets],
-            )
+            pointers = [array.array("q", [t.data_ptr() for t in b.params]) for b in buckets]
+            layout = self._layout = _Layout(key, params, shapes, buckets, pointers)
         buckets = layout.buckets
-        for b in buckets:
+        for b, ptrs in zip(buckets, pointers):
+            b.param_ptrs = ptrs  # the kernel reuses them
             b.work, b.owned, b.pipeline, b.upcast = [], False, None, False
             b.grads = [local(grads[i]) for i in b.indices] if b.dtensor else [grads[i] for i in b.indices]
         return buckets
@@ -671,13 +676,12 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 )
         return list(buckets.values())
 
-    def _fuse(self, buckets: Sequence[_Bucket], accumulating: bool) -> set[int]:
-        """Give the buckets the fused kernel covers a gradient pipeline; returns their params' ids.
+    def _fuse(self, buckets: Sequence[_Bucket], accumulating: bool) -> None:
+        """Give the buckets the fused kernel covers a gradient pipeline.
 
         Such a bucket's gradients are never materialised: the kernel forms them (unscale,
         accumulate, clip) inside its first pass, and updates the moving average in its second.
         """
-        ids: set[int] = set()
         for b in buckets:
             if b.kernel is None or fused.kernel_dtype(b.grads) is None:
                 continue
@@ -686,8 +690,6 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 accumulators=b.accumulators if accumulating else None,
                 accumulation_steps=self.gradient_accumulation_steps if accumulating else None,
             )
-            ids.update(map(id, b.owners))
-        return ids
 
     def _gradient_norms(self, b: _Bucket) -> Tensor:
         """Full norms of the bucket's gradients as the update will use them (before clipping)."""
@@ -727,39 +729,37 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if self._trust_recorder is not None:
             self._record_trust_stats(bucket.names, stats)
 
-    def _zero_accumulators(self, done: set[int]) -> None:
-        """Zero the accumulators, but those of ``done`` (ids of params the fused kernel zeroed)."""
-        params = self._all_params()
-        if len(done) < len(params):
-            accs = [local(self.state[p][ACCUMULATOR]) for p in params if id(p) not in done]
-            torch._foreach_zero_(accs)
+    def _zero_accumulators(self, buckets: Sequence[_Bucket]) -> None:
+        """Zero the accumulators, but those the fused kernel zeroed in its pass 1."""
+        rest = _not_fused(self._all_params(), buckets)
+        if rest:
+            torch._foreach_zero_([local(self.state[p][ACCUMULATOR]) for p in rest])
 
-    def _update_ema(self, iterations: int, buckets: Sequence[_Bucket], fusing: set[int], updated: bool) -> None:
+    def _update_ema(self, iterations: int, buckets: Sequence[_Bucket], updated: bool) -> None:
         """Move the averages toward the weights; the fused kernel's buckets did it in their pass 2 when
         ``updated``, else the kernel does it here."""
         momentum = ema_momentum_at(iterations, self.ema_momentum)
         if not updated:
             for b in buckets:
                 if b.pipeline is not None:
-                    b.kernel.ema(b.params, ema_weight(momentum))
+                    b.kernel.ema(b.params, ema_weight(momentum), param_ptrs=b.param_ptrs)
         params = self._all_params()
-        overwrite = should_overwrite(iterations, self.ema_overwrite_frequency)
-        if len(fusing) == len(params) and not overwrite:
-            return
-        ps = [self._weight(p) for p in params]  # the float32 master where there is one
-        avgs = [local(self.state[p][AVERAGE]) for p in params]
+        rest = _not_fused(params, buckets)
         guard = self._guard
-        if len(fusing) < len(params):
-            todo = [i for i, p in enumerate(params) if id(p) not in fusing]
+        if rest:
             kernel = self.implementation == "fused" and guard is None and fused.available()
-            for group in _by_device_dtype([ps[i] for i in todo], [avgs[i] for i in todo]):
+            ps = [self._weight(p) for p in rest]  # the float32 master where there is one
+            avgs = [local(self.state[p][AVERAGE]) for p in rest]
+            for group in _by_device_dtype(ps, avgs):
                 if guard is not None:
                     guard.update_averages(group[1], group[0], self.ema_momentum)
                 elif kernel and fused.kernel_supports(*group):
                     fused.fused_ema(group[1], group[0], ema_weight(momentum))
                 else:
                     update_averages(group[1], group[0], momentum)
-        if overwrite:
+        if should_overwrite(iterations, self.ema_overwrite_frequency):
+            ps = [self._weight(p) for p in params]
+            avgs = [local(self.state[p][AVERAGE]) for p in params]
             for group in _by_device_dtype(ps, avgs):
                 (overwrite_with_averages if guard is None else guard.overwrite)(group[0], group[1])
             self._sync_masters(params)
@@ -977,6 +977,15 @@ def _excluded(group: dict[str, Any], ids: frozenset[int], pattern: re.Pattern[st
         id(p) in ids or bool(pattern is not None and name is not None and pattern.search(name))
         for p, name in zip(group["params"], names)
     ]
+
+
+def _not_fused(params: list[Tensor], buckets: Sequence[_Bucket]) -> list[Tensor]:
+    """The parameters that no fused bucket of this step covers (none, in the common case)."""
+    fused_buckets = [b for b in buckets if b.pipeline is not None]
+    if sum(len(b.owners) for b in fused_buckets) == len(params):
+        return []
+    done = {id(p) for b in fused_buckets for p in b.owners}
+    return [p for p in params if id(p) not in done]
 
 
 def _by_device_dtype(params: list[Tensor], others: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
