@@ -32,7 +32,7 @@ from .clipping import (
 from .distributed import Reducer, dtensor_reducer, full_norms, is_dtensor, local, reducer_key
 from .ema import ema_momentum_at, ema_weight, overwrite_with_averages, should_overwrite, update_averages
 from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
-from .fused import GradientPipeline, MovingAverage, fused_lamb_update
+from .fused import GradientPipeline, MovingAverage
 from .nonfinite import NonfiniteGuard
 from .schedules import LearningRateSchedule
 from .telemetry import TrustRatioTelemetry
@@ -42,7 +42,8 @@ __all__ = ["Lamb"]
 _DEFAULT_LR, _DEFAULT_BETA_1 = check._Default(0.001), check._Default(0.9)
 _DEFAULT_BETA_2, _DEFAULT_EPSILON = check._Default(0.999), check._Default(1e-7)
 _FOLLOW_DEFAULT = "default"  # a group whose learning rate follows the optimizer's `learning_rate`
-_IMPLEMENTATIONS = {"fused": fused_lamb_update, "foreach": lamb_update, "reference": lamb_reference}
+# the update of the buckets the kernel does not run (``"fused"`` picks its buckets in `_build_buckets`)
+_IMPLEMENTATIONS = {"fused": lamb_update, "foreach": lamb_update, "reference": lamb_reference}
 _AUTO_NAMES: dict[str, int] = {}
 
 MOMENTUM, VELOCITY, AVERAGE, ACCUMULATOR = "momentum", "velocity", "average", "gradient_accumulator"
