@@ -301,7 +301,7 @@ def test_skipped_steps_are_as_if_the_batch_never_came():
     guarded, plain = _model(), _model()
     opt = Lamb(guarded.parameters(), skip_nonfinite=True, **FULL)
     _train(guarded, opt, batches, bad=bad)
-    ref = Lamb(plain.parameters(), implementation="foreach", **FULL)  # the guarded path runs foreach
+    ref = Lamb(plain.parameters(), **FULL)  # on the CPU the guarded path runs the default backend
     _train(plain, ref, [b for i, b in enumerate(batches) if i not in bad])
     assert _same_bits(_snapshot(plain, ref), _snapshot(guarded, opt))
     assert int(opt.skipped_steps) == 3 and opt.iterations == 5 and opt._iterations == 8
@@ -316,7 +316,7 @@ def test_skip_under_accumulation_averages_the_finite_micro_batches():
 
     # Reference: a plain optimizer fed the mean of the finite micro-gradients of each window.
     plain = _model()
-    ref = Lamb(plain.parameters(), learning_rate=0.02, implementation="foreach")  # as the guarded path
+    ref = Lamb(plain.parameters(), learning_rate=0.02)  # the guarded path's backend
     for window in ([0, 2], [3, 4, 5]):
         total = None
         for i in window:
@@ -344,9 +344,9 @@ def test_window_without_finite_micro_batches_applies_nothing():
 
 
 def test_skip_nonfinite_never_reads_a_device_value(monkeypatch):
-    """No ``.item()``, ``bool(tensor)`` or ``float(tensor)`` during a step: nothing waits for the device."""
+    """capturable: no ``.item()``, ``bool(tensor)`` or ``float(tensor)`` during a step (as on CUDA)."""
     model = _model()
-    opt = Lamb(model.parameters(), skip_nonfinite=True, gradient_accumulation_steps=2, **FULL)
+    opt = Lamb(model.parameters(), skip_nonfinite=True, capturable=True, gradient_accumulation_steps=2, **FULL)
     batches = _batches(4)
 
     def refuse(*args, **kwargs):

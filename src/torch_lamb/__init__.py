@@ -1,5 +1,6 @@
 """torch_lamb: the LAMB optimizer for PyTorch with Keras 3's complete optimizer contract."""
 
+from .backends.kernel_build import KernelStatus, kernel_status
 from .optimizer import Lamb
 from .recipes import transformer_recipe
 from .schedules import (
@@ -19,10 +20,12 @@ __all__ = [
     "CosineDecayRestarts",
     "ExponentialDecay",
     "InverseTimeDecay",
+    "KernelStatus",
     "Lamb",
     "LearningRateSchedule",
     "PiecewiseConstantDecay",
     "PolynomialDecay",
     "__version__",
+    "kernel_status",
     "transformer_recipe",
 ]

@@ -152,7 +152,7 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
     rows = []
     for name in names:
         if name.startswith("lamb-"):
-            impl = name.split("-")[1]
+            impl = {"fused": "auto"}.get(name.split("-")[1], name.split("-")[1])  # lamb-fused: the default
             kw: dict[str, Any] = {}
             calls = 1
             if name.endswith("-all"):
@@ -189,17 +189,13 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
 
 
 def _floor_row(params: list[torch.Tensor], numel: int) -> _Row:
-    """LAMB's two passes over the same tensors, in the kernel's blocks and segments, with no arithmetic.
+    """LAMB's two passes over the same tensors, in the kernel's blocks and segments, with no arithmetic
+    (the kernel's own floor build). Without it: a torch copy of 8 B per element, scaled to 40 B."""
+    from .backends import cpu_kernel
 
-    Without the kernel: a torch copy of 8 B per element, scaled to LAMB's 40 B per parameter.
-    """
-    from . import fused
-
-    if fused.available():
-        scratch = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-        bucket = fused.KernelBucket(*scratch, decay_mask=[False] * len(params))
-        grads = [p.grad for p in params]
-        return _Row("floor", lambda: bucket.stream(params, grads), LAMB_BPP, lambda: 8 * numel)
+    stream = cpu_kernel.floor_stream(params, [p.grad for p in params])
+    if stream is not None:
+        return _Row("floor", stream, LAMB_BPP, lambda: 8 * numel)
     n = min(numel, 32 * 1024 * 1024)
     src, dst = torch.ones(n), torch.empty(n)
     reps = LAMB_BPP / 8 * numel / n  # a copy moves 8 B per element
@@ -213,21 +209,24 @@ def _floor_row(params: list[torch.Tensor], numel: int) -> _Row:
 
 
 def _cold_compile_s() -> float | None:
-    """Seconds to compile the fused kernel from scratch (into a throwaway directory)."""
-    from . import fused
+    """Seconds to compile the kernel from scratch (into a throwaway cache directory)."""
+    from .backends import kernel_build
 
-    cc = fused._compiler()
+    cc = kernel_build.compiler()
     if cc is None:
         return None
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        fused._build(Path(d) / "k.so", cc)
+        try:
+            kernel_build._build(Path(d) / "k.so", cc, kernel_build.FLAGS)
+        except kernel_build.KernelError:
+            return None
         return time.perf_counter() - t0
 
 
 def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Time one parameter set (parameters and gradients of ``dtype``); returns a JSON-ready dict."""
-    from . import fused
+    from .backends.kernel_build import kernel_status
 
     shapes = CASES[case]()
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
@@ -240,7 +239,7 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
         params.append(p)
     rss_base = _rss_mb()
     t0 = time.perf_counter()
-    kernel = fused.available()
+    kernel = kernel_status().available
     load_s = time.perf_counter() - t0
     table = _make_rows(names, params, numel)
     peak = _rss_mb("VmHWM")
@@ -333,17 +332,18 @@ def main(argv: list[str] | None = None) -> int:
         if r not in DEFAULT_ROWS:
             ap.error(f"unknown row {r!r}; known: {','.join(DEFAULT_ROWS)}")
 
-    from . import fused
+    from .backends.kernel_build import kernel_status
 
     cold = _cold_compile_s()
     t0 = time.perf_counter()
-    fused.load_kernel()
+    status = kernel_status()
     cached = time.perf_counter() - t0
     report: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "compile_cold_s": cold,
         "kernel_load_cached_s": cached,
+        "kernel": str(status),
         "cases": [run_case(c, args.rounds, rows, getattr(torch, args.dtype))
                   for c in (args.case or ["bert-base", "small-many"])],
     }
@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"torch {report['torch']}, {report['threads']} threads; fused kernel: cold compile "
               f"{cold if cold is not None else float('nan'):.2f} s, load from cache {cached:.3f} s")
+        print(status)
         for c in report["cases"]:
             _print(c)
         if args.json:

@@ -8,12 +8,17 @@ inputs are overwritten (used on the optimizer's own working buffers).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_clip_factor", "global_norm",
-           "norm_clip_factors"]
+if TYPE_CHECKING:
+    from .layout import Bucket
+    from .plan import StepPlan
+
+__all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "clip_factors", "global_clip_factor",
+           "global_norm", "norm_clip_factors"]
 
 
 def _scale(grads: list[Tensor], factors: Sequence[Tensor] | Tensor, inplace: bool) -> list[Tensor]:
@@ -74,3 +79,21 @@ def clip_by_global_norm(
     if not grads:
         return grads
     return _scale(grads, factor.to(grads[0].device), inplace)
+
+
+def clip_factors(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], plan: StepPlan) -> list[Tensor | None]:
+    """Per bucket, the per-tensor factors that ``clipnorm`` or ``global_clipnorm`` multiply the gradients by.
+
+    Each backend measures its gradients as the update will use them (``grad_squares``); sharded
+    buckets sum the squares across ranks with one collective each.
+    """
+    if plan.clip.kind not in ("norm", "global"):
+        return [None] * len(buckets)
+    norms = []
+    for bucket, bucket_grads in zip(buckets, grads):
+        squares = bucket.backend.grad_squares(bucket, bucket_grads, plan)
+        norms.append(torch.sqrt(bucket.reduce(squares) if bucket.reduce is not None else squares))
+    if plan.clip.kind == "norm":
+        return [norm_clip_factors(n, plan.clip.value) for n in norms]
+    factor = global_clip_factor(global_norm(norms), plan.clip.value)
+    return [factor.to(n.device, torch.float32).expand(len(n)) for n in norms]

@@ -17,11 +17,14 @@ are updated with float32 math against float32 moments.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
-from collections.abc import Sequence
+import math
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,15 +65,39 @@ class TrustStats:
     trust_ratio: Tensor
 
 
-def _f32(x: float) -> np.float32:
-    return np.float32(x)
+def f32(x: float) -> float:
+    """``x`` rounded to float32 (inf beyond its range, as a float32 cast gives)."""
+    try:
+        return struct.unpack("f", struct.pack("f", float(x)))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
-def _complement(beta: float | Tensor | np.floating) -> float:
+def _libm_powf() -> Callable[[float, float], float] | None:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("m") or None).powf
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_float, ctypes.c_float], ctypes.c_float
+    return fn
+
+
+_POWF = _libm_powf()
+
+
+def _pow32(base: float, exponent: float) -> float:
+    """``base ** exponent`` in float32 arithmetic (libm's ``powf``, as torch's and numpy's float32 pow),
+    computed on the host without a tensor."""
+    if _POWF is not None:
+        return float(_POWF(base, exponent))
+    return f32(math.pow(base, exponent))
+
+
+def _complement(beta: float | Tensor) -> float:
     """``1 - beta`` as Keras forms it: in double for a Python float, in float32 otherwise."""
-    if isinstance(beta, float) and not isinstance(beta, np.floating):
+    if type(beta) is float:
         return 1.0 - beta
-    return float(np.float32(1.0) - _f32(float(beta)))
+    return f32(1.0 - f32(float(beta)))
 
 
 def lamb_scalars(
@@ -90,21 +117,20 @@ def lamb_scalars(
     ``weight_decay_mode="decoupled"`` is Keras's decay before the update, outside the ratio;
     ``"adaptive"`` is the paper's ``u + weight_decay * w`` inside the ratio.
     """
-    t = _f32(step)
-    with np.errstate(over="ignore", under="ignore"):
-        b1p = _f32(float(beta_1)) ** t
-        b2p = _f32(float(beta_2)) ** t
-    lr32 = _f32(lr)
+    t = f32(step)
+    b1p = _pow32(f32(float(beta_1)), t)
+    b2p = _pow32(f32(float(beta_2)), t)
+    lr32 = f32(lr)
     adaptive = weight_decay_mode == "adaptive"
     decay = None
     if weight_decay is not None and not adaptive:
-        decay = float(_f32(1.0) - _f32(weight_decay) * lr32)
+        decay = f32(1.0 - f32(f32(weight_decay) * lr32))
     return LambScalars(
-        lr=float(lr32),
+        lr=lr32,
         one_minus_beta_1=_complement(beta_1),
         one_minus_beta_2=_complement(beta_2),
-        bias_correction_1=float(_f32(1.0) - b1p),
-        bias_correction_2=float(_f32(1.0) - b2p),
+        bias_correction_1=f32(1.0 - b1p),
+        bias_correction_2=f32(1.0 - b2p),
         epsilon=float(epsilon),
         decay_factor=decay,
         adaptive_weight_decay=weight_decay if adaptive and weight_decay is not None else None,

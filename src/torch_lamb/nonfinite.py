@@ -1,54 +1,52 @@
-"""``skip_nonfinite``: skip a call whose gradients hold inf or NaN, decided on the device.
+"""``skip_nonfinite``: skip a call whose gradients hold inf or NaN, as a transformation of the plan.
 
-No host sync: the decision is a 0-dim bool tensor, and the step runs in full with factors chosen on
-the device so that a skipped call leaves every tensor exactly as it was:
+:meth:`NonfiniteGuard.prepare` takes the call's gradients and plan and returns the ones the backends
+run, so that every backend supports it. The check is one max-abs norm per tensor (it cannot overflow
+for finite values; NaN and inf propagate), reduced across shards so that every rank agrees.
 
-* the gradients are copied into one flat buffer that is filled with ``-1`` when the call is
-  skipped (finite, so ``0 * (g - m)`` is a signed zero and never NaN);
-* the moment lerp weights and the learning rate become 0, the decay factor 1, the EMA weight 0,
-  and accumulated gradients are multiplied by 0 (``acc + (-0) == acc`` bit for bit).
+* **On the host** (every bucket on the CPU, ``capturable=False``): reading a CPU tensor is not a
+  device sync, so the decision is a Python bool. A skipped call runs nothing at all; an applied one
+  is the plain plan with the guard's counters, and runs on any backend, the CPU kernel included.
+* **On the device** (CUDA, or ``capturable=True``): no host read. The gradients are copied into one
+  flat buffer per bucket, filled with a finite value when the call is skipped (``-1``; ``0`` under
+  accumulation, so that ``acc + 0 == acc``), and the plan's scalars become 0-dim tensors chosen on
+  the device: lerp weights and learning rate 0, decay factor 1, EMA weight 0, overwrite off.
 
-``x + 0 * y`` returns ``x`` bit for bit except that a stored ``-0.0`` can come back as ``+0.0``
-(an equal value); moments, velocities and accumulators never hold ``-0.0`` (they start at
-``+0.0`` and ``a + b`` is ``-0.0`` only when both are), so in practice only a parameter or
-average that is exactly ``-0.0`` can change its sign bit.
-
-Counters: the Python counter ``Lamb._iterations`` counts *calls* (it drives learning-rate
-schedules, accumulation windows and the EMA overwrite period, which cannot wait for the device);
-the device counters below count what was applied and drive bias correction, ``Lamb.iterations``
-and the EMA warm-up.
+Counters: ``Lamb._iterations`` counts *calls* (it drives schedules, accumulation windows and the EMA
+overwrite period); the counters below count what was applied and drive bias correction,
+``Lamb.iterations`` and the EMA warm-up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .distributed import Reducer
-from .functional import LambScalars
+from .functional import LambScalars, f32
+
+if TYPE_CHECKING:
+    from .layout import Layout
+    from .plan import StepPlan
 
 __all__ = ["NonfiniteGuard"]
 
-_FILL = -1.0  # the value of every gradient element of a skipped call
+_FILL, _FILL_ACCUMULATING = -1.0, 0.0  # every gradient element of a skipped call (device mode)
 
 
 class NonfiniteGuard:
-    """Device-side flags and counters of ``skip_nonfinite`` (one per optimizer)."""
+    """Flags and counters of ``skip_nonfinite`` (one per optimizer)."""
 
     COUNTERS = ("skipped_steps", "applied_updates", "finite_in_window")
 
     def __init__(self) -> None:
-        self.counts: dict[str, Tensor | int] = dict.fromkeys(self.COUNTERS, 0)  # ints until the first step
-        self.found: Tensor | None = None  # this call's gradients are not all finite
-        self.empty: Tensor | None = None  # this call applies no update (found, or a window without finite calls)
-        self._device: torch.device | None = None
+        self.counts: dict[str, Tensor | int] = dict.fromkeys(self.COUNTERS, 0)  # device tensors in device mode
+        self._found: bool | Tensor = False  # this call's gradients are not all finite
+        self._empty: bool | Tensor = False  # this call applies no update
         self._buffers: dict[tuple, tuple[Tensor, list[Tensor]]] = {}  # reused flat gradient copies
-
-    # ------------------------------------------------------------------ counters
 
     def counter(self, name: str) -> int:
         """A counter as a Python int (a host sync when it lives on the device)."""
@@ -56,77 +54,116 @@ class NonfiniteGuard:
 
     def load(self, values: dict[str, int]) -> None:
         self.counts = {k: int(values.get(k, 0)) for k in self.COUNTERS}
-        self._device = None
 
-    def _on(self, device: torch.device) -> None:
-        if self._device != device:
+    # ------------------------------------------------------------------ the transformation
+
+    def prepare(
+        self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan, capturable: bool
+    ) -> tuple[list[list[Tensor]], StepPlan]:
+        """The gradients and plan the backends run for this call (see the module docstring)."""
+        if not capturable and all(b.device.type == "cpu" for b in layout.buckets):
+            return self._prepare_host(layout, grads, plan)
+        return self._prepare_device(layout, grads, plan)
+
+    def finish(self, plan: StepPlan) -> None:
+        """Advance the counters once the call has run."""
+        found, empty = self._found, self._empty
+        if isinstance(found, Tensor):
+            self.counts["skipped_steps"] += found.long()
+            if plan.updating:
+                self.counts["applied_updates"] += (~empty).long()
+        else:
+            self.counts["skipped_steps"] += int(found)
+            if plan.updating:
+                self.counts["applied_updates"] += int(not empty)
+        if plan.accumulating and plan.updating:
+            self.counts["finite_in_window"] = self.counts["finite_in_window"] * 0
+
+    @staticmethod
+    def _bad(layout: Layout, grads: list[list[Tensor]]) -> list[Tensor]:
+        """Per bucket, a 0-dim count of non-finite tensors (summed across shards)."""
+        flags = []
+        for b, gs in zip(layout.active, grads):
+            dtype = torch.float64 if gs[0].dtype == torch.float64 else torch.float32
+            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(gs, ord=float("inf"), dtype=dtype)))).float()
+            if b.reduce is not None:
+                bad = b.reduce(bad)
+            flags.append(bad.sum())
+        return flags
+
+    def _prepare_host(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> tuple[list, StepPlan]:
+        counts = self.counts = {k: int(v) for k, v in self.counts.items()}
+        flags = self._bad(layout, grads)
+        found = self._found = bool(torch.stack(flags).sum() > 0)  # a CPU tensor: no device to wait for
+        applied = counts["applied_updates"]
+        if plan.accumulating:
+            window = counts["finite_in_window"] = counts["finite_in_window"] + (not found)
+            self._empty = window == 0
+        else:
+            self._empty = found
+        if found and not (plan.updating and plan.accumulating and not self._empty):
+            return grads, replace(plan, apply=False)
+        changes: dict[str, object] = {}
+        if plan.ema_weight is not None:
+            changes["ema_weight"] = 1.0 if applied == 0 else _steady_weight(plan)
+        if plan.updating and plan.accumulating:
+            changes["accumulation"] = float(window)
+        if found:  # the end of a window with finite micro-batches: they apply, this one does not
+            grads = [[torch.zeros_like(g) for g in gs] for gs in grads]
+            changes.update(ema_weight=None, overwrite=False)
+        return grads, replace(plan, **changes).with_step(applied + 1)
+
+    # ------------------------------------------------------------------ device mode
+
+    def _prepare_device(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> tuple[list, StepPlan]:
+        device = layout.active[0].device
+        if not isinstance(self.counts["applied_updates"], Tensor) or self.counts["applied_updates"].device != device:
             self.counts = {  # torch.full: a fill kernel, never a host-to-device copy (which would sync)
                 k: torch.full((), int(v), dtype=torch.int64, device=device) for k, v in self.counts.items()
             }
-            self._device = device
-
-    # ------------------------------------------------------------------ the check
-
-    def check(self, grad_lists: Sequence[list[Tensor]], reducers: Sequence[Reducer | None]) -> list[list[Tensor]]:
-        """Set :attr:`found` and return the gradients as finite copies (all ``-1`` when found).
-
-        The test is one float32 L1 norm per tensor (NaN and inf propagate; unlike the L2 norm it
-        cannot overflow for finite gradients unless ``sum |g|`` exceeds 3.4e38), stacked per bucket;
-        with a ``reduce`` the flags are summed across shards so that every rank agrees. The copies
-        live in one flat buffer per bucket, kept between steps (one ``_foreach_copy_`` and one
-        ``masked_fill_`` per bucket and step).
-        """
-        device = grad_lists[0][0].device
-        self._on(device)
-        flags = []
-        for grads, reduce in zip(grad_lists, reducers):
-            dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=1, dtype=dtype)))).float()
-            if reduce is not None:
-                bad = reduce(bad)
-            flags.append(bad.sum().to(device))
-        self.found = torch.stack(flags).sum() > 0
-        buffers, out = {}, []
-        for index, grads in enumerate(grad_lists):
-            dtype = grads[0].dtype if all(g.dtype == grads[0].dtype for g in grads) else torch.float32
-            key = (index, grads[0].device, dtype, tuple(g.shape for g in grads))
-            flat, views = buffers[key] = self._buffers.get(key) or _flat_buffer(grads, dtype)
-            torch._foreach_copy_(views, grads)
-            flat.masked_fill_(self.found.to(flat.device), _FILL)
-            out.append(views)
+        flags = self._bad(layout, grads)
+        found = self._found = torch.stack([f.to(device) for f in flags]).sum() > 0
+        fill = _FILL_ACCUMULATING if plan.accumulating else _FILL
+        copies, buffers = [], {}
+        for index, gs in enumerate(grads):
+            dtype = gs[0].dtype
+            key = (index, gs[0].device, dtype, tuple(g.shape for g in gs))
+            flat, views = buffers[key] = self._buffers.get(key) or _flat_buffer(gs, dtype)
+            torch._foreach_copy_(views, gs)
+            flat.masked_fill_(found.to(flat.device), fill)
+            copies.append(views)
         self._buffers = buffers  # buffers of parameter sets no longer stepped are dropped
-        return out
-
-    def keep(self, grads: list[Tensor]) -> None:
-        """Zero this call's (already finite) gradients in place when it is skipped: ``g * 0 = -0``."""
-        if grads:
-            torch._foreach_mul_(grads, (~self.found).to(grads[0].device, grads[0].dtype))
-
-    def count_window(self) -> None:
-        """Under accumulation: count this call if its gradients were finite."""
-        self.counts["finite_in_window"] += (~self.found).long()
-
-    def window_divisor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The number of finite calls in the window (at least 1), to average the accumulators."""
-        return self.counts["finite_in_window"].clamp(min=1).to(device, dtype)
-
-    def begin_update(self, accumulating: bool) -> None:
-        """Decide whether this call's update is applied (device-side)."""
-        if accumulating:
-            self.empty = self.counts["finite_in_window"] == 0
+        counts = self.counts
+        if plan.accumulating:
+            counts["finite_in_window"] = counts["finite_in_window"] + (~found).long()
+            self._empty = counts["finite_in_window"] == 0
         else:
-            self.empty = self.found
+            self._empty = found
+        like = layout.active[0].momentums[0]
+        changes: dict[str, object] = {}
+        if plan.updating:
+            assert plan.scalars is not None
+            t = (counts["applied_updates"] + 1).to(like.device, torch.float32)
+            changes["scalars"] = tuple(
+                self._masked(s, g.beta_1, g.beta_2, t, like) for s, g in zip(plan.scalars, plan.groups)
+            )
+            if plan.accumulating:
+                changes["accumulation"] = counts["finite_in_window"].clamp(min=1).to(like.device, like.dtype)
+        if plan.ema_weight is not None:  # momentum 0 until the first *applied* update; 0 when skipped
+            steady = torch.full((), _steady_weight(plan), device=like.device, dtype=like.dtype)
+            w = torch.where((counts["applied_updates"] == 0).to(like.device), torch.ones_like(steady), steady)
+            changes["ema_weight"] = torch.where(found.to(like.device), torch.zeros_like(w), w)
+        if plan.overwrite:
+            changes["overwrite_keep"] = (~found).to(like.device, like.dtype)
+        return copies, replace(plan, **changes)
 
-    # ------------------------------------------------------------------ masked scalars
-
-    def scalars(self, s: LambScalars, beta_1: float, beta_2: float, like: Tensor) -> LambScalars:
+    def _masked(self, s: LambScalars, beta_1: float, beta_2: float, t: Tensor, like: Tensor) -> LambScalars:
         """``s`` with device factors: bias correction from the applied-update count, and no-op factors
-        when the update is skipped. Float32 rounding as :func:`lamb_scalars` (``beta ** t`` in float32)."""
+        when the update is skipped (float32 rounding as :func:`~torch_lamb.functional.lamb_scalars`)."""
         device, dtype = like.device, like.dtype
-        empty = self.empty.to(device)
-        t = (self.counts["applied_updates"] + 1).to(device, torch.float32)
-        b1 = torch.full((), float(np.float32(beta_1)), dtype=torch.float32, device=device)
-        b2 = torch.full((), float(np.float32(beta_2)), dtype=torch.float32, device=device)
+        empty = self._empty.to(device)
+        b1 = torch.full((), f32(beta_1), dtype=torch.float32, device=device)
+        b2 = torch.full((), f32(beta_2), dtype=torch.float32, device=device)
         zero = torch.zeros((), dtype=dtype, device=device)
 
         def masked(value: float, off: float) -> Tensor:
@@ -142,34 +179,10 @@ class NonfiniteGuard:
             decay_factor=None if s.decay_factor is None else masked(s.decay_factor, 1.0),
         )
 
-    def end_update(self, accumulating: bool) -> None:
-        self.counts["applied_updates"] += (~self.empty).long()
-        if accumulating:
-            self.counts["finite_in_window"].zero_()
 
-    # ------------------------------------------------------------------ EMA
-
-    def ema_weight(self, ema_momentum: float, like: Tensor) -> Tensor:
-        """``1 - momentum`` (momentum 0 before the first applied update), 0 when the call is skipped."""
-        w = torch.full((), float(np.float32(1.0) - np.float32(ema_momentum)), device=like.device, dtype=like.dtype)
-        first = (self.counts["applied_updates"] == 0).to(like.device)
-        w = torch.where(first, torch.ones_like(w), w)
-        return torch.where(self.found.to(like.device), torch.zeros_like(w), w)
-
-    def update_averages(self, averages: list[Tensor], params: list[Tensor], ema_momentum: float) -> None:
-        if averages:
-            params = [p.to(a.dtype) if p.dtype != a.dtype else p for a, p in zip(averages, params)]
-            torch._foreach_lerp_(averages, params, self.ema_weight(ema_momentum, averages[0]))
-
-    def overwrite(self, params: list[Tensor], averages: list[Tensor]) -> None:
-        """Copy the averages into the parameters unless the call is skipped (a 0/1 lerp)."""
-        if params:
-            keep = (~self.found).to(params[0].device, params[0].dtype)
-            averages = [a.to(p.dtype) if a.dtype != p.dtype else a for p, a in zip(params, averages)]
-            torch._foreach_lerp_(params, averages, keep)
-
-    def finish(self) -> None:
-        self.counts["skipped_steps"] += self.found.long()
+def _steady_weight(plan: StepPlan) -> float:
+    """The EMA's lerp weight once an update has been applied: ``1 - ema_momentum`` in float32."""
+    return f32(1.0 - f32(plan.ema_momentum))
 
 
 def _flat_buffer(grads: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:

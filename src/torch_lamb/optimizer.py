@@ -8,32 +8,35 @@ follows Keras's order::
 
 from __future__ import annotations
 
-import array
-import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _validation as check
-from . import fused
-from .clipping import (
-    clip_by_global_norm,
-    clip_by_norm,
-    clip_by_value,
-    global_clip_factor,
-    global_norm,
-    norm_clip_factors,
+from .backends import IMPLEMENTATIONS
+from .backends.common import overwrite_with_averages, reset_accumulators
+from .clipping import clip_factors
+from .distributed import local
+from .functional import LOW_PRECISION, TrustStats
+from .layout import (
+    ACCUMULATOR,
+    ADAPT_EXCLUDED,
+    AVERAGE,
+    DECAY_EXCLUDED,
+    MASTER,
+    MOMENTUM,
+    VELOCITY,
+    Bucket,
+    Layout,
+    LayoutCache,
+    read_grads,
 )
-from .distributed import Reducer, dtensor_reducer, full_norms, is_dtensor, local, reducer_key
-from .ema import ema_momentum_at, ema_weight, overwrite_with_averages, should_overwrite, update_averages
-from .functional import LOW_PRECISION, LambScalars, TrustStats, lamb_reference, lamb_scalars, lamb_update
-from .fused import GradientPipeline, MovingAverage
 from .nonfinite import NonfiniteGuard
+from .plan import WEIGHT_DECAY_MODES, StepPlan, plan_step
 from .schedules import LearningRateSchedule
 from .telemetry import TrustRatioTelemetry
 
@@ -42,15 +45,7 @@ __all__ = ["Lamb"]
 _DEFAULT_LR, _DEFAULT_BETA_1 = check._Default(0.001), check._Default(0.9)
 _DEFAULT_BETA_2, _DEFAULT_EPSILON = check._Default(0.999), check._Default(1e-7)
 _FOLLOW_DEFAULT = "default"  # a group whose learning rate follows the optimizer's `learning_rate`
-# the update of the buckets the kernel does not run (``"fused"`` picks its buckets in `_build_buckets`)
-_IMPLEMENTATIONS = {"fused": lamb_update, "foreach": lamb_update, "reference": lamb_reference}
 _AUTO_NAMES: dict[str, int] = {}
-
-MOMENTUM, VELOCITY, AVERAGE, ACCUMULATOR = "momentum", "velocity", "average", "gradient_accumulator"
-MASTER = "master_weight"  # float32 copy of a float16/bfloat16 parameter (``master_weights=True``)
-DECAY_EXCLUDED = "exclude_from_weight_decay"  # per-group list of flags, aligned with group["params"]
-ADAPT_EXCLUDED = "exclude_from_layer_adaptation"  # per-group list of flags: True -> trust ratio 1
-WEIGHT_DECAY_MODES = ("decoupled", "adaptive")
 
 
 def _auto_name(base: str = "lamb") -> str:
@@ -68,50 +63,28 @@ def _pick(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     return alias_value
 
 
+def _implementation(implementation: Any, foreach: bool | None, fused: bool | None) -> str:
+    """One backend choice from ``implementation`` and torch's ``foreach=`` / ``fused=`` spellings of it."""
+    for flag, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"`{flag}` must be a bool or None. Received: {flag}={value!r}")
+    if foreach and fused:
+        raise ValueError("`fused` and `foreach` cannot both be True.")
+    if implementation is not None and (not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS):
+        raise ValueError(
+            f"`implementation` must be one of {list(IMPLEMENTATIONS)} or None. "
+            f"Received: implementation={implementation!r}"
+        )
+    flags = "fused" if fused else "foreach" if foreach else "reference" if foreach is False else (
+        "foreach" if fused is False else None)
+    if implementation is not None and flags is not None and flags != implementation:
+        raise ValueError(f"implementation={implementation!r} contradicts foreach={foreach!r}, fused={fused!r}.")
+    return implementation or flags or "auto"
+
+
 def state_dtype(param: Tensor) -> torch.dtype:
     """Moments, averages and accumulators are float32 for float16/bfloat16 parameters."""
     return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
-
-
-@dataclass
-class _Bucket:
-    """Parameters with gradients that share a param group, a device and a dtype.
-
-    The layout fields are cached across steps while nothing structural changes (see
-    ``Lamb._buckets``); ``grads``, ``work``, ``owned`` and ``pipeline`` are refilled every step.
-    """
-
-    group: dict[str, Any]
-    params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
-    momentums: list[Tensor] = field(default_factory=list)
-    velocities: list[Tensor] = field(default_factory=list)
-    accumulators: list[Tensor] = field(default_factory=list)
-    averages: list[Tensor] = field(default_factory=list)  # EMA slots (``use_ema``)
-    decay_mask: list[bool] = field(default_factory=list)
-    adapt_mask: list[bool] | None = None  # None: every tensor takes the trust ratio
-    reduce: Reducer | None = None  # sums local squared norms across shards (None: whole tensors)
-    names: list[str] = field(default_factory=list)
-    owners: list[Tensor] = field(default_factory=list)  # the parameters themselves (keys of `state`)
-    indices: list[int] = field(default_factory=list)  # their positions among all parameters, in group order
-    dtensor: bool = False  # DTensor parameters: the layout is rebuilt every step (FSDP may swap locals)
-    kernel: fused.KernelBucket | None = None  # the fused kernel's static view, when it covers the layout
-    param_ptrs: array.array | None = None  # this step's data pointers of `params`
-    work: list[Tensor] = field(default_factory=list)  # the gradients the update will use
-    mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from `params` (masters)
-    owned: bool = False  # whether `work` is the optimizer's own buffer (may be clipped in place)
-    pipeline: GradientPipeline | None = None  # set when the fused kernel forms the gradients itself
-    upcast: bool = False  # `grads` are float32 copies of low-precision gradients
-
-
-class _Layout(NamedTuple):
-    """The buckets of the last step, and what must still hold for the next step to reuse them."""
-
-    key: tuple[Any, ...]  # which params have gradients; per group, weight decay off and layer adaptation
-    params: list[Tensor]  # every parameter, in group order
-    shapes: list[torch.Size]  # their shapes
-    buckets: list[_Bucket]
-    pointers: list[array.array]  # per bucket, the data pointers of the tensors it updates
 
 
 class Lamb(TrustRatioTelemetry, Optimizer):
@@ -133,9 +106,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         gradient_accumulation_steps: apply the mean gradient every N calls (N >= 2).
         name: a label (auto-named ``lamb``, ``lamb_1``, ... when None).
         lr, betas, eps: PyTorch-style aliases of ``learning_rate``, ``(beta_1, beta_2)``, ``epsilon``.
-        implementation: None (default: ``"fused"``, which runs the compiled CPU kernel on float32 CPU
-            buckets and the foreach path elsewhere), ``"foreach"`` (``torch._foreach_*`` ops only) or
-            ``"reference"`` (one tensor at a time).
+        implementation: ``"auto"`` (default, also for None): the CPU kernel (``"fused"``) where it applies,
+            ``"foreach"`` elsewhere; or one of ``"fused"``, ``"foreach"``, ``"reference"`` (one tensor at a
+            time, the spec), which raises if some parameter cannot take it.
+        foreach, fused: torch's spellings of the same choice (``fused=True`` is ``"fused"``,
+            ``foreach=True`` is ``"foreach"``, ``foreach=False`` is ``"reference"``).
+        capturable: keep every decision on the device (``skip_nonfinite`` never reads a tensor on the
+            host), as torch's ``capturable``; the CPU kernel then does not apply.
         weight_decay_mode: ``"decoupled"`` (Keras, default) or ``"adaptive"`` (paper, TF-Addons,
             optax: ``u + weight_decay * w`` inside the trust ratio). Groups may override it.
         min_trust_ratio, max_trust_ratio: optional bounds (>= 0) on the trust ratio, e.g.
@@ -169,6 +146,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         betas: tuple[Any, Any] | None = None,
         eps: float | None = None,
         implementation: str | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
         weight_decay_mode: str = "decoupled",
         min_trust_ratio: float | None = None,
         max_trust_ratio: float | None = None,
@@ -223,22 +203,18 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         if name is not None and not isinstance(name, str):
             raise ValueError(f"`name` must be a string or None. Received: name={name!r}")
-        implementation = implementation or "fused"
-        if implementation not in _IMPLEMENTATIONS:
-            raise ValueError(
-                f"`implementation` must be one of {sorted(_IMPLEMENTATIONS)} or None. "
-                f"Received: implementation={implementation!r}"
-            )
-        self.implementation = implementation
+        self.implementation = _implementation(implementation, foreach, fused)
         variant = _check_variant({
             "weight_decay_mode": weight_decay_mode, "min_trust_ratio": min_trust_ratio,
             "max_trust_ratio": max_trust_ratio, "layer_adaptation": True,
         })
-        for flag, value in (("master_weights", master_weights), ("skip_nonfinite", skip_nonfinite)):
+        for flag, value in (("master_weights", master_weights), ("skip_nonfinite", skip_nonfinite),
+                            ("capturable", capturable)):
             if not isinstance(value, bool):
                 raise ValueError(f"`{flag}` must be a bool. Received: {flag}={value!r}")
         self.master_weights = master_weights
         self.skip_nonfinite = skip_nonfinite
+        self.capturable = capturable
         self._guard = NonfiniteGuard() if skip_nonfinite else None
 
         self._learning_rate = learning_rate
@@ -247,7 +223,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._adapt_exclusion: tuple[frozenset[int], re.Pattern[str] | None] = (frozenset(), None)
         self._iterations = 0
         self._state_complete = False
-        self._layout: _Layout | None = None  # the cached bucket layout (see `_buckets`)
+        self._layouts = LayoutCache()
         self.name = name if name is not None else _auto_name()
 
         initial_lr = float(learning_rate) if not callable(learning_rate) else 0.0
@@ -311,7 +287,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._lr_sources.append(source)
         self._resolve_decay_exclusion(self.param_groups[-1])
         self._resolve_adapt_exclusion(self.param_groups[-1])
-        self._state_complete, self._layout = False, None
+        self._state_complete = False
+        self._layouts.invalidate()
         if callable(source):
             self._refresh_learning_rates()
         if hasattr(self, "_learning_rate") and hasattr(self, "name"):  # added after construction
@@ -370,7 +347,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         ``model.named_parameters()`` passed to the constructor.
         """
         self._decay_exclusion = self._exclusion(var_list, var_names)
-        self._layout = None
+        self._layouts.invalidate()
         for group in self.param_groups:
             self._resolve_decay_exclusion(group)
 
@@ -383,7 +360,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         are independent (Keras has no adaptation exclusion, so nothing is excluded by default).
         """
         self._adapt_exclusion = self._exclusion(var_list, var_names)
-        self._layout = None
+        self._layouts.invalidate()
         for group in self.param_groups:
             self._resolve_adapt_exclusion(group)
 
@@ -415,9 +392,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             return
         params = self._all_params() if var_list is None else list(var_list)
         pairs = [(p, self.state[p][AVERAGE]) for p in params if AVERAGE in self.state.get(p, {})]
+        if not pairs:
+            return
         with torch.no_grad():
-            overwrite_with_averages([self._weight(p) for p, _ in pairs], [local(a) for _, a in pairs])
+            torch._foreach_copy_([self._weight(p) for p, _ in pairs], [local(a) for _, a in pairs])
             self._sync_masters([p for p, _ in pairs])
+        if self.master_weights:
+            self._layouts.mark(self, self._all_params())
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as Keras's ``get_config``."""
@@ -448,322 +429,53 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Apply the gradients in ``p.grad``: one Keras ``apply`` call."""
+        """Apply the gradients in ``p.grad``: one Keras ``apply`` call.
+
+        Reading the gradients, planning and laying out only check (a call that raises changes
+        nothing); then the backends run the plan, phase by phase.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        # Everything that can fail is checked before any tensor or counter changes.
-        raw_it = self._iterations
-        n = self.gradient_accumulation_steps
-        updating = not n or (raw_it + 1) % n == 0
-        iterations = raw_it // n if n else raw_it
         params = self._all_params()
-        all_grads = [p.grad for p in params]
-        shapes = [p.shape for p in params]
-        self._check_grads(params, all_grads, shapes)
-        betas: dict[int, tuple[float, float]] = {}
-        scalars = self._group_scalars(raw_it, iterations + 1, betas) if updating else None
-
-        self._ensure_state()
-        buckets = self._buckets(params, all_grads, shapes)
-        guard = self._guard
-        if guard is not None:  # skip_nonfinite: finite copies of the gradients, a device-side flag
-            for b, grads in zip(buckets, guard.check([b.grads for b in buckets], [b.reduce for b in buckets])):
-                b.grads = grads
-        self._fuse(buckets, bool(n))
-        for b in buckets:  # low-precision gradients go through the pipeline in float32, as in the kernel
-            if b.pipeline is None and b.grads[0].dtype in LOW_PRECISION:
-                b.grads, b.upcast = [g.float() for g in b.grads], True
-        if n:
-            for b in buckets:
-                if b.pipeline is not None:  # fused: the update call reads g and acc in its own pass 1
-                    if not updating:
-                        b.kernel.accumulate(b.grads, self.loss_scale_factor)
-                    continue
-                grads = b.grads
-                if self.loss_scale_factor is not None:
-                    grads = torch._foreach_div(grads, self.loss_scale_factor)
-                if guard is not None:
-                    guard.keep(grads)
-                torch._foreach_add_(b.accumulators, grads)
-            if guard is not None:
-                guard.count_window()
-            for b in buckets if updating else ():
-                if b.pipeline is not None:
-                    continue
-                divisor = n if guard is None else guard.window_divisor(b.params[0].device, b.accumulators[0].dtype)
-                torch._foreach_div_(b.accumulators, divisor)
-                b.work, b.owned = b.accumulators, True
-        else:
-            for b in buckets:
-                if b.pipeline is not None:
-                    continue
-                if self.loss_scale_factor is not None:
-                    b.work, b.owned = list(torch._foreach_div(b.grads, self.loss_scale_factor)), True
-                else:
-                    b.work, b.owned = b.grads, guard is not None or b.upcast  # our copies: clipped in place
-
-        if updating:
-            self._clip(buckets)
-            update = _IMPLEMENTATIONS[self.implementation]
-            if guard is not None:
-                guard.begin_update(accumulating=bool(n))
-            for b in buckets:
-                group_scalars = scalars[id(b.group)]
-                if guard is not None:
-                    group_scalars = guard.scalars(group_scalars, *betas[id(b.group)], like=b.momentums[0])
-                if b.pipeline is not None:  # the kernel: pipeline in pass 1, EMA in pass 2
-                    weight = ema_weight(ema_momentum_at(iterations, self.ema_momentum))
-                    stats = b.kernel.update(
-                        b.params, b.grads, group_scalars, reduce=b.reduce, pipeline=b.pipeline,
-                        average=MovingAverage(b.averages, weight) if self.use_ema else None, mirrors=b.mirrors,
-                        param_ptrs=b.param_ptrs,
-                    )
-                else:
-                    stats = update(
-                        b.params, b.work, b.momentums, b.velocities, group_scalars,
-                        decay_mask=b.decay_mask, adapt_mask=b.adapt_mask, reduce=b.reduce,
-                    )
-                    if b.mirrors:  # master weights: refresh the low-precision parameters
-                        torch._foreach_copy_(b.mirrors, b.params)
-                self._update_stats(b, stats)
-            if n:
-                self._zero_accumulators(buckets)
-
-        if self.use_ema:
-            self._update_ema(iterations, buckets, updated=updating)
-        if guard is not None:
-            if updating:
-                guard.end_update(accumulating=bool(n))
-            guard.finish()
-        self._iterations = raw_it + 1
+        grads, shapes = read_grads(params)
+        plan = plan_step(self)
+        layout = self._layouts.get(self, params, grads, shapes)
+        plan.show_learning_rates(self.param_groups)
+        bucket_grads = [b.grads(grads) for b in layout.active]
+        if self._guard is not None:
+            bucket_grads, plan = self._guard.prepare(layout, bucket_grads, plan, self.capturable)
+        if plan.apply:
+            self._run(layout, bucket_grads, plan)
+        if self._guard is not None:
+            self._guard.finish(plan)
+        if self.master_weights:
+            self._layouts.mark(self, params)
+        self._iterations += 1
         return loss
 
-    # ------------------------------------------------------------------ step stages
+    def _run(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> None:
+        """The phases of one call; each backend call covers one bucket."""
+        if plan.updating:
+            factors = clip_factors(layout.active, grads, plan)
+            for bucket, bucket_grads, factor in zip(layout.active, grads, factors):
+                self._update_stats(bucket, bucket.backend.update(bucket, bucket_grads, plan, factor))
+        else:
+            for bucket, bucket_grads in zip(layout.active, grads):
+                bucket.backend.accumulate(bucket, bucket_grads, plan)
+        for bucket in layout.idle if plan.updating else layout.buckets:
+            bucket.backend.ema(bucket, plan)
+        for bucket in layout.idle:
+            reset_accumulators(bucket, plan)
+        if plan.overwrite:
+            for bucket in layout.buckets:
+                overwrite_with_averages(bucket, plan)
 
-    def _check_grads(self, params: list[Tensor], grads: list[Tensor | None], shapes: list[torch.Size]) -> None:
-        missing = [g is None for g in grads]
-        if all(missing):
-            raise ValueError("No gradients provided for any parameter.")
-        if any(missing):
-            params = [p for p, g in zip(params, grads) if g is not None]
-            shapes = [s for s, g in zip(shapes, grads) if g is not None]
-            grads = [g for g in grads if g is not None]
-        if (
-            not any([g.is_sparse for g in grads])
-            and [g.shape for g in grads] == shapes
-            and ((all([g.is_cpu for g in grads]) and all([p.is_cpu for p in params]))
-                 or [g.device for g in grads] == [p.device for p in params])
-        ):
-            return  # the common case, checked list-wise; otherwise find the offender
-        for p, g in zip(params, grads):
-            if g.is_sparse:
-                raise RuntimeError("Lamb does not support sparse gradients.")
-            if g.shape != p.shape:
-                raise RuntimeError(
-                    f"A gradient's shape {tuple(g.shape)} differs from its parameter's {tuple(p.shape)}."
-                )
-            if g.device != p.device:
-                raise RuntimeError(
-                    f"A gradient is on {g.device} but its parameter is on {p.device}."
-                )
-
-    def _group_scalars(
-        self, raw_it: int, step: int, betas: dict[int, tuple[float, float]] | None = None
-    ) -> dict[int, LambScalars]:
-        """Every group's scalars for this update (host-side; may raise, and then changes nothing).
-
-        ``betas``, when given, receives each group's resolved ``(beta_1, beta_2)``.
-        """
-        lrs = self._scheduled_learning_rates(raw_it)
-        out = {}
-        for group, lr in zip(self.param_groups, lrs):
-            beta_1 = check.resolve("beta_1", group["beta_1"], high=1.0)
-            beta_2 = check.resolve("beta_2", group["beta_2"], high=1.0)
-            if betas is not None:
-                betas[id(group)] = (beta_1, beta_2)
-            out[id(group)] = lamb_scalars(
-                lr=check.number("lr", group["lr"] if lr is None else lr),
-                beta_1=beta_1,
-                beta_2=beta_2,
-                epsilon=group["epsilon"],
-                weight_decay=group["weight_decay"],
-                step=step,
-                weight_decay_mode=group["weight_decay_mode"],
-                min_trust_ratio=group["min_trust_ratio"],
-                max_trust_ratio=group["max_trust_ratio"],
-            )
-        for group, lr in zip(self.param_groups, lrs):
-            if lr is not None:
-                group["lr"] = lr
-        return out
-
-    def _buckets(self, params: list[Tensor], grads: list[Tensor | None], shapes: list[torch.Size]) -> list[_Bucket]:
-        """This step's buckets: the cached layout (rebuilt when it no longer holds), with gradients.
-
-        ``params`` is every parameter in group order, ``grads`` their ``.grad`` and ``shapes`` their shapes.
-        """
-        key = (
-            tuple([g is None for g in grads]),
-            tuple([(g["weight_decay"] is None, g["layer_adaptation"]) for g in self.param_groups]),
-            self.implementation,
-        )
-        layout = self._layout
-        pointers = None
-        if layout is not None and layout.key == key and shapes == layout.shapes and all(
-            map(operator.is_, layout.params, params)
-        ):  # new storage (``p.data = ...``) rebuilds too; DTensor buckets always do (FSDP may swap locals)
-            pointers = [array.array("q", [t.data_ptr() for t in b.params]) for b in layout.buckets]
-            if any(b.dtensor for b in layout.buckets) or pointers != layout.pointers:
-                pointers = None
-        if pointers is None:
-            buckets = self._build_buckets()
-            pointers = [array.array("q", [t.data_ptr() for t in b.params]) for b in buckets]
-            layout = self._layout = _Layout(key, params, shapes, buckets, pointers)
-        buckets = layout.buckets
-        for b, ptrs in zip(buckets, pointers):
-            b.param_ptrs = ptrs  # the kernel reuses them
-            b.work, b.owned, b.pipeline, b.upcast = [], False, None, False
-            b.grads = [local(grads[i]) for i in b.indices] if b.dtensor else [grads[i] for i in b.indices]
-        return buckets
-
-    def _build_buckets(self) -> list[_Bucket]:
-        buckets: dict[tuple[Any, ...], _Bucket] = {}
-        position = -1
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            excluded = group[DECAY_EXCLUDED]
-            fixed = [not group["layer_adaptation"] or e for e in group[ADAPT_EXCLUDED]]  # ratio 1
-            for i, p in enumerate(group["params"]):
-                position += 1
-                if p.grad is None:
-                    continue
-                key = (gi, p.device, p.dtype, reducer_key(p))
-                b = buckets.get(key)
-                if b is None:
-                    b = buckets[key] = _Bucket(
-                        group, adapt_mask=[] if any(fixed) else None, reduce=dtensor_reducer(p), dtensor=is_dtensor(p)
-                    )
-                state = self.state[p]
-                if MASTER in state:
-                    b.params.append(local(state[MASTER]))
-                    b.mirrors.append(local(p))
-                else:
-                    b.params.append(local(p))
-                if b.adapt_mask is not None:
-                    b.adapt_mask.append(not fixed[i])
-                b.momentums.append(local(state[MOMENTUM]))
-                b.velocities.append(local(state[VELOCITY]))
-                if ACCUMULATOR in state:
-                    b.accumulators.append(local(state[ACCUMULATOR]))
-                if AVERAGE in state:
-                    b.averages.append(local(state[AVERAGE]))
-                b.decay_mask.append(group["weight_decay"] is not None and not excluded[i])
-                b.names.append(names[i] if names else f"{gi}.{i}")
-                b.owners.append(p)
-                b.indices.append(position)
-        kernel = self.implementation == "fused" and self._guard is None and fused.available()
-        for b in buckets.values():
-            if kernel and fused.kernel_dtype(b.params) is not None and fused.kernel_supports(
-                b.momentums, b.velocities, b.accumulators, b.averages
-            ) and (not b.mirrors or fused.kernel_dtype(b.mirrors) is not None) and all(
-                p.shape == m.shape for p, m in zip(b.params, b.momentums)
-            ):
-                b.kernel = fused.KernelBucket(
-                    b.momentums, b.velocities, decay_mask=b.decay_mask, adapt_mask=b.adapt_mask,
-                    accumulators=b.accumulators, averages=b.averages,
-                )
-        return list(buckets.values())
-
-    def _fuse(self, buckets: Sequence[_Bucket], accumulating: bool) -> None:
-        """Give the buckets the fused kernel covers a gradient pipeline.
-
-        Such a bucket's gradients are never materialised: the kernel forms them (unscale,
-        accumulate, clip) inside its first pass, and updates the moving average in its second.
-        """
-        for b in buckets:
-            if b.kernel is None or fused.kernel_dtype(b.grads) is None:
-                continue
-            b.pipeline = GradientPipeline(
-                loss_scale=self.loss_scale_factor,
-                accumulators=b.accumulators if accumulating else None,
-                accumulation_steps=self.gradient_accumulation_steps if accumulating else None,
-            )
-
-    def _gradient_norms(self, b: _Bucket) -> Tensor:
-        """Full norms of the bucket's gradients as the update will use them (before clipping)."""
-        if b.pipeline is None:
-            return full_norms(b.work, reduce=b.reduce)[0]
-        squares = b.kernel.gradient_squares(b.grads, b.pipeline).to(torch.float32)
-        return torch.sqrt(b.reduce(squares) if b.reduce is not None else squares)
-
-    def _clip(self, buckets: Sequence[_Bucket]) -> None:
-        if self.clipnorm is not None:
-            for b in buckets:
-                norms = self._gradient_norms(b)
-                if b.pipeline is not None:
-                    b.pipeline.clip_factors = norm_clip_factors(norms, self.clipnorm)
-                else:
-                    b.work = clip_by_norm(b.work, norms, self.clipnorm, inplace=b.owned)
-                    b.owned = True
-        elif self.global_clipnorm is not None:
-            norms = [self._gradient_norms(b) for b in buckets]
-            factor = global_clip_factor(global_norm(norms), self.global_clipnorm)
-            for b in buckets:
-                if b.pipeline is not None:
-                    b.pipeline.clip_factors = factor.to(torch.float32).expand(len(b.params))
-                else:
-                    b.work = clip_by_global_norm(b.work, factor, inplace=b.owned)
-                    b.owned = True
-        elif self.clipvalue is not None:
-            for b in buckets:
-                if b.pipeline is not None:
-                    b.pipeline.clipvalue = self.clipvalue
-                else:
-                    b.work = clip_by_value(b.work, self.clipvalue, inplace=b.owned)
-                    b.owned = True
-
-    def _update_stats(self, bucket: _Bucket, stats: TrustStats) -> None:
+    def _update_stats(self, bucket: Bucket, stats: TrustStats) -> None:
         """Hook for trust-ratio telemetry (a no-op unless ``track_trust_ratios(True)``)."""
         if self._trust_recorder is not None:
             self._record_trust_stats(bucket.names, stats)
-
-    def _zero_accumulators(self, buckets: Sequence[_Bucket]) -> None:
-        """Zero the accumulators, but those the fused kernel zeroed in its pass 1."""
-        rest = _not_fused(self._all_params(), buckets)
-        if rest:
-            torch._foreach_zero_([local(self.state[p][ACCUMULATOR]) for p in rest])
-
-    def _update_ema(self, iterations: int, buckets: Sequence[_Bucket], updated: bool) -> None:
-        """Move the averages toward the weights; the fused kernel's buckets did it in their pass 2 when
-        ``updated``, else the kernel does it here."""
-        momentum = ema_momentum_at(iterations, self.ema_momentum)
-        if not updated:
-            for b in buckets:
-                if b.pipeline is not None:
-                    b.kernel.ema(b.params, ema_weight(momentum), param_ptrs=b.param_ptrs)
-        params = self._all_params()
-        rest = _not_fused(params, buckets)
-        guard = self._guard
-        if rest:
-            kernel = self.implementation == "fused" and guard is None and fused.available()
-            ps = [self._weight(p) for p in rest]  # the float32 master where there is one
-            avgs = [local(self.state[p][AVERAGE]) for p in rest]
-            for group in _by_device_dtype(ps, avgs):
-                if guard is not None:
-                    guard.update_averages(group[1], group[0], self.ema_momentum)
-                elif kernel and fused.kernel_supports(*group):
-                    fused.fused_ema(group[1], group[0], ema_weight(momentum))
-                else:
-                    update_averages(group[1], group[0], momentum)
-        if should_overwrite(iterations, self.ema_overwrite_frequency):
-            ps = [self._weight(p) for p in params]
-            avgs = [local(self.state[p][AVERAGE]) for p in params]
-            for group in _by_device_dtype(ps, avgs):
-                (overwrite_with_averages if guard is None else guard.overwrite)(group[0], group[1])
-            self._sync_masters(params)
 
     def _weight(self, p: Tensor) -> Tensor:
         """The tensor the update writes: the float32 master of ``p`` if it has one, else ``p`` (local)."""
@@ -867,7 +579,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             for key, tensor in value.items():
                 if isinstance(tensor, Tensor):
                     self.state[p][key] = tensor.to(device=p.device, dtype=state_dtype(p), copy=True)
-            if not self.master_weights:
+            if not self.master_weights or p.dtype not in LOW_PRECISION:  # a float32 parameter is its own master
                 self.state[p].pop(MASTER, None)
         for group in self.param_groups:
             group.pop("iterations", None)
@@ -880,13 +592,16 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if self._guard is not None:
             self._guard.load(counters)
         self._iterations = iterations
-        self._state_complete, self._layout = False, None
+        self._state_complete = False
+        self._layouts.invalidate()
+        if self.master_weights:  # the loaded masters hold unless a parameter changes after this call
+            self._layouts.mark(self, self._all_params())
 
     _PICKLED = (
         "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
         "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps", "name",
         "implementation", "_learning_rate", "_lr_sources", "_decay_exclusion", "_iterations",
-        "_adapt_exclusion", "master_weights", "skip_nonfinite",
+        "_adapt_exclusion", "master_weights", "skip_nonfinite", "capturable",
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -900,14 +615,17 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         counters = state.pop("_guard_counters", None)
         super().__setstate__(state)  # torch's load_state_dict also calls this (with state and groups only)
         for key, default in (("_adapt_exclusion", (frozenset(), None)), ("master_weights", False),
-                             ("skip_nonfinite", False)):
+                             ("skip_nonfinite", False), ("capturable", False)):
             if not hasattr(self, key):  # pickles from before the variants
                 setattr(self, key, default)
-        if not hasattr(self, "_guard"):  # unpickling (not a load_state_dict)
+        if not hasattr(self, "_layouts"):  # unpickling (not a load_state_dict)
+            self._layouts = LayoutCache()
+        if not hasattr(self, "_guard"):
             self._guard = NonfiniteGuard() if self.skip_nonfinite else None
             if self._guard is not None:
                 self._guard.load(counters or {})
-        self._state_complete, self._layout = False, None
+        self._state_complete = False
+        self._layouts.invalidate()
 
     # ------------------------------------------------------------------ helpers
 
@@ -978,22 +696,3 @@ def _excluded(group: dict[str, Any], ids: frozenset[int], pattern: re.Pattern[st
         id(p) in ids or bool(pattern is not None and name is not None and pattern.search(name))
         for p, name in zip(group["params"], names)
     ]
-
-
-def _not_fused(params: list[Tensor], buckets: Sequence[_Bucket]) -> list[Tensor]:
-    """The parameters that no fused bucket of this step covers (none, in the common case)."""
-    fused_buckets = [b for b in buckets if b.pipeline is not None]
-    if sum(len(b.owners) for b in fused_buckets) == len(params):
-        return []
-    done = {id(p) for b in fused_buckets for p in b.owners}
-    return [p for p in params if id(p) not in done]
-
-
-def _by_device_dtype(params: list[Tensor], others: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    for p, o in zip(params, others):
-        g = groups.setdefault((p.device, p.dtype), ([], []))
-        g[0].append(p)
-        g[1].append(o)
-    return list(groups.values())
-

@@ -1,8 +1,10 @@
 /* Fused LAMB step for CPU tensors, with the Keras gradient pipeline folded in.
  *
- * Compiled at first use by torch_lamb.fused (gcc -O3 -march=native -fopenmp), loaded with ctypes.
- * No torch headers: a bucket of tensors arrives as a `Bucket` of raw float pointers (fused.py
- * mirrors the struct with ctypes). Per element the gradient the update uses is
+ * Compiled at first use by torch_lamb.backends.kernel_build (gcc -O3 -march=native -fopenmp), loaded
+ * with ctypes. No torch headers: a bucket of tensors arrives as a `Bucket` of raw float pointers.
+ * The Python side declares the struct too, and refuses to run unless `lamb_abi()` (the size, every
+ * field's offset and size, the flag values and dtype codes, all read from this file's definitions)
+ * agrees with it; so this file is the one source of the ABI. Per element the gradient the update uses is
  *
  *     t = g / loss_scale                       (F_LOSS_SCALE)
  *     t = (acc + t) / accumulation_steps       (F_ACCUMULATE; acc is then zeroed)
@@ -25,8 +27,9 @@
  * trust ratios itself.
  * lamb_pass1 / lamb_pass2 are the same passes over the whole bucket, for sharded tensors whose
  * squared norms must be summed across ranks (in torch) between the passes.
- * lamb_grad_sums (the clipping norms), lamb_accumulate and lamb_ema are single passes; lamb_stream
- * moves lamb_fused's bytes in lamb_fused's order with no arithmetic (the benchmark's floor).
+ * lamb_grad_sums (the clipping norms), lamb_accumulate and lamb_ema are single passes. Built with
+ * -DLAMB_FLOOR (the benchmark's own library, never the production one), lamb_stream moves
+ * lamb_fused's bytes in lamb_fused's order with no arithmetic: the benchmark's floor.
  *
  * The float32 forms follow torch_lamb.functional.lamb_update; lerp is torch's vectorised form
  * fma(w, end - start, start) for |w| < 0.5, else fma(w - 1, end - start, end).
@@ -38,6 +41,8 @@
  * master and pass 2 also writes its low-precision copy (`mirror`).
  */
 #include <math.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,6 +79,36 @@ typedef struct {
     int64_t p_dtype, g_dtype, mirror_dtype;
 } Bucket;
 
+/* ---------------------------------------------------------------- ABI */
+
+#define BUCKET_FIELDS(X)                                                                            \
+    X(n) X(p) X(g) X(m) X(v) X(acc) X(avg) X(sizes) X(decay_mask) X(adapt_mask) X(clip_factors)     \
+    X(scale) X(sums) X(ratios) X(flags) X(nthreads) X(segment) X(beta_1c) X(beta_2c) X(bc1) X(bc2)   \
+    X(eps) X(decay) X(adaptive_decay) X(lr) X(min_ratio) X(max_ratio) X(loss_scale)                 \
+    X(accumulation_steps) X(clipvalue) X(ema_weight) X(mirror) X(p_dtype) X(g_dtype) X(mirror_dtype)
+#define FLAG_NAMES(X)                                                                               \
+    X(F_DECAY) X(F_ADAPTIVE_DECAY) X(F_MIN_RATIO) X(F_MAX_RATIO) X(F_LOSS_SCALE) X(F_ACCUMULATE)     \
+    X(F_CLIPVALUE) X(F_CLIP_FACTORS) X(F_EMA) X(F_MIRROR) X(DT_F32) X(DT_BF16)
+
+/* "size=S;field=offset:size;...;FLAG=value;..." built from the definitions above (DT_F16 only where
+ * the compiler has _Float16). The loader compares it with its own declaration before any call. */
+const char *lamb_abi(void) {
+    static char buf[4096];
+    if (buf[0]) return buf;
+    size_t at = (size_t)snprintf(buf, sizeof buf, "size=%zu", sizeof(Bucket));
+#define FIELD(f) at += (size_t)snprintf(buf + at, sizeof buf - at, ";%s=%zu:%zu", #f, offsetof(Bucket, f), \
+                                        sizeof(((Bucket *)0)->f));
+    BUCKET_FIELDS(FIELD)
+#undef FIELD
+#define FLAG(f) at += (size_t)snprintf(buf + at, sizeof buf - at, ";%s=%d", #f, (int)(f));
+    FLAG_NAMES(FLAG)
+#undef FLAG
+#if defined(__FLT16_MANT_DIG__)
+    snprintf(buf + at, sizeof buf - at, ";DT_F16=%d", (int)DT_F16);
+#endif
+    return buf;
+}
+
 /* ---------------------------------------------------------------- low precision */
 
 INLINE float bf16_to_f32(uint16_t h) {
@@ -104,11 +139,9 @@ INLINE uint16_t f32_to_f16(float f) { /* IEEE round to nearest even, as c10::Hal
     return h;
 }
 
-int lamb_has_float16(void) { return 1; }
 #else
 INLINE float f16_to_f32(uint16_t h) { (void)h; return NAN; }
-INLINE uint16_t f32_to_f16(float f) { (void)f; return 0x7E00; }
-int lamb_has_float16(void) { return 0; } /* fused.py keeps float16 buckets on the foreach path */
+INLINE uint16_t f32_to_f16(float f) { (void)f; return 0x7E00; } /* no DT_F16 in lamb_abi: never called */
 #endif
 
 /* n elements of a tensor of dtype `dt` from element `off`, as float32: the tensor itself when it
@@ -269,7 +302,7 @@ static void pass1_run(const Bucket *b, Run r, double *ws, double *us) {
         PASS1_CASE(F_LOSS_SCALE | F_CLIP_FACTORS)
         PASS1_CASE(F_ACCUMULATE | F_CLIP_FACTORS)
         PASS1_CASE(F_LOSS_SCALE | F_ACCUMULATE | F_CLIP_FACTORS)
-        default: *ws = *us = NAN; /* clipvalue with clip factors: rejected in fused.py */
+        default: *ws = *us = NAN; /* clipvalue with clip factors: never planned */
     }
 }
 
@@ -393,6 +426,7 @@ static void gather_sums(const Bucket *b, const int64_t *starts, const double *pa
     }
 }
 
+#ifdef LAMB_FLOOR
 /* The memory traffic of the two passes with no LAMB arithmetic: the benchmark's floor. */
 static void stream1_block(const Bucket *b, Span s, double *out) {
     const float *restrict pp = b->p[s.i] + s.off, *restrict gp = b->g[s.i] + s.off;
@@ -414,9 +448,18 @@ static void stream2_block(const Bucket *b, Span s, float scale) {
 #pragma omp simd
     for (int64_t j = 0; j < s.len; j++) pp[j] = pp[j] + scale * (mp[j] + vp[j]);
 }
+#define PASS1_BLOCK(b, s, out) (stream ? stream1_block(b, s, out) : pass1_block(b, s, out))
+#define PASS2_BLOCK(b, s, i) (stream ? stream2_block(b, s, b->ratios[i]) : pass2_block(b, s, b->ratios[i] * b->lr))
+#define RATIO_OF(b, i) (stream ? 0.0f : ratio_of(b, i, b->sums[i], b->sums[b->n + i]))
+#else
+#define PASS1_BLOCK(b, s, out) pass1_block(b, s, out)
+#define PASS2_BLOCK(b, s, i) pass2_block(b, s, b->ratios[i] * b->lr)
+#define RATIO_OF(b, i) ratio_of(b, i, b->sums[i], b->sums[b->n + i])
+#endif
 
 /* Both passes segment by segment (see the header); `stream` runs the floor's bodies instead. */
 static int run_segments(const Bucket *b, int stream) {
+    (void)stream; /* used only in the floor's build */
     int64_t *starts = build_blocks(b);
     double *part = starts ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
     int64_t *segs = part ? malloc(sizeof(int64_t) * (b->n + 1)) : NULL;
@@ -442,18 +485,18 @@ static int run_segments(const Bucket *b, int stream) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = starts[t0]; blk < starts[t1]; blk++) {
             const Span s = block_span(b, starts, blk);
-            if (stream) stream1_block(b, s, part + 2 * blk); else pass1_block(b, s, part + 2 * blk);
+            PASS1_BLOCK(b, s, part + 2 * blk);
         }
 #pragma omp single
         {
             gather_sums(b, starts, part, t0, t1);
             for (int64_t i = t0; i < t1; i++)
-                b->ratios[i] = stream ? 0.0f : ratio_of(b, i, b->sums[i], b->sums[b->n + i]);
+                b->ratios[i] = RATIO_OF(b, i);
         }
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t k = starts[t0]; k < starts[t1]; k++) { /* backwards: the last blocks are still cached */
             const Span s = block_span(b, starts, starts[t1] - 1 - (k - starts[t0]));
-            if (stream) stream2_block(b, s, b->ratios[s.i]); else pass2_block(b, s, b->ratios[s.i] * b->lr);
+            PASS2_BLOCK(b, s, s.i);
         }
     }
     free(segs);
@@ -464,7 +507,9 @@ static int run_segments(const Bucket *b, int stream) {
 
 int lamb_fused(const Bucket *b) { return run_segments(b, 0); }
 
+#ifdef LAMB_FLOOR
 int lamb_stream(const Bucket *b) { return run_segments(b, 1); }
+#endif
 
 /* ---------------------------------------------------------------- single passes */
 

@@ -1,14 +1,32 @@
-"""The fused CPU kernel against the per-tensor reference, every feature on."""
+"""The CPU kernel (the ``fused`` backend) against the per-tensor reference, every feature on; its loader."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
-from torch_lamb import Lamb, fused
-from torch_lamb.functional import lamb_reference, lamb_scalars, lamb_update
+from torch_lamb import Lamb, kernel_status
+from torch_lamb.backends import cpu_kernel, kernel_build
+from torch_lamb.functional import lamb_reference, lamb_scalars
 
-pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler for the fused kernel")
+pytestmark = pytest.mark.skipif(not kernel_status().available, reason="no C compiler for the CPU kernel")
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path, monkeypatch):
+    """A kernel loader that starts from nothing, with its cache in ``tmp_path`` (restored afterwards)."""
+    monkeypatch.setenv("TORCH_LAMB_CACHE_DIR", str(tmp_path))
+    kernel_build.reset()
+    yield tmp_path
+    monkeypatch.undo()
+    kernel_build.reset()
+
+
+def _kernel_update(ps, gs, ms, vs, sc, *, decay_mask, adapt_mask=None, reduce=None):
+    return cpu_kernel.KernelBucket(ms, vs, decay_mask=decay_mask, adapt_mask=adapt_mask).update(
+        ps, gs, sc, reduce=reduce)
 
 SHAPES = [(300, 7), (0,), (5,), (40_000,), (1,), (16_385,)]
 
@@ -42,7 +60,7 @@ def test_fused_matches_reference(mode: str, bounds: tuple) -> None:
         return 2 * x
 
     a, b = _bucket(), _bucket()
-    s1 = fused.fused_lamb_update(*a, sc, decay_mask=dm, adapt_mask=am, reduce=reduce)
+    s1 = _kernel_update(*a, sc, decay_mask=dm, adapt_mask=am, reduce=reduce)
     s2 = lamb_reference(*b, sc, decay_mask=dm, adapt_mask=am, reduce=reduce)
     assert calls == [torch.Size([2 * len(SHAPES)])] + [torch.Size([2])] * len(SHAPES)
     for xs, ys in zip(a, b, strict=True):
@@ -60,7 +78,7 @@ def test_no_decay_and_zero_norms() -> None:
     a, b = _bucket(1), _bucket(1)
     a[0][2].zero_()
     b[0][2].zero_()  # ||w|| = 0 -> ratio 1
-    s1 = fused.fused_lamb_update(*a, sc, decay_mask=[False] * len(SHAPES))
+    s1 = _kernel_update(*a, sc, decay_mask=[False] * len(SHAPES))
     s2 = lamb_reference(*b, sc, decay_mask=[False] * len(SHAPES))
     assert s1.trust_ratio[2] == 1
     for xs, ys in zip(a, b, strict=True):
@@ -69,23 +87,30 @@ def test_no_decay_and_zero_norms() -> None:
     torch.testing.assert_close(s1.trust_ratio, s2.trust_ratio, rtol=1e-6, atol=0)
 
 
-def test_falls_back_for_uncovered_dtypes() -> None:
-    sc = lamb_scalars(lr=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.1, step=2)
-    for dtype in (torch.float64, torch.bfloat16):
-        cast = [True, dtype == torch.float64, dtype == torch.float64, dtype == torch.float64]
-        a = [[t.to(dtype) if c else t for t in ts] for c, ts in zip(cast, _bucket(), strict=True)]
-        b = [[t.clone() for t in ts] for ts in a]
-        assert not fused.kernel_supports(*a)
-        fused.fused_lamb_update(*a, sc, decay_mask=[True] * len(SHAPES))
-        lamb_update(*b, sc, decay_mask=[True] * len(SHAPES))
-        for xs, ys in zip(a, b, strict=True):
-            for x, y in zip(xs, ys, strict=True):
-                assert torch.equal(x, y)
+@pytest.mark.parametrize("case", ["float64", "non_contiguous"])
+def test_auto_takes_foreach_where_the_kernel_does_not_apply_and_fused_refuses(case) -> None:
+    def params():
+        torch.manual_seed(0)
+        if case == "float64":
+            return [torch.nn.Parameter(torch.randn(30, 7, dtype=torch.float64))]
+        return [torch.nn.Parameter(torch.randn(7, 30).t())]
 
-
-def test_non_contiguous_falls_back() -> None:
-    p = torch.randn(8, 6).t()
-    assert not fused.kernel_supports([p], [torch.randn(6, 8)], [torch.zeros(6, 8)], [torch.zeros(6, 8)])
+    results = {}
+    for impl in ("auto", "foreach"):
+        ps = params()
+        opt = Lamb(ps, learning_rate=1e-2, weight_decay=0.1, implementation=impl)
+        for _ in range(2):
+            ps[0].grad = torch.ones_like(ps[0]) * 1e-2
+            opt.step()
+        results[impl] = ps[0].detach()
+    assert torch.equal(results["auto"], results["foreach"])
+    ps = params()
+    ps[0].grad = torch.ones_like(ps[0])
+    before = ps[0].detach().clone()
+    with pytest.raises(ValueError, match="float64|contiguous") as err:
+        Lamb(ps, fused=True).step()
+    assert "device cpu" in str(err.value) and "'fused'" in str(err.value)
+    assert torch.equal(ps[0], before)
 
 
 def test_optimizer_default_is_fused_and_matches_reference() -> None:
@@ -97,7 +122,7 @@ def test_optimizer_default_is_fused_and_matches_reference() -> None:
         ps = [torch.nn.Parameter(p.clone()) for p in base]
         opt = Lamb(ps, learning_rate=1e-2, weight_decay=0.01, global_clipnorm=1.0, use_ema=True,
                    loss_scale_factor=4.0, gradient_accumulation_steps=2, implementation=impl)
-        assert opt.implementation == (impl or "fused")
+        assert opt.implementation == (impl or "auto")
         for gs in grads:
             for p, g in zip(ps, gs, strict=True):
                 p.grad = g.clone()
@@ -107,34 +132,40 @@ def test_optimizer_default_is_fused_and_matches_reference() -> None:
         _close(x, y)
 
 
-def test_cache_is_reused(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCH_LAMB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(fused, "_lib", None)
-    monkeypatch.setattr(fused, "_failed", None)
-    assert fused.load_kernel() is not None
-    built = list(tmp_path.glob("lamb_kernel_*.so"))
+def test_cache_is_reused(fresh_kernel) -> None:
+    assert kernel_build.load_kernel() is not None
+    built = list(fresh_kernel.glob("lamb_kernel_*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(fused, "_lib", None)
-    assert fused.load_kernel() is not None
-    assert built[0].stat().st_mtime_ns == mtime and not list(tmp_path.glob("*.so.*")) and len(
-        list(tmp_path.iterdir())) == 1
+    kernel_build.reset()
+    assert kernel_build.load_kernel() is not None
+    assert built[0].stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in fresh_kernel.iterdir()) == [built[0].name, built[0].name + ".sha256"]
 
 
-def test_no_compiler_falls_back_to_foreach(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCH_LAMB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(fused, "_lib", None)
-    monkeypatch.setattr(fused, "_failed", None)
-    monkeypatch.setattr(fused, "_compiler", lambda: None)
-    assert not fused.available() and "compiler" in (fused._failed or "")
-    sc = lamb_scalars(lr=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.1, step=2)
-    a, b = _bucket(2), _bucket(2)
-    fused.fused_lamb_update(*a, sc, decay_mask=[True] * len(SHAPES))
-    lamb_update(*b, sc, decay_mask=[True] * len(SHAPES))
-    for xs, ys in zip(a, b, strict=True):
-        for x, y in zip(xs, ys, strict=True):
-            assert torch.equal(x, y)
-    assert list(tmp_path.iterdir()) == []
+def test_no_compiler_warns_once_takes_foreach_and_fused_raises(fresh_kernel, monkeypatch) -> None:
+    monkeypatch.setattr(kernel_build, "compiler", lambda: None)
+    status = kernel_status()
+    assert not status.available and "compiler" in status.reason and "TORCH_LAMB_CACHE_DIR" in str(status)
+    monkeypatch.setattr("torch_lamb.backends._warned", set())
+    results = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for impl in ("auto", "auto", "foreach"):
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(50))
+            opt = Lamb([p], weight_decay=0.1, implementation=impl)
+            p.grad = torch.ones_like(p)
+            opt.step()
+            results.append(p.detach())
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no C compiler" in messages[0] and "$CC" in messages[0]
+    assert torch.equal(results[0], results[2])
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="unavailable"):
+        Lamb([p], implementation="fused").step()
+    assert list(fresh_kernel.iterdir()) == []
 
 
 # ------------------------------------------------------------------ the optimizer on the kernel, every feature
@@ -158,6 +189,14 @@ PIPELINE_CONFIGS = {
 OPT_SHAPES = [(300, 7), (0,), (5,), (40_000,), (1,), (16_385,), (64, 64)]
 
 
+def _spy_kernel(monkeypatch) -> list[str]:
+    """The kernel entry points that run (a spy on the backend's one call site)."""
+    ran: list[str] = []
+    real_run = cpu_kernel._run
+    monkeypatch.setattr(cpu_kernel, "_run", lambda name, b, kernel=None: (ran.append(name), real_run(name, b, kernel)))
+    return ran
+
+
 def _run_optimizer(impl: str, config: dict, calls: int = 8) -> tuple[list[torch.Tensor], Lamb]:
     torch.manual_seed(0)
     named = [(f"layer{i}.{'bias' if len(s) == 1 else 'weight'}", torch.nn.Parameter(torch.randn(s)))
@@ -174,13 +213,11 @@ def _run_optimizer(impl: str, config: dict, calls: int = 8) -> tuple[list[torch.
     return [p.detach() for p in params] + [t for p in params for t in opt.state[p].values()], opt
 
 
-@pytest.mark.parametrize("segment_bytes", [1 << 16, fused._SEGMENT_BYTES], ids=["many_segments", "default"])
+@pytest.mark.parametrize("segment_bytes", [1 << 16, cpu_kernel.SEGMENT_BYTES], ids=["many_segments", "default"])
 @pytest.mark.parametrize("config", sorted(PIPELINE_CONFIGS))
 def test_every_feature_runs_in_the_kernel_and_matches_reference(config, segment_bytes, monkeypatch) -> None:
-    monkeypatch.setattr(fused, "_SEGMENT_BYTES", segment_bytes)
-    ran: list[str] = []
-    real_run = fused._run
-    monkeypatch.setattr(fused, "_run", lambda name, b: (ran.append(name), real_run(name, b)))
+    monkeypatch.setattr(cpu_kernel, "SEGMENT_BYTES", segment_bytes)
+    ran = _spy_kernel(monkeypatch)
     cfg = PIPELINE_CONFIGS[config]
     got, _ = _run_optimizer("fused", cfg)
     assert "lamb_fused" in ran
@@ -201,48 +238,36 @@ def test_sharded_two_pass_path_equals_segmented_path() -> None:
     for reduce in (None, lambda x: x):
         ps, gs, ms, vs = _bucket(4)
         accs, avgs = [g.flip(-1) * 0.5 if g.dim() else g * 0.5 for g in gs], [p.clone() for p in ps]
-        kb = fused.KernelBucket(ms, vs, decay_mask=[True, False] * 3, adapt_mask=[True] * 5 + [False],
-                                accumulators=accs, averages=avgs)
-        pipe = fused.GradientPipeline(loss_scale=2.0, accumulators=accs, accumulation_steps=2, clipvalue=1e-2)
-        stats = kb.update(ps, gs, sc, reduce=reduce, pipeline=pipe, average=fused.MovingAverage(avgs, 0.25))
+        kb = cpu_kernel.KernelBucket(ms, vs, decay_mask=[True, False] * 3, adapt_mask=[True] * 5 + [False],
+                                     accumulators=accs, averages=avgs)
+        pipe = cpu_kernel.GradientPipeline(loss_scale=2.0, accumulation_steps=2, clipvalue=1e-2)
+        stats = kb.update(ps, gs, sc, reduce=reduce, pipeline=pipe, ema_weight=0.25)
         outs.append([*ps, *ms, *vs, *accs, *avgs, stats.trust_ratio, stats.weight_norm, stats.update_norm])
     for x, y in zip(*outs, strict=True):
         assert torch.equal(x, y)
     assert all(not a.any() for a in outs[0][18:24])  # the accumulators were zeroed
 
 
-def test_mismatched_sizes_raise_before_the_kernel_runs() -> None:
-    sc = lamb_scalars(lr=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None, step=1)
-    ps, gs, ms, vs = _bucket()
-    gs[3] = torch.zeros(10)
-    before = [p.clone() for p in ps]
-    with pytest.raises(ValueError, match="sizes"):
-        fused.fused_lamb_update(ps, gs, ms, vs, sc, decay_mask=[False] * len(SHAPES))
-    assert all(torch.equal(a, b) for a, b in zip(ps, before, strict=True))
-
-
 def test_floor_stream_moves_bytes_without_changing_parameters() -> None:
     ps, gs, _, _ = _bucket(5)
     before = [p.clone() for p in ps]
-    scratch = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
-    bucket = fused.KernelBucket(*scratch, decay_mask=[False] * len(ps))
+    stream = cpu_kernel.floor_stream(ps, gs)
     for _ in range(3):
-        bucket.stream(ps, gs)
-    for p, b, g, m, v in zip(ps, before, gs, *scratch, strict=True):
+        stream()
+    for p, b, g, m, v in zip(ps, before, gs, *stream.scratch, strict=True):
         assert torch.equal(p, b)
         torch.testing.assert_close(m, 3 * g)  # the momentums saw every gradient: pass 1 ran over all of it
         assert torch.equal(v, -m)
+    assert not hasattr(kernel_build.load_kernel().lib, "lamb_stream")  # the floor stays out of production
 
 
-def test_cache_is_per_cpu(tmp_path, monkeypatch) -> None:
+def test_cache_is_per_cpu(fresh_kernel, monkeypatch) -> None:
     """A cache dir shared between machines (an NFS home) keeps one build per CPU model and features."""
-    monkeypatch.setenv("TORCH_LAMB_CACHE_DIR", str(tmp_path))
     for cpu in ("cpu-a avx2", "cpu-b avx2 avx512f", "cpu-a avx2"):
-        monkeypatch.setattr(fused, "_lib", None)
-        monkeypatch.setattr(fused, "_failed", None)
-        monkeypatch.setattr(fused, "_cpu_identity", lambda cpu=cpu: cpu)
-        assert fused.load_kernel() is not None
-    assert len(list(tmp_path.glob("lamb_kernel_*.so"))) == 2
+        kernel_build.reset()
+        monkeypatch.setattr(kernel_build, "cpu_identity", lambda cpu=cpu: cpu)
+        assert kernel_build.load_kernel() is not None
+    assert len(list(fresh_kernel.glob("lamb_kernel_*.so"))) == 2
 
 
 # ------------------------------------------------------------------ bfloat16 / float16 parameters on the kernel
@@ -257,7 +282,7 @@ LOW_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], i
 
 def _run_low(impl: str, dtype: torch.dtype, master: bool, config: dict, calls: int = 7, adapt: bool = True):
     """Parameters and per-parameter state after ``calls`` steps on bfloat16/float16 parameters."""
-    if dtype not in fused._DTYPE_CODES:
+    if dtype == torch.float16 and not kernel_status().float16:
         pytest.skip("this compiler has no _Float16: float16 stays on the foreach path")
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in OPT_SHAPES]
@@ -272,11 +297,6 @@ def _run_low(impl: str, dtype: torch.dtype, master: bool, config: dict, calls: i
     return [p.detach() for p in params], [dict(opt.state[p]) for p in params]
 
 
-def _spy_kernel(monkeypatch) -> list[str]:
-    ran: list[str] = []
-    real_run = fused._run
-    monkeypatch.setattr(fused, "_run", lambda name, b: (ran.append(name), real_run(name, b)))
-    return ran
 
 
 def _run_rounding_f32(dtype: torch.dtype, master: bool, config: dict, calls: int = 7):

@@ -1,0 +1,69 @@
+"""Steps that every torch-op backend shares after its update: accumulators, EMA, master copies."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..layout import Bucket
+    from ..plan import StepPlan
+
+__all__ = ["finish_update", "move_averages", "norm_dtype", "overwrite_with_averages", "reset_accumulators",
+           "state_grads"]
+
+
+def norm_dtype(t: Tensor) -> torch.dtype:
+    """Norms are summed in float32 at least (float64 for float64 tensors)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def state_grads(bucket: Bucket, grads: list[Tensor]) -> tuple[list[Tensor], bool]:
+    """The gradients in the state's dtype (float16/bfloat16 widened to float32), and whether they are copies."""
+    dtype = bucket.momentums[0].dtype
+    if grads and grads[0].dtype != dtype:
+        return [g.to(dtype) for g in grads], True
+    return grads, False
+
+
+def move_averages(bucket: Bucket, weight: float | Tensor) -> None:
+    """``avg = lerp(avg, w, weight)`` toward the weights (the float32 master where there is one)."""
+    if bucket.averages:
+        dtype = bucket.averages[0].dtype
+        weights = [w.to(dtype) for w in bucket.weights] if bucket.weights[0].dtype != dtype else bucket.weights
+        torch._foreach_lerp_(bucket.averages, weights, weight)
+
+
+def finish_update(bucket: Bucket, plan: StepPlan) -> None:
+    """After the weights moved: refresh the masters' copies, zero the accumulators, move the averages."""
+    if bucket.mirrors:
+        torch._foreach_copy_(bucket.mirrors, bucket.weights)
+    if plan.accumulation is not None:
+        torch._foreach_zero_(bucket.accumulators)
+    if plan.ema_weight is not None:
+        move_averages(bucket, plan.ema_weight)
+
+
+def reset_accumulators(bucket: Bucket, plan: StepPlan) -> None:
+    """At the end of an accumulation window, the accumulators of parameters that got no gradient reset too."""
+    if plan.accumulation is not None and bucket.accumulators:
+        torch._foreach_zero_(bucket.accumulators)
+
+
+def overwrite_with_averages(bucket: Bucket, plan: StepPlan) -> None:
+    """Copy the averages into the weights (Keras's ``ema_overwrite_frequency``), then into the masters' copies.
+
+    Under a device-side guard the copy is a 0/1 lerp, so that a skipped call keeps the weights.
+    """
+    if not bucket.averages:
+        return
+    if plan.overwrite_keep is None:
+        torch._foreach_copy_(bucket.weights, bucket.averages)
+    else:
+        dtype = bucket.weights[0].dtype
+        averages = [a.to(dtype) for a in bucket.averages] if bucket.averages[0].dtype != dtype else bucket.averages
+        torch._foreach_lerp_(bucket.weights, averages, plan.overwrite_keep.to(bucket.device, dtype))
+    if bucket.mirrors:
+        torch._foreach_copy_(bucket.mirrors, bucket.weights)

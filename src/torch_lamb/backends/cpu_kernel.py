@@ -1,0 +1,313 @@
+"""The ``fused`` backend: the C kernel for CPU buckets, with the whole Keras pipeline in its two passes.
+
+Pass 1 forms each gradient (unscale, accumulate, clip), updates m and v and sums ``||w||^2`` and
+``||u||^2`` per tensor in double; pass 2 re-forms u from the new moments and writes p, its
+low-precision copy and the moving average. Whole tensors run segment by segment, so pass 2 finds a
+segment still in cache, with the trust ratios formed in C; sharded tensors run pass 1 over the
+bucket, call ``bucket.reduce`` on the packed squared norms, and run pass 2.
+
+Covered: CPU, contiguous tensors, float32 state, host (Python float) scalars; parameters and
+gradients in float32, bfloat16 or float16 (where the compiler has ``_Float16``). The layout checks
+every pointer this backend caches before each step (:mod:`torch_lamb.layout`).
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..distributed import Reducer
+from ..functional import LambScalars, TrustStats, trust_ratio
+from . import kernel_build
+from .kernel_build import FIX_HINT
+from .kernel_build import Bucket as _Struct
+
+if TYPE_CHECKING:
+    from ..layout import Bucket
+    from ..optimizer import Lamb
+    from ..plan import StepPlan
+
+__all__ = ["FIX_HINT", "CpuKernelBackend", "GradientPipeline", "KernelBucket", "floor_stream",
+           "unavailable"]
+
+MIN_PER_THREAD = 1 << 16  # below ~64K elements per thread, waking OpenMP workers costs more than it saves
+SEGMENT_BYTES = 8 << 20  # pass 2 re-reads a segment of this many bytes (all streams) from cache
+_DTYPE_NAMES = {torch.float32: "DT_F32", torch.bfloat16: "DT_BF16", torch.float16: "DT_F16"}
+
+
+def _kernel() -> kernel_build.Kernel:
+    kernel = kernel_build.load_kernel()
+    if kernel is None:
+        raise RuntimeError(f"torch_lamb CPU kernel unavailable: {unavailable()}")
+    return kernel
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot be used (None when it can; builds it on first call)."""
+    return None if kernel_build.load_kernel() is not None else kernel_build.kernel_status().reason
+
+
+def dtype_code(dtype: torch.dtype) -> int | None:
+    """The kernel's code for parameters or gradients of ``dtype`` (None: not handled)."""
+    name = _DTYPE_NAMES.get(dtype)
+    return _kernel().constants.get(name) if name else None
+
+
+@dataclass
+class GradientPipeline:
+    """How pass 1 forms each gradient, in Keras's order (each step optional).
+
+    ``t = g / loss_scale``; ``t = (acc + t) / accumulation_steps`` (then acc is zeroed);
+    ``t = clamp(t, -clipvalue, clipvalue)``; ``t = t * clip_factors[i]`` (clipnorm, global_clipnorm).
+    """
+
+    loss_scale: float | None = None
+    accumulation_steps: float | None = None
+    clipvalue: float | None = None
+    clip_factors: Tensor | None = None  # float32, one per tensor
+
+
+def _ptrs(tensors: Sequence[Tensor]) -> array.array:
+    return array.array("q", [t.data_ptr() for t in tensors])
+
+
+def _addr(pointers: array.array) -> int:
+    return pointers.buffer_info()[0]
+
+
+def _threads(numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), numel // MIN_PER_THREAD))
+
+
+class KernelBucket:
+    """The kernel's view of one bucket: sizes, masks and state pointers, built once per layout.
+
+    Every tensor must have the element count of the matching momentum, and every pointer must stay
+    valid while the view is used: the layout re-checks them before each step.
+    """
+
+    def __init__(
+        self,
+        momentums: Sequence[Tensor],
+        velocities: Sequence[Tensor],
+        *,
+        decay_mask: Sequence[bool],
+        adapt_mask: Sequence[bool] | None = None,
+        accumulators: Sequence[Tensor] = (),
+        averages: Sequence[Tensor] = (),
+    ) -> None:
+        self.flags = _kernel().constants
+        self.n = len(momentums)
+        self.numels = [m.numel() for m in momentums]
+        self.sizes = torch.tensor(self.numels, dtype=torch.int64)
+        self.numel = sum(self.numels)
+        self.decay_mask = torch.tensor(list(decay_mask), dtype=torch.uint8)
+        self.adapt_list = None if adapt_mask is None else list(adapt_mask)
+        self.adapt_mask = None if adapt_mask is None else torch.tensor(self.adapt_list, dtype=torch.uint8)
+        self.tensors = (list(momentums), list(velocities), list(accumulators), list(averages))  # kept alive
+        self.m, self.v = _ptrs(momentums), _ptrs(velocities)
+        self.acc = _ptrs(accumulators) if accumulators else None
+        self.avg = _ptrs(averages) if averages else None
+
+    def _struct(self, params: Sequence[Tensor] | None, grads: Sequence[Tensor] | None) -> tuple[_Struct, list[object]]:
+        """The call's struct (a pass that reads no p or no g gets None for it), and what must outlive it."""
+        b = _Struct()
+        keep: list[object] = []
+        if params is not None:
+            keep.append(ptrs := _ptrs(params))
+            b.p, b.p_dtype = _addr(ptrs), dtype_code(params[0].dtype)
+        if grads is not None:
+            keep.append(ptrs := _ptrs(grads))
+            b.g, b.g_dtype = _addr(ptrs), dtype_code(grads[0].dtype)
+        b.n, b.m, b.v = self.n, _addr(self.m), _addr(self.v)
+        b.sizes, b.decay_mask = self.sizes.data_ptr(), self.decay_mask.data_ptr()
+        if self.adapt_mask is not None:
+            b.adapt_mask = self.adapt_mask.data_ptr()
+        b.nthreads = _threads(self.numel)
+        return b, keep
+
+    def _options(self, b: _Struct, *options: tuple[str, str, float | None]) -> None:
+        for flag, name, value in options:
+            if value is not None:
+                b.flags |= self.flags[flag]
+                setattr(b, name, value)
+
+    def _pipeline(self, b: _Struct, keep: list[object], pipe: GradientPipeline | None) -> None:
+        if pipe is None:
+            return
+        self._options(b, ("F_LOSS_SCALE", "loss_scale", pipe.loss_scale), ("F_CLIPVALUE", "clipvalue", pipe.clipvalue),
+                      ("F_ACCUMULATE", "accumulation_steps", pipe.accumulation_steps))
+        if pipe.accumulation_steps is not None:
+            if self.acc is None:
+                raise ValueError("GradientPipeline: accumulation needs the bucket's accumulators.")
+            b.acc = _addr(self.acc)
+        if pipe.clipvalue is not None and pipe.clip_factors is not None:
+            raise ValueError("GradientPipeline: give `clipvalue` or `clip_factors`, not both.")
+        if pipe.clip_factors is not None:
+            factors = pipe.clip_factors.to(torch.float32).expand(self.n).contiguous()
+            keep.append(factors)
+            b.flags |= self.flags["F_CLIP_FACTORS"]
+            b.clip_factors = factors.data_ptr()
+
+    def update(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        scalars: LambScalars,
+        *,
+        reduce: Reducer | None = None,
+        pipeline: GradientPipeline | None = None,
+        ema_weight: float | None = None,
+        mirrors: Sequence[Tensor] | None = None,
+    ) -> TrustStats:
+        """One LAMB update of the bucket (host scalars only); ``mirrors``: the low-precision copies of
+        float32 master ``params``, rounded from them in pass 2."""
+        s, n = scalars, self.n
+        b, keep = self._struct(params, grads)
+        if mirrors:
+            keep.append(mirror_ptrs := _ptrs(mirrors))
+            b.flags |= self.flags["F_MIRROR"]
+            b.mirror, b.mirror_dtype = _addr(mirror_ptrs), dtype_code(mirrors[0].dtype)
+        b.beta_1c, b.beta_2c, b.eps, b.lr = s.one_minus_beta_1, s.one_minus_beta_2, s.epsilon, s.lr
+        b.bc1, b.bc2 = s.bias_correction_1, s.bias_correction_2
+        self._options(b, ("F_DECAY", "decay", s.decay_factor), ("F_ADAPTIVE_DECAY", "adaptive_decay",
+                      s.adaptive_weight_decay), ("F_MIN_RATIO", "min_ratio", s.min_trust_ratio),
+                      ("F_MAX_RATIO", "max_ratio", s.max_trust_ratio))
+        self._pipeline(b, keep, pipeline)
+        if ema_weight is not None:
+            if self.avg is None:
+                raise ValueError("KernelBucket: the bucket was built without averages.")
+            b.flags |= self.flags["F_EMA"]
+            b.ema_weight = ema_weight
+            b.avg = _addr(self.avg)
+        sums = torch.empty(2 * n, dtype=torch.float64)
+        b.sums = sums.data_ptr()
+        if reduce is None:
+            ratio = torch.empty(n, dtype=torch.float32)
+            b.ratios = ratio.data_ptr()
+            streams = 4 + bool(b.flags & self.flags["F_ACCUMULATE"]) + (ema_weight is not None)
+            b.segment = max(1, SEGMENT_BYTES // (4 * streams))
+            _run("lamb_fused", b)
+            norms = torch.sqrt(sums.to(torch.float32))
+            return TrustStats(norms[:n], norms[n:], ratio)
+        _run("lamb_pass1", b)
+        norms = torch.sqrt(reduce(sums.to(torch.float32)))
+        weight_norm, update_norm = norms[:n], norms[n:]
+        ratio = trust_ratio(weight_norm, update_norm, scalars, self.adapt_list)
+        scale = (ratio * s.lr).to(torch.float32).contiguous()
+        b.scale = scale.data_ptr()
+        _run("lamb_pass2", b)
+        return TrustStats(weight_norm, update_norm, ratio)
+
+    def gradient_squares(self, grads: Sequence[Tensor], pipeline: GradientPipeline) -> Tensor:
+        """Per tensor, the sum of squares (float64) of the gradients ``pipeline`` forms, before clipping."""
+        b, keep = self._struct(None, grads)
+        self._pipeline(b, keep, GradientPipeline(pipeline.loss_scale, pipeline.accumulation_steps))
+        sums = torch.empty(2 * self.n, dtype=torch.float64)
+        b.sums = sums.data_ptr()
+        _run("lamb_grad_sums", b)
+        return sums[: self.n]
+
+    def accumulate(self, grads: Sequence[Tensor], loss_scale: float | None) -> None:
+        """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
+        b, _keep = self._struct(None, grads)
+        b.acc = _addr(self.acc)
+        self._options(b, ("F_LOSS_SCALE", "loss_scale", loss_scale))
+        _run("lamb_accumulate", b)
+
+    def ema(self, params: Sequence[Tensor], weight: float) -> None:
+        """``avg = lerp(avg, p, weight)`` over the bucket's averages, in one pass."""
+        b, _keep = self._struct(params, None)
+        b.avg, b.ema_weight = _addr(self.avg), weight
+        _run("lamb_ema", b)
+
+
+def _run(name: str, b: _Struct, kernel: kernel_build.Kernel | None = None) -> None:
+    if getattr((kernel or _kernel()).lib, name)(ctypes.byref(b)) != 0:
+        raise MemoryError(f"torch_lamb CPU kernel: allocation failed in {name}")
+
+
+def floor_stream(params: Sequence[Tensor], grads: Sequence[Tensor]):
+    """The benchmark's floor: a callable that moves the update's bytes in its passes and segments, with
+    no arithmetic, on scratch state (from the floor's own build of the kernel; None without one)."""
+    kernel = kernel_build.load_kernel(floor=True)
+    if kernel is None:
+        return None
+    scratch = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    view = KernelBucket(*scratch, decay_mask=[False] * len(params))
+
+    def stream() -> None:
+        b, _keep = view._struct(params, grads)
+        sums, ratios = torch.empty(2 * view.n, dtype=torch.float64), torch.empty(view.n, dtype=torch.float32)
+        b.sums, b.ratios, b.segment = sums.data_ptr(), ratios.data_ptr(), max(1, SEGMENT_BYTES // 16)
+        _run("lamb_stream", b, kernel)
+
+    stream.scratch = scratch  # type: ignore[attr-defined]
+    return stream
+
+
+class CpuKernelBackend:
+    """The ``fused`` backend: one :class:`KernelBucket` per bucket, host scalars, CPU tensors."""
+
+    name = "fused"
+
+    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+        if bucket.device.type != "cpu":
+            return "the fused kernel runs on CPU tensors only"
+        if opt.capturable:
+            return "capturable=True needs device-tensor scalars, which the CPU kernel does not take"
+        reason = unavailable()
+        if reason is not None:
+            return f"the CPU kernel is unavailable ({reason})"
+        state = [*bucket.momentums, *bucket.velocities, *bucket.accumulators, *bucket.averages]
+        if any(t.dtype != torch.float32 for t in state):
+            return f"the CPU kernel keeps float32 state; this bucket's state is {bucket.momentums[0].dtype}"
+        for what, tensors in (("parameter", bucket.weights), ("parameter", bucket.mirrors)):
+            if tensors and dtype_code(tensors[0].dtype) is None:
+                return f"the CPU kernel has no {tensors[0].dtype} {what}s (float16 needs a compiler with _Float16)"
+        if not all(t.is_contiguous() for t in bucket.written()):
+            return "the CPU kernel needs contiguous parameters and state"
+        if any(w.numel() != m.numel() for w, m in zip(bucket.weights, bucket.momentums)):
+            return "a parameter and its state differ in size"
+        return None
+
+    def prepare(self, bucket: Bucket) -> KernelBucket:
+        return KernelBucket(
+            bucket.momentums, bucket.velocities, decay_mask=bucket.decay_mask, adapt_mask=bucket.adapt_mask,
+            accumulators=bucket.accumulators, averages=bucket.averages,
+        )
+
+    @staticmethod
+    def _readable(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
+        """Gradients the kernel can read as raw arrays of the parameters' dtype (contiguous copies if not)."""
+        if all([g.is_contiguous() for g in grads]):
+            return grads
+        return [g.contiguous() for g in grads]
+
+    def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
+        bucket.handle.accumulate(self._readable(bucket, grads), plan.loss_scale)
+
+    def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
+        pipeline = GradientPipeline(plan.loss_scale, plan.accumulation)
+        return bucket.handle.gradient_squares(self._readable(bucket, grads), pipeline).to(torch.float32)
+
+    def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
+        assert plan.scalars is not None
+        pipeline = GradientPipeline(
+            loss_scale=plan.loss_scale, accumulation_steps=plan.accumulation,
+            clipvalue=plan.clip.value if plan.clip.kind == "value" else None, clip_factors=clip_factors,
+        )
+        return bucket.handle.update(
+            bucket.weights, self._readable(bucket, grads), plan.scalars[bucket.group_index], reduce=bucket.reduce,
+            pipeline=pipeline, ema_weight=plan.ema_weight, mirrors=bucket.mirrors,
+        )
+
+    def ema(self, bucket: Bucket, plan: StepPlan) -> None:
+        if plan.ema_weight is not None:
+            bucket.handle.ema(bucket.weights, plan.ema_weight)

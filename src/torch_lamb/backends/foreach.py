@@ -1,0 +1,85 @@
+"""The foreach backend: the whole pipeline in ``torch._foreach_*`` ops, on any device, with no host sync."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..distributed import local_squared_norms
+from ..functional import TrustStats, lamb_update
+from .common import finish_update, move_averages, state_grads
+
+if TYPE_CHECKING:
+    from ..layout import Bucket
+    from ..optimizer import Lamb
+    from ..plan import StepPlan
+
+__all__ = ["ForeachBackend"]
+
+
+class ForeachBackend:
+    """Accepts every bucket. Scalars may be floats or 0-dim device tensors (a device-side guard)."""
+
+    name = "foreach"
+
+    def __init__(self) -> None:
+        # The gradients formed by `grad_squares` (which must unscale and accumulate to measure them),
+        # handed to the `update` of the same call so that the pipeline runs once.
+        self._formed: dict[int, tuple[list[Tensor], bool]] = {}
+
+    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+        return None
+
+    def prepare(self, bucket: Bucket) -> Any:
+        return None
+
+    @staticmethod
+    def _form(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> tuple[list[Tensor], bool]:
+        """The gradients after unscaling and accumulation, and whether they are ours to clip in place."""
+        work, owned = state_grads(bucket, grads)
+        if plan.loss_scale is not None:
+            work, owned = list(torch._foreach_div(work, plan.loss_scale)), True
+        if plan.accumulation is not None:
+            torch._foreach_add_(bucket.accumulators, work)
+            torch._foreach_div_(bucket.accumulators, plan.accumulation)
+            work, owned = bucket.accumulators, True  # zeroed after the update
+        return work, owned
+
+    def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
+        work, _ = state_grads(bucket, grads)
+        if plan.loss_scale is not None:
+            work = list(torch._foreach_div(work, plan.loss_scale))
+        torch._foreach_add_(bucket.accumulators, work)
+
+    def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
+        work, owned = self._formed[id(bucket)] = self._form(bucket, grads, plan)
+        return local_squared_norms(work)
+
+    def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
+        formed = self._formed.pop(id(bucket), None)
+        work, owned = formed if formed is not None else self._form(bucket, grads, plan)
+        if plan.clip.kind == "value":
+            if owned:
+                torch._foreach_clamp_min_(work, -plan.clip.value)
+            else:
+                work = list(torch._foreach_clamp_min(work, -plan.clip.value))
+            torch._foreach_clamp_max_(work, plan.clip.value)
+        elif clip_factors is not None:
+            factors = list(clip_factors.to(work[0].dtype).unbind(0))
+            if owned:
+                torch._foreach_mul_(work, factors)
+            else:
+                work = list(torch._foreach_mul(work, factors))
+        assert plan.scalars is not None
+        stats = lamb_update(
+            bucket.weights, work, bucket.momentums, bucket.velocities, plan.scalars[bucket.group_index],
+            decay_mask=bucket.decay_mask, adapt_mask=bucket.adapt_mask, reduce=bucket.reduce,
+        )
+        finish_update(bucket, plan)
+        return stats
+
+    def ema(self, bucket: Bucket, plan: StepPlan) -> None:
+        if plan.ema_weight is not None:
+            move_averages(bucket, plan.ema_weight)

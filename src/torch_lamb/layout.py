@@ -1,0 +1,269 @@
+"""The bucket layout: which tensors each backend call covers, cached across steps and revalidated.
+
+A bucket is the parameters of one param group that share a device, a dtype, a DTensor mesh
+placement and whether they have a float32 master; it holds their state slots, masks, names and the
+reducer that sums squared norms across shards. This module is the ONE place that picks each
+bucket's backend (:func:`torch_lamb.backends.select`).
+
+The layout is reused while nothing it relies on changed. Every step compares, cheaply and list-wise,
+the data pointer of every tensor a backend writes (weights, masters' copies, moments, accumulators,
+averages) and the shape of every parameter with the cached ones; any difference rebuilds it, so a
+raw-pointer backend never writes through a stale pointer. A rebuild checks every state slot's shape
+against its parameter and raises a clear error, before anything changes, when they disagree.
+
+Master weights follow one rule: **the parameter is the truth whenever it changed since the optimizer
+last wrote it** (its storage, shape, dtype or in-place version differ). Then its master is re-made
+from it, or dropped when the parameter is no longer float16/bfloat16.
+"""
+
+from __future__ import annotations
+
+import array
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .distributed import Reducer, dtensor_reducer, is_dtensor, local, reducer_key
+from .functional import LOW_PRECISION
+
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .optimizer import Lamb
+
+__all__ = ["Bucket", "Layout", "LayoutCache", "read_grads"]
+
+MOMENTUM, VELOCITY, AVERAGE, ACCUMULATOR = "momentum", "velocity", "average", "gradient_accumulator"
+MASTER = "master_weight"
+DECAY_EXCLUDED = "exclude_from_weight_decay"
+ADAPT_EXCLUDED = "exclude_from_layer_adaptation"
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Tensors that one backend call updates together (fixed while the layout holds)."""
+
+    group_index: int
+    weights: list[Tensor] = field(default_factory=list)  # what the update writes: a float32 master, else p
+    mirrors: list[Tensor] = field(default_factory=list)  # low-precision params copied from their masters
+    momentums: list[Tensor] = field(default_factory=list)
+    velocities: list[Tensor] = field(default_factory=list)
+    accumulators: list[Tensor] = field(default_factory=list)
+    averages: list[Tensor] = field(default_factory=list)
+    decay_mask: list[bool] = field(default_factory=list)
+    adapt_mask: list[bool] | None = None  # None: every tensor takes the trust ratio
+    names: list[str] = field(default_factory=list)
+    owners: list[Tensor] = field(default_factory=list)  # the parameters (keys of the optimizer's state)
+    indices: list[int] = field(default_factory=list)  # their positions among all parameters
+    reduce: Reducer | None = None  # sums local squared norms across shards (None: whole tensors)
+    dtensor: bool = False
+    backend: Backend | None = None
+    handle: Any = None  # the backend's prebuilt view of the bucket (the kernel's pointer arrays)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights[0].device
+
+    def grads(self, all_grads: Sequence[Tensor | None]) -> list[Tensor]:
+        """This bucket's gradients (local shards for DTensor parameters) out of every parameter's."""
+        if self.dtensor:
+            return [local(all_grads[i]) for i in self.indices]
+        return [all_grads[i] for i in self.indices]  # type: ignore[misc]
+
+    def written(self) -> list[Tensor]:
+        """Every tensor a backend writes for this bucket (their pointers are checked each step)."""
+        return [*self.weights, *self.mirrors, *self.momentums, *self.velocities, *self.accumulators, *self.averages]
+
+
+@dataclass(eq=False)
+class Layout:
+    """This step's buckets: ``active`` have gradients; ``idle`` hold the others that have an average or an
+    accumulator (moved and reset with the rest)."""
+
+    key: tuple[Any, ...]
+    params: list[Tensor]
+    shapes: list[torch.Size]
+    active: list[Bucket]
+    idle: list[Bucket]
+    pointers: array.array
+    rebuild_every_step: bool  # DTensor buckets: FSDP may swap the local tensors between steps
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return self.active + self.idle
+
+
+def _pointers(buckets: Sequence[Bucket]) -> array.array:
+    return array.array("q", [t.data_ptr() for b in buckets for t in b.written()])
+
+
+class LayoutCache:
+    """The optimizer's layout, rebuilt when what it relies on no longer holds."""
+
+    def __init__(self) -> None:
+        self.layout: Layout | None = None
+        self._marks: dict[int, tuple[int, int, torch.Size, torch.dtype]] = {}  # id(p) -> p as last written
+
+    def invalidate(self) -> None:
+        self.layout = None
+
+    def get(self, opt: Lamb, params: list[Tensor], grads: list[Tensor | None], shapes: list[torch.Size]) -> Layout:
+        """The layout for this step (checks only; raises before anything changes)."""
+        key = (
+            tuple([g is None for g in grads]),
+            tuple([(g["weight_decay"] is None, g["layer_adaptation"], id(g[DECAY_EXCLUDED]), id(g[ADAPT_EXCLUDED]))
+                   for g in opt.param_groups]),
+            opt.implementation, opt.capturable,
+        )
+        layout = self.layout
+        if (
+            layout is not None and not layout.rebuild_every_step and layout.key == key and layout.shapes == shapes
+            and all(map(operator.is_, layout.params, params)) and _pointers(layout.buckets) == layout.pointers
+            and not self.stale_masters(opt, params)
+        ):
+            return layout
+        self.check_state_shapes(opt, params)
+        self.refresh_masters(opt, params)
+        layout = self.layout = self._build(opt, key, params, shapes)
+        return layout
+
+    # ------------------------------------------------------------------ master weights
+
+    def mark(self, opt: Lamb, params: Sequence[Tensor]) -> None:
+        """Remember each parameter with a master as the optimizer last wrote it."""
+        state = opt.state
+        self._marks = {
+            id(p): _signature(local(p)) for p in params if MASTER in state.get(p, ())
+        }
+
+    def stale_masters(self, opt: Lamb, params: Sequence[Tensor]) -> bool:
+        marks = self._marks
+        if not marks:
+            return False
+        return any(_signature(local(p)) != marks.get(id(p)) for p in params if id(p) in marks)
+
+    def refresh_masters(self, opt: Lamb, params: Sequence[Tensor]) -> None:
+        """Apply the master rule: a parameter changed since the last write is the truth."""
+        marks = self._marks
+        for p in params:
+            state = opt.state.get(p)
+            if not state or MASTER not in state or id(p) not in marks:
+                continue
+            lp = local(p)
+            if _signature(lp) == marks[id(p)]:
+                continue
+            if p.dtype not in LOW_PRECISION:
+                del state[MASTER]  # a float32 (or float64) parameter is its own master
+            elif local(state[MASTER]).shape == lp.shape:
+                local(state[MASTER]).copy_(lp)
+            else:
+                state[MASTER] = p.detach().to(torch.float32, copy=True)
+            marks[id(p)] = _signature(lp)
+
+    @staticmethod
+    def check_state_shapes(opt: Lamb, params: Sequence[Tensor]) -> None:
+        """Every state slot must have its parameter's shape (a resized parameter cannot reuse its state)."""
+        names = _names(opt)
+        for p in params:
+            for key, t in opt.state.get(p, {}).items():
+                if key == MASTER or not isinstance(t, Tensor) or t.dim() == 0:
+                    continue
+                if t.shape != p.shape:
+                    raise ValueError(
+                        f"State {key!r} of parameter {names.get(id(p), '?')!r} has shape {tuple(t.shape)} but the "
+                        f"parameter has shape {tuple(p.shape)}: it was resized after its state was made. Restore "
+                        "its shape, or drop its state (`del optimizer.state[param]`) to start it afresh."
+                    )
+
+    # ------------------------------------------------------------------ build
+
+    def _build(self, opt: Lamb, key: tuple[Any, ...], params: list[Tensor], shapes: list[torch.Size]) -> Layout:
+        from .backends import select
+
+        opt._ensure_state()
+        names = _names(opt)
+        active: dict[tuple[Any, ...], Bucket] = {}
+        idle: dict[tuple[Any, ...], Bucket] = {}
+        position = -1
+        for gi, group in enumerate(opt.param_groups):
+            fixed = [not group["layer_adaptation"] or e for e in group[ADAPT_EXCLUDED]]  # ratio 1
+            for i, p in enumerate(group["params"]):
+                position += 1
+                state = opt.state[p]
+                has_grad = p.grad is not None
+                if not has_grad and AVERAGE not in state and ACCUMULATOR not in state:
+                    continue  # nothing to do for it this call
+                master = MASTER in state
+                bkey = (gi, p.device, p.dtype, reducer_key(p), master)
+                buckets = active if has_grad else idle
+                b = buckets.get(bkey)
+                if b is None:
+                    b = buckets[bkey] = Bucket(
+                        gi, adapt_mask=[] if any(fixed) else None, reduce=dtensor_reducer(p), dtensor=is_dtensor(p)
+                    )
+                b.weights.append(local(state[MASTER]) if master else local(p))
+                if master:
+                    b.mirrors.append(local(p))
+                if b.adapt_mask is not None:
+                    b.adapt_mask.append(not fixed[i])
+                b.momentums.append(local(state[MOMENTUM]))
+                b.velocities.append(local(state[VELOCITY]))
+                if ACCUMULATOR in state:
+                    b.accumulators.append(local(state[ACCUMULATOR]))
+                if AVERAGE in state:
+                    b.averages.append(local(state[AVERAGE]))
+                b.decay_mask.append(group["weight_decay"] is not None and not group[DECAY_EXCLUDED][i])
+                b.names.append(names[id(p)])
+                b.owners.append(p)
+                b.indices.append(position)
+        buckets = [*active.values(), *idle.values()]
+        for b in buckets:
+            b.backend, b.handle = select(b, opt)
+        return Layout(key, params, shapes, list(active.values()), list(idle.values()), _pointers(buckets),
+                      any(b.dtensor for b in buckets))
+
+
+def read_grads(params: list[Tensor]) -> tuple[list[Tensor | None], list[torch.Size]]:
+    """Every parameter's ``.grad`` (read once) and shape, checked list-wise before anything changes."""
+    grads = [p.grad for p in params]
+    shapes = [p.shape for p in params]
+    if all([g is None for g in grads]):
+        raise ValueError("No gradients provided for any parameter.")
+    present = [(p, g) for p, g in zip(params, grads) if g is not None]
+    ps, gs = [p for p, _ in present], [g for _, g in present]
+    if (
+        not any([g.is_sparse for g in gs])
+        and [g.shape for g in gs] == [p.shape for p in ps]
+        and [g.dtype for g in gs] == [p.dtype for p in ps]
+        and ((all([g.is_cpu for g in gs]) and all([p.is_cpu for p in ps]))
+             or [g.device for g in gs] == [p.device for p in ps])
+    ):
+        return grads, shapes  # the common case, checked list-wise; otherwise find the offender
+    for i, (p, g) in enumerate(present):
+        where = f"the gradient of parameter {i} (of those with gradients)"
+        if g.is_sparse:
+            raise RuntimeError(f"Lamb does not support sparse gradients ({where}).")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{where} has shape {tuple(g.shape)}; its parameter has {tuple(p.shape)}.")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"{where} is {g.dtype}; its parameter is {p.dtype} (they must match).")
+        if g.device != p.device:
+            raise RuntimeError(f"{where} is on {g.device} but its parameter is on {p.device}.")
+    return grads, shapes
+
+
+def _signature(p: Tensor) -> tuple[int, int, torch.Size, torch.dtype]:
+    return (p.data_ptr(), p._version, p.shape, p.dtype)
+
+
+def _names(opt: Lamb) -> dict[int, str]:
+    """Each parameter's name: from ``named_parameters()`` when given, else ``"<group>.<index>"``."""
+    out = {}
+    for gi, group in enumerate(opt.param_groups):
+        given = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            out[id(p)] = given[i] if given else f"{gi}.{i}"
+    return out

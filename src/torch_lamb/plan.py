@@ -1,0 +1,167 @@
+"""The plan of one ``Lamb.step()`` call: every host-side scalar, decided before anything changes.
+
+:func:`plan_step` reads the optimizer's options, its param groups (which users and schedulers may
+have edited since the last call) and its counters, checks all of them, and returns a frozen
+:class:`StepPlan`. Whatever can fail fails here, so a call that raises has changed nothing. The
+backends only read the plan; :mod:`torch_lamb.nonfinite` transforms it (``dataclasses.replace``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from . import _validation as check
+from .functional import LambScalars, f32, lamb_scalars
+
+if TYPE_CHECKING:
+    from .optimizer import Lamb
+
+__all__ = ["ClipSpec", "GroupHyper", "StepPlan", "plan_step"]
+
+WEIGHT_DECAY_MODES = ("decoupled", "adaptive")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Keras's gradient clipping of this call: at most one kind."""
+
+    kind: str | None = None  # None, "value", "norm" (per tensor) or "global"
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class GroupHyper:
+    """One param group's resolved hyperparameters for this call (callables and schedules evaluated)."""
+
+    lr: float
+    beta_1: float
+    beta_2: float
+    epsilon: float
+    weight_decay: float | None
+    weight_decay_mode: str
+    min_trust_ratio: float | None
+    max_trust_ratio: float | None
+
+    def scalars(self, step: int) -> LambScalars:
+        return lamb_scalars(
+            lr=self.lr, beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
+            weight_decay=self.weight_decay, step=step, weight_decay_mode=self.weight_decay_mode,
+            min_trust_ratio=self.min_trust_ratio, max_trust_ratio=self.max_trust_ratio,
+        )
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything one call does, as host values (or, under a device-side guard, 0-dim tensors).
+
+    ``call`` counts calls (it drives schedules, accumulation windows and the EMA overwrite period);
+    ``iterations`` counts updates applied before this call, as Keras's ``iterations``.
+    """
+
+    call: int
+    iterations: int
+    updating: bool  # False: an accumulation micro-step (gradients are only accumulated)
+    loss_scale: float | None
+    accumulation: float | Tensor | None  # at an update under accumulation: the window's divisor
+    accumulating: bool  # gradient_accumulation_steps is set (accumulators exist)
+    clip: ClipSpec
+    groups: tuple[GroupHyper, ...]
+    scalars: tuple[LambScalars, ...] | None  # per group, on updating calls
+    ema_weight: float | Tensor | None  # lerp weight of the averages this call (None: no EMA)
+    ema_momentum: float  # the configured momentum (the guard derives its own weights from it)
+    overwrite: bool  # copy the averages into the weights after this call's EMA
+    scheduled: tuple[float | None, ...] = ()  # per group, the scheduled learning rate (None: the group's own)
+    overwrite_keep: Tensor | None = None  # device guard: 1 to overwrite, 0 to keep (a skipped call)
+    apply: bool = True  # False: the call changes no tensor (a skipped non-finite call)
+
+    def show_learning_rates(self, param_groups: list[dict[str, Any]]) -> None:
+        """Write this call's scheduled learning rates into their groups (after every check passed)."""
+        for group, lr in zip(param_groups, self.scheduled):
+            if lr is not None:
+                group["lr"] = lr
+
+    def with_step(self, step: int) -> StepPlan:
+        """The same plan with bias corrections for update number ``step``."""
+        if self.scalars is None:
+            return self
+        return replace(self, scalars=tuple(g.scalars(step) for g in self.groups))
+
+
+def _float32_below_one(name: str, value: float) -> float:
+    """A beta whose float32 rounding is 1 would divide the bias correction by zero."""
+    if f32(value) >= 1.0:
+        raise ValueError(f"`{name}` must round below 1 in float32. Received: {name}={value!r}")
+    return value
+
+
+def _finite_float32(name: str, value: float | None) -> float | None:
+    """A value that overflows float32 (where the math runs) would turn the update into inf or NaN."""
+    if value is not None and math.isinf(f32(value)):
+        raise ValueError(f"`{name}` must be finite in float32 (|x| <= 3.4e38). Received: {name}={value!r}")
+    return value
+
+
+def resolve_group(group: dict[str, Any], index: int, lr: float | None) -> GroupHyper:
+    """Check a group's (possibly edited) values and evaluate its callables; errors name the group."""
+    where = f" (param group {index})"
+    try:
+        beta_1 = _float32_below_one("beta_1", check.resolve("beta_1", group["beta_1"], high=1.0))
+        beta_2 = _float32_below_one("beta_2", check.resolve("beta_2", group["beta_2"], high=1.0))
+        mode = group["weight_decay_mode"]
+        if mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"`weight_decay_mode` must be one of {list(WEIGHT_DECAY_MODES)}. Received: {mode!r}")
+        return GroupHyper(
+            lr=_finite_float32("lr", check.number("lr", group["lr"] if lr is None else lr)),
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=_finite_float32("epsilon", check.number("epsilon", group["epsilon"])),
+            weight_decay=_finite_float32(
+                "weight_decay", check.optional_nonnegative("weight_decay", group["weight_decay"])),
+            weight_decay_mode=mode,
+            min_trust_ratio=check.optional_nonnegative("min_trust_ratio", group["min_trust_ratio"]),
+            max_trust_ratio=check.optional_nonnegative("max_trust_ratio", group["max_trust_ratio"]),
+        )
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{err}{where}") from None
+
+
+def plan_step(opt: Lamb) -> StepPlan:
+    """The plan of the next call of ``opt.step()`` (raises, changing nothing, on any bad value)."""
+    call = opt._iterations
+    n = opt.gradient_accumulation_steps
+    updating = not n or (call + 1) % n == 0
+    iterations = call // n if n else call
+    lrs = opt._scheduled_learning_rates(call)
+    groups = tuple(resolve_group(g, i, lr) for i, (g, lr) in enumerate(zip(opt.param_groups, lrs)))
+    if opt.clipvalue is not None:
+        clip = ClipSpec("value", opt.clipvalue)
+    elif opt.clipnorm is not None:
+        clip = ClipSpec("norm", opt.clipnorm)
+    elif opt.global_clipnorm is not None:
+        clip = ClipSpec("global", opt.global_clipnorm)
+    else:
+        clip = ClipSpec()
+    ema_weight = None
+    if opt.use_ema:  # momentum 0 until the first update has completed (Keras copies the weights then)
+        ema_weight = 1.0 if iterations == 0 else f32(1.0 - f32(opt.ema_momentum))
+    frequency = opt.ema_overwrite_frequency
+    return StepPlan(
+        call=call,
+        iterations=iterations,
+        updating=updating,
+        loss_scale=opt.loss_scale_factor,
+        accumulation=float(n) if n and updating else None,
+        accumulating=bool(n),
+        clip=clip,
+        groups=groups,
+        scalars=tuple(g.scalars(iterations + 1) for g in groups) if updating else None,
+        ema_weight=ema_weight,
+        ema_momentum=opt.ema_momentum,
+        overwrite=bool(opt.use_ema and frequency and (iterations + 1) % frequency == 0),
+        scheduled=tuple(lrs),
+    )
+
