@@ -1,10 +1,18 @@
-"""Shared test setup: Keras runs on the torch backend (it is the numerical oracle)."""
+"""Shared test setup: Keras runs on the torch backend (it is the numerical oracle); the backend table."""
 
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import impls
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(params=impls.params())
+def implementation(request: pytest.FixtureRequest) -> str:
+    """Each backend of the table in tests/impls.py."""
+    return request.param

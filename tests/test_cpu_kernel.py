@@ -107,7 +107,7 @@ def test_auto_takes_foreach_where_the_kernel_does_not_apply_and_fused_refuses(ca
     ps = params()
     ps[0].grad = torch.ones_like(ps[0])
     before = ps[0].detach().clone()
-    with pytest.raises(ValueError, match="float64|contiguous") as err:
+    with pytest.raises(ValueError, match=r"float64|contiguous") as err:
         Lamb(ps, fused=True).step()
     assert "device cpu" in str(err.value) and "'fused'" in str(err.value)
     assert torch.equal(ps[0], before)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import impls
 import keras_oracle as ko
 import pytest
 
@@ -51,7 +52,7 @@ def _compare(steps: int = 12, none_every: int = 0, seed: int = 0, **kwargs) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Keras warns about None gradients
         expected = ko.run_keras(NAMES, init, grads, **kwargs)
-    for implementation in ("fused", "foreach", "reference"):  # every path against the one Keras run
+    for implementation in impls.available():  # every backend against the one Keras run
         actual = ko.run_torch(NAMES, init, grads, implementation=implementation, **kwargs)
         ko.assert_trajectories_close(actual, expected)
 

@@ -49,11 +49,11 @@ def _flat(model) -> torch.Tensor:
      {"learning_rate": 0.01, "clipvalue": 0.01, "weight_decay": 0.3, "beta_1": 0.0}],
     ids=["defaults", "everything", "clipnorm", "clipvalue"],
 )
-def test_foreach_equals_reference(config):
+def test_backend_equals_reference(config, implementation):
     models = [_model(), _model()]
     opts = [
         Lamb(m.named_parameters(), implementation=impl, **config)
-        for m, impl in zip(models, ["foreach", "reference"])
+        for m, impl in zip(models, [implementation, "reference"])
     ]
     for opt in opts:
         opt.exclude_from_weight_decay(var_names=["bias"])

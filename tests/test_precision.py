@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import impls
 import pytest
 import torch
 
@@ -250,13 +251,16 @@ def _train(model, opt, batches, bad=(), value=float("nan")):
      {"weight_decay": 0.1, "weight_decay_mode": "adaptive", "clipvalue": 0.01, "max_trust_ratio": 2.0}],
     ids=["defaults", "everything", "accumulation", "adaptive"],
 )
-@pytest.mark.parametrize("implementation", ["foreach", "reference"])
-def test_skip_nonfinite_is_exact_on_finite_steps(config, implementation):
-    """With finite gradients the device-side path gives the default path's results bit for bit."""
+@pytest.mark.parametrize("capturable", [False, True], ids=["host", "device"])
+def test_skip_nonfinite_is_exact_on_finite_steps(config, implementation, capturable):
+    """With finite gradients the guarded step gives the plain step's results bit for bit, on every
+    backend (host-side decision), and on those that take device scalars (device-side, capturable)."""
+    if capturable and implementation not in impls.available(capturable=True):
+        pytest.skip(f"{implementation} does not take capturable=True")
     batches = _batches(9)
     models = [_model(), _model()]
-    opts = [Lamb(m.parameters(), implementation=implementation, skip_nonfinite=flag, **config)
-            for m, flag in zip(models, (False, True))]
+    opts = [Lamb(m.parameters(), implementation=implementation, skip_nonfinite=flag, capturable=flag and capturable,
+                 **config) for m, flag in zip(models, (False, True))]
     for m, opt in zip(models, opts):
         _train(m, opt, batches)
     assert _same_bits(_snapshot(models[0], opts[0]), _snapshot(models[1], opts[1]))

@@ -8,7 +8,8 @@ LAMB's two passes, 28 for AdamW's one, 88 for every feature), the time against t
 for the row's bytes, the optimizer state, the largest transient allocation of a step (peak RSS
 during the step minus RSS before it) and the first step.
 
-Rows: ``lamb-fused`` (torch-lamb's default), ``lamb-fused-master`` (``master_weights=True``; with
+Rows: ``lamb-fused`` (torch-lamb's default), ``lamb-fused-skip`` (the default with
+``skip_nonfinite=True``), ``lamb-fused-master`` (``master_weights=True``; with
 ``--dtype bfloat16/float16`` only), ``lamb-foreach``, the fused and foreach steps with every Keras
 feature on (``-all``: gradient accumulation over 2 micro-steps, global-norm clipping, EMA; one
 "step" is the 2 calls that make one update), torch's AdamW (fused, foreach), timm's Lamb (when
@@ -65,7 +66,8 @@ CASES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "huge": lambda: [(64 * 1024 * 1024,)],
     "tiny": lambda: [(64, 64), (64,), (1000,)],
 }
-DEFAULT_ROWS = ["lamb-fused", "lamb-fused-master", "lamb-foreach", "lamb-fused-all", "lamb-foreach-all", "adamw-fused",
+DEFAULT_ROWS = ["lamb-fused", "lamb-fused-skip", "lamb-fused-master", "lamb-foreach", "lamb-fused-all",
+                "lamb-foreach-all", "adamw-fused",
                 "adamw-foreach", "timm-lamb", "floor"]
 LARGE_ROWS = ["lamb-fused", "lamb-foreach", "adamw-fused", "floor"]  # bert-large: fits in 24 GiB
 
@@ -138,6 +140,8 @@ def nominal_bytes(row: str, dtype: torch.dtype) -> int:
         return 7 * e + 60
     if row == "lamb-fused-master":
         return 2 * e + 36
+    if row == "lamb-fused-skip":  # the finite check reads g once more
+        return 5 * e + 24
     if row.startswith("adamw-"):
         return 7 * e
     if row == "timm-lamb":
@@ -158,6 +162,8 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
             if name.endswith("-all"):
                 kw = {"gradient_accumulation_steps": 2, "global_clipnorm": 1.0, "use_ema": True}
                 calls = 2
+            if name.endswith("-skip"):  # skip_nonfinite=True: one more read of g for the finite check
+                kw = {"skip_nonfinite": True}
             if name.endswith("-master"):
                 if dtype == torch.float32:
                     continue  # master weights are for float16/bfloat16 parameters

@@ -54,8 +54,8 @@ class ForeachBackend:
         torch._foreach_add_(bucket.accumulators, work)
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
-        work, owned = self._formed[id(bucket)] = self._form(bucket, grads, plan)
-        return local_squared_norms(work)
+        formed = self._formed[id(bucket)] = self._form(bucket, grads, plan)
+        return local_squared_norms(formed[0])
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         formed = self._formed.pop(id(bucket), None)

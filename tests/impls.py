@@ -1,0 +1,54 @@
+"""The one description of the backends the tests run (in the spirit of torch's ``OptimizerInfo``).
+
+Every test that should hold on every backend takes the ``implementation`` fixture (conftest.py) or
+loops over :func:`available`; none lists backend names itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from torch_lamb import kernel_status
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str  # Lamb(implementation=name)
+    needs_kernel: bool = False  # skipped where the CPU kernel cannot be built
+    capturable: bool = True  # accepts capturable=True (device-tensor scalars)
+    ulps: int = 1  # float32 goldens hold to this many units in the last place (the kernel multiplies by
+    # 1/bias_correction where Keras divides, so u's last bit may differ)
+
+
+IMPLS = (
+    Impl("reference"),
+    Impl("foreach"),
+    Impl("fused", needs_kernel=True, capturable=False, ulps=4),
+)
+
+
+def _skip_reason(impl: Impl) -> str | None:
+    if impl.needs_kernel and not kernel_status().available:
+        return f"{impl.name}: no CPU kernel ({kernel_status().reason})"
+    return None
+
+
+def golden_rtol(name: str) -> float:
+    """The relative tolerance of a float32 golden value on backend ``name``."""
+    return next(i.ulps for i in IMPLS if i.name == name) * 2.0**-23
+
+
+def available(capturable: bool = False) -> list[str]:
+    """The backends that run here (with ``capturable``: those that take device-tensor scalars)."""
+    return [i.name for i in IMPLS if _skip_reason(i) is None and (i.capturable or not capturable)]
+
+
+def params(capturable: bool = False) -> list:
+    """Every backend as a pytest param, skipped with a reason where it cannot run here."""
+    return [
+        pytest.param(i.name, id=i.name, marks=pytest.mark.skipif(_skip_reason(i) is not None,
+                                                                 reason=_skip_reason(i) or ""))
+        for i in IMPLS if i.capturable or not capturable
+    ]
