@@ -363,3 +363,13 @@ def test_low_precision_kernel_with_trust_ratios_matches_foreach(dtype, master, m
     rtol = 1e-5 if master else ulp
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * float(y.abs().max()) if y.numel() else 0.0)
+
+
+def test_skip_nonfinite_runs_in_the_kernel_on_the_cpu(monkeypatch) -> None:
+    """On the CPU the finite check is read on the host, so the guarded step is the kernel's step."""
+    ran = _spy_kernel(monkeypatch)
+    got, opt = _run_optimizer("fused", {"skip_nonfinite": True, "weight_decay": 0.05, "use_ema": True})
+    assert ran.count("lamb_fused") == 8 and int(opt.skipped_steps) == 0
+    want, _ = _run_optimizer("fused", {"weight_decay": 0.05, "use_ema": True})
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x, y)

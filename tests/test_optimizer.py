@@ -447,3 +447,40 @@ def test_layout_is_reused_while_nothing_changes():
     next(model.parameters()).grad = None
     opt.step()
     assert opt._layouts.layout is not layout
+
+
+# ------------------------------------------------------------------ choosing a backend
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), [
+    ({}, "auto"), ({"implementation": None}, "auto"), ({"fused": True}, "fused"), ({"foreach": True}, "foreach"),
+    ({"foreach": False}, "reference"), ({"fused": False}, "foreach"), ({"fused": False, "foreach": False}, "reference"),
+    ({"implementation": "foreach", "foreach": True}, "foreach"),
+])
+def test_implementation_and_torch_spellings(kwargs, expected):
+    assert Lamb(_model().parameters(), **kwargs).implementation == expected
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"fused": True, "foreach": True}, "both"), ({"implementation": ""}, "implementation"),
+    ({"implementation": 0}, "implementation"), ({"implementation": False}, "implementation"),
+    ({"implementation": "reference", "fused": True}, "contradicts"), ({"foreach": 1}, "bool"),
+])
+def test_implementation_spellings_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Lamb(_model().parameters(), **kwargs)
+
+
+def test_an_edited_implementation_is_checked_before_anything_changes():
+    model = _model()
+    opt = Lamb(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = _flat(model)
+    opt.implementation = "cuda-magic"
+    with pytest.raises(ValueError, match="implementation"):
+        opt.step()
+    assert torch.equal(_flat(model), before) and opt.iterations == 0
+    opt.implementation = "reference"
+    opt.step()
+    assert not torch.equal(_flat(model), before)

@@ -57,7 +57,6 @@ def test_resizing_a_parameter_that_has_a_master_raises_before_anything_changes()
             raise AssertionError("no error")
         assert all(same(v, before[k]) for k, v in opt.state[p].items()) and opt.iterations == 1
         del opt.state[p]  # the documented way out: the parameter starts afresh
-        opt._state_complete = False
         opt.step()
         assert torch.isfinite(p).all() and opt.state[p]["master_weight"].shape == p.shape
         print("OK")

@@ -116,7 +116,7 @@ class LayoutCache:
             tuple([g is None for g in grads]),
             tuple([(g["weight_decay"] is None, g["layer_adaptation"], id(g[DECAY_EXCLUDED]), id(g[ADAPT_EXCLUDED]))
                    for g in opt.param_groups]),
-            opt.implementation, opt.capturable,
+            opt.implementation, opt.capturable, len(opt.state),  # `del opt.state[p]` rebuilds too
         )
         layout = self.layout
         if (
@@ -183,7 +183,7 @@ class LayoutCache:
     def _build(self, opt: Lamb, key: tuple[Any, ...], params: list[Tensor], shapes: list[torch.Size]) -> Layout:
         from .backends import select
 
-        opt._ensure_state()
+        opt._ensure_state(recheck=True)
         names = _names(opt)
         active: dict[tuple[Any, ...], Bucket] = {}
         idle: dict[tuple[Any, ...], Bucket] = {}

@@ -85,6 +85,7 @@ class NonfiniteGuard:
         flags = []
         for b, gs in zip(layout.active, grads):
             dtype = torch.float64 if gs[0].dtype == torch.float64 else torch.float32
+            gs = [g for g in gs if g.numel()] or [torch.zeros(1, dtype=gs[0].dtype, device=gs[0].device)]
             bad = (~torch.isfinite(torch.stack(torch._foreach_norm(gs, ord=float("inf"), dtype=dtype)))).float()
             if b.reduce is not None:
                 bad = b.reduce(bad)

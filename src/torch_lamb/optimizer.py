@@ -493,9 +493,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _ensure_state(self, with_masters: bool = True) -> None:
-        """Create the slots of every parameter (Keras builds them all on the first apply)."""
-        if self._state_complete:
+    def _ensure_state(self, with_masters: bool = True, recheck: bool = False) -> None:
+        """Create the slots of every parameter (Keras builds them all on the first apply); ``recheck``
+        also after state was dropped (``del optimizer.state[param]`` starts that parameter afresh)."""
+        if self._state_complete and not recheck:
             return
         for p in self._all_params():
             state = self.state[p]

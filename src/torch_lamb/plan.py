@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from . import _validation as check
+from .backends import IMPLEMENTATIONS
 from .functional import LambScalars, f32, lamb_scalars
 
 if TYPE_CHECKING:
@@ -131,6 +132,8 @@ def resolve_group(group: dict[str, Any], index: int, lr: float | None) -> GroupH
 
 def plan_step(opt: Lamb) -> StepPlan:
     """The plan of the next call of ``opt.step()`` (raises, changing nothing, on any bad value)."""
+    if opt.implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"`implementation` must be one of {list(IMPLEMENTATIONS)}. Received: {opt.implementation!r}")
     call = opt._iterations
     n = opt.gradient_accumulation_steps
     updating = not n or (call + 1) % n == 0
