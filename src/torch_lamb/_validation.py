@@ -95,9 +95,9 @@ def beta(name: str, value: Any) -> Any:
     """A number in [0, 1), a 0-dim tensor in [0, 1) or a zero-argument callable returning one."""
     if callable(value) and not isinstance(value, torch.Tensor):
         return value
-    number(name, value, low=0.0, high=1.0)
-    # Plain Python numbers become floats; numpy scalars and tensors keep their float32 rounding.
-    return float(value) if type(value) in (int, float, _Default) else value
+    # Stored as a plain float (numpy scalars and tensors too), so that checkpoints load with
+    # torch.load(weights_only=True).
+    return number(name, value, low=0.0, high=1.0)
 
 
 def resolve(name: str, value: Any, *, step: int | None = None, **bounds: Any) -> float:

@@ -226,12 +226,13 @@ class LayoutCache:
                       any(b.dtensor for b in buckets))
 
 
-def read_grads(params: list[Tensor]) -> tuple[list[Tensor | None], list[torch.Size]]:
-    """Every parameter's ``.grad`` (read once) and shape, checked list-wise before anything changes."""
+def read_grads(params: list[Tensor]) -> tuple[list[Tensor | None] | None, list[torch.Size]]:
+    """Every parameter's ``.grad`` (read once) and shape, checked list-wise before anything changes
+    (None when no parameter has a gradient)."""
     grads = [p.grad for p in params]
     shapes = [p.shape for p in params]
     if all([g is None for g in grads]):
-        raise ValueError("No gradients provided for any parameter.")
+        return None, shapes
     present = [(p, g) for p, g in zip(params, grads) if g is not None]
     ps, gs = [p for p, _ in present], [g for _, g in present]
     if (

@@ -5,7 +5,8 @@ run, so that every backend supports it. The check is one max-abs norm per tensor
 for finite values; NaN and inf propagate), reduced across shards so that every rank agrees.
 
 * **On the host** (every bucket on the CPU, ``capturable=False``): reading a CPU tensor is not a
-  device sync, so the decision is a Python bool. A skipped call runs nothing at all; an applied one
+  device sync, so the decision is a Python bool, from the fast L2 norms (a tensor whose squares
+  overflow is then checked element by element). A skipped call runs nothing at all; an applied one
   is the plain plan with the guard's counters, and runs on any backend, the CPU kernel included.
 * **On the device** (CUDA, or ``capturable=True``): no host read. The gradients are copied into one
   flat buffer per bucket, filled with a finite value when the call is skipped (``-1``; ``0`` under
@@ -81,21 +82,39 @@ class NonfiniteGuard:
 
     @staticmethod
     def _bad(layout: Layout, grads: list[list[Tensor]]) -> list[Tensor]:
-        """Per bucket, a 0-dim count of non-finite tensors (summed across shards)."""
+        """Per bucket, a 0-dim count of non-finite tensors (summed across shards), from max-abs norms."""
         flags = []
         for b, gs in zip(layout.active, grads):
-            dtype = torch.float64 if gs[0].dtype == torch.float64 else torch.float32
             gs = [g for g in gs if g.numel()] or [torch.zeros(1, dtype=gs[0].dtype, device=gs[0].device)]
-            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(gs, ord=float("inf"), dtype=dtype)))).float()
+            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(gs, ord=float("inf"))))).float()
             if b.reduce is not None:
                 bad = b.reduce(bad)
             flags.append(bad.sum())
         return flags
 
+    @staticmethod
+    def _found_on_host(layout: Layout, grads: list[list[Tensor]]) -> bool:
+        """Whether any gradient holds inf or NaN, read on the host (CPU tensors: no device to wait for).
+
+        The L2 norm is the fast reduction on the CPU; it is inf for finite values whose squares
+        overflow float32 (beyond about 1.8e19), so only those tensors are checked element by element.
+        """
+        counts = []
+        for b, gs in zip(layout.active, grads):
+            gs = [g for g in gs if g.numel()]
+            count = 0
+            if gs:
+                suspects = (~torch.isfinite(torch.stack(torch._foreach_norm(gs)))).nonzero().flatten().tolist()
+                count = sum(not bool(torch.isfinite(gs[i]).all()) for i in suspects)  # rare: nonfinite or huge
+            if b.reduce is not None:
+                counts.append(b.reduce(torch.full((1,), float(count))))
+            elif count:
+                return True
+        return bool(counts) and bool(torch.cat(counts).sum() > 0)
+
     def _prepare_host(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> tuple[list, StepPlan]:
         counts = self.counts = {k: int(v) for k, v in self.counts.items()}
-        flags = self._bad(layout, grads)
-        found = self._found = bool(torch.stack(flags).sum() > 0)  # a CPU tensor: no device to wait for
+        found = self._found = self._found_on_host(layout, grads)
         applied = counts["applied_updates"]
         if plan.accumulating:
             window = counts["finite_in_window"] = counts["finite_in_window"] + (not found)

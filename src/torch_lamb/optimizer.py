@@ -8,6 +8,7 @@ follows Keras's order::
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -219,6 +220,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
         self._learning_rate = learning_rate
         self._lr_sources: list[Any] = []
+        self._hyper_sources: list[dict[str, Callable[[], float]]] = []  # per group: callable betas
+        self._alias_marks: list[tuple[Any, Any, Any] | None] = []  # per group: (beta_1, beta_2, epsilon) last written
         self._decay_exclusion: tuple[frozenset[int], re.Pattern[str] | None] = (frozenset(), None)
         self._adapt_exclusion: tuple[frozenset[int], re.Pattern[str] | None] = (frozenset(), None)
         self._iterations = 0
@@ -276,14 +279,29 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         group.update(_check_variant({k: group.get(k, self.defaults.get(k)) for k in _VARIANT_KEYS}))
 
         params = group["params"]
-        if isinstance(params, Tensor):
-            params = [params]
-        for p in (p[1] if isinstance(p, tuple) else p for p in list(params)):
+        if isinstance(params, set):
+            raise TypeError("A param group's `params` must be an ordered collection (a list), not a set.")
+        params = group["params"] = [params] if isinstance(params, Tensor) else list(params)  # generators too
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        for p in tensors:
             if isinstance(p, Tensor) and p.is_complex():
                 raise ValueError("Lamb does not support complex parameters; view them as real first.")
             if isinstance(p, Tensor) and not p.is_floating_point():
                 raise ValueError(f"Lamb needs floating-point parameters. Received dtype {p.dtype}.")
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError("A param group lists the same parameter twice; each tensor may appear once.")
+        _check_keys(group, self.defaults)
+        sources = {}
+        for key in ("beta_1", "beta_2"):  # callables stay out of checkpoints: the group holds their value
+            value = group.get(key, self.defaults.get(key))
+            if callable(value) and not isinstance(value, Tensor):
+                sources[key] = value
+                group[key] = check.resolve(key, value, high=1.0)
         super().add_param_group(group)
+        added = self.param_groups[-1]
+        added["betas"], added["eps"] = (added["beta_1"], added["beta_2"]), added["epsilon"]  # torch's names
+        self._hyper_sources.append(sources)
+        self._alias_marks.append((added["beta_1"], added["beta_2"], added["epsilon"]))
         self._lr_sources.append(source)
         self._resolve_decay_exclusion(self.param_groups[-1])
         self._resolve_adapt_exclusion(self.param_groups[-1])
@@ -440,9 +458,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 loss = closure()
         params = self._all_params()
         grads, shapes = read_grads(params)
+        if grads is None:  # torch.optim's convention: a call without gradients is a no-op
+            return loss
         plan = plan_step(self)
         layout = self._layouts.get(self, params, grads, shapes)
-        plan.show_learning_rates(self.param_groups)
+        plan.write_back(self)
         bucket_grads = [b.grads(grads) for b in layout.active]
         if self._guard is not None:
             bucket_grads, plan = self._guard.prepare(layout, bucket_grads, plan, self.capturable)
@@ -545,6 +565,14 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 f"The state dict has {len(groups)} param groups; this optimizer has {len(self.param_groups)}."
             )
         ids_to_params: dict[Any, Tensor] = {}
+        for index, saved in enumerate(groups):
+            needed = ("params", "beta_1", "beta_2", "epsilon")
+            missing = [k for k in needed if not isinstance(saved, dict) or k not in saved]
+            if missing:
+                raise ValueError(
+                    f"Not a torch_lamb.Lamb state dict: param group {index} lacks {missing} (a state dict of "
+                    "another optimizer, such as torch.optim.AdamW, cannot be loaded into Lamb)."
+                )
         for saved, live in zip(groups, self.param_groups):
             if len(saved["params"]) != len(live["params"]):
                 raise ValueError(
@@ -556,17 +584,23 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         for pid, value in saved_state.items():
             p = ids_to_params.get(pid)
             if p is None:
-                raise ValueError(f"The state dict holds state for an unknown parameter id {pid!r}.")
+                continue  # not a parameter's state: kept as it is, as torch keeps it
+            if not isinstance(value, dict):
+                raise ValueError(f"The state of parameter {pid!r} must be a dict of tensors. Received: {value!r}")
             missing = [k for k in required if k not in value]
             if missing:
                 raise ValueError(
-                    f"The state dict lacks {missing} for a parameter: was it saved with other "
-                    "`use_ema` / `gradient_accumulation_steps` settings?"
+                    f"The state dict lacks {missing} for parameter {pid!r}: was it saved with other "
+                    "`use_ema` / `gradient_accumulation_steps` settings, or by another optimizer?"
                 )
             for key, tensor in value.items():
-                if isinstance(tensor, Tensor) and tensor.shape != p.shape:
+                if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
                     raise ValueError(
-                        f"State {key!r} has shape {tuple(tensor.shape)} but its parameter has "
+                        f"State {key!r} of parameter {pid!r} must be a floating-point tensor. Received: {tensor!r}"
+                    )
+                if tensor.shape != p.shape:
+                    raise ValueError(
+                        f"State {key!r} of parameter {pid!r} has shape {tuple(tensor.shape)} but its parameter has "
                         f"shape {tuple(p.shape)}: the state dict is from a different model."
                     )
         iterations = int(groups[0].get("iterations", 0)) if groups else 0
@@ -576,7 +610,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype; keep float32 state for low precision.
         for pid, value in saved_state.items():
-            p = ids_to_params[pid]
+            p = ids_to_params.get(pid)
+            if p is None:
+                continue
             for key, tensor in value.items():
                 if isinstance(tensor, Tensor):
                     self.state[p][key] = tensor.to(device=p.device, dtype=state_dtype(p), copy=True)
@@ -590,6 +626,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             group.setdefault(ADAPT_EXCLUDED, flags)
             for key in _VARIANT_KEYS:
                 group.setdefault(key, self.defaults[key])
+            group.setdefault("betas", (group["beta_1"], group["beta_2"]))
+            group.setdefault("eps", group["epsilon"])
+        self._alias_marks = [(g["beta_1"], g["beta_2"], g["epsilon"]) for g in self.param_groups]
         if self._guard is not None:
             self._guard.load(counters)
         self._iterations = iterations
@@ -601,7 +640,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     _PICKLED = (
         "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
         "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps", "name",
-        "implementation", "_learning_rate", "_lr_sources", "_decay_exclusion", "_iterations",
+        "implementation", "_learning_rate", "_lr_sources", "_decay_exclusion", "_iterations", "_hyper_sources",
+        "_alias_marks",
         "_adapt_exclusion", "master_weights", "skip_nonfinite", "capturable",
     )
 
@@ -616,7 +656,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         counters = state.pop("_guard_counters", None)
         super().__setstate__(state)  # torch's load_state_dict also calls this (with state and groups only)
         for key, default in (("_adapt_exclusion", (frozenset(), None)), ("master_weights", False),
-                             ("skip_nonfinite", False), ("capturable", False)):
+                             ("skip_nonfinite", False), ("capturable", False),
+                             ("_hyper_sources", [{} for _ in self.param_groups]),
+                             ("_alias_marks", [None] * len(self.param_groups))):
             if not hasattr(self, key):  # pickles from before the variants
                 setattr(self, key, default)
         if not hasattr(self, "_layouts"):  # unpickling (not a load_state_dict)
@@ -668,6 +710,20 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
 
 _VARIANT_KEYS = ("weight_decay_mode", "min_trust_ratio", "max_trust_ratio", "layer_adaptation")
+
+
+_KNOWN_GROUP_KEYS = {"params", "param_names", "betas", "eps", "initial_lr", "max_lr", "min_lr", "momentum",
+                     "max_momentum", "base_momentum", "name", DECAY_EXCLUDED, ADAPT_EXCLUDED}
+
+
+def _check_keys(group: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Extra group keys are kept (as torch does), but one that looks like a misspelt option is refused."""
+    known = _KNOWN_GROUP_KEYS | set(defaults)
+    for key in group:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"Unknown param group key {key!r}: did you mean {close[0]!r}?")
 
 
 def _check_variant(options: dict[str, Any]) -> dict[str, Any]:

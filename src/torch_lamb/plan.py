@@ -79,11 +79,16 @@ class StepPlan:
     overwrite_keep: Tensor | None = None  # device guard: 1 to overwrite, 0 to keep (a skipped call)
     apply: bool = True  # False: the call changes no tensor (a skipped non-finite call)
 
-    def show_learning_rates(self, param_groups: list[dict[str, Any]]) -> None:
-        """Write this call's scheduled learning rates into their groups (after every check passed)."""
-        for group, lr in zip(param_groups, self.scheduled):
+    def write_back(self, opt: Lamb) -> None:
+        """Show this call's values in the groups, in both spellings (after every check passed)."""
+        marks = []
+        for group, lr, hyper in zip(opt.param_groups, self.scheduled, self.groups):
             if lr is not None:
                 group["lr"] = lr
+            group["beta_1"], group["beta_2"], group["epsilon"] = hyper.beta_1, hyper.beta_2, hyper.epsilon
+            group["betas"], group["eps"] = (hyper.beta_1, hyper.beta_2), hyper.epsilon
+            marks.append((hyper.beta_1, hyper.beta_2, hyper.epsilon))
+        opt._alias_marks = marks
 
     def with_step(self, step: int) -> StepPlan:
         """The same plan with bias corrections for update number ``step``."""
@@ -106,12 +111,47 @@ def _finite_float32(name: str, value: float | None) -> float | None:
     return value
 
 
-def resolve_group(group: dict[str, Any], index: int, lr: float | None) -> GroupHyper:
+def live_values(group: dict[str, Any], mark: tuple[Any, Any, Any] | None,
+                sources: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``(beta_1, beta_2, epsilon)`` for this call, whichever spelling was edited since the last write.
+
+    torch's schedulers (``OneCycleLR``, ``CyclicLR``) read and write ``betas``; users may write
+    ``beta_1``/``beta_2``/``epsilon`` or ``eps``. Both spellings changed, to different values, is an error.
+    """
+    canonical = (group["beta_1"], group["beta_2"], group["epsilon"])
+    betas = group.get("betas", canonical[:2])
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"`betas` must be a pair (beta_1, beta_2). Received: betas={betas!r}")
+    alias = (betas[0], betas[1], group.get("eps", canonical[2]))
+    if mark is None or _same(alias, mark) or _same(alias, canonical):
+        chosen = canonical
+    elif _same(canonical, mark):
+        chosen = alias
+    else:
+        raise ValueError(
+            f"`betas`/`eps` {alias[:2]}, {alias[2]} and `beta_1`/`beta_2`/`epsilon` {canonical} were both "
+            "changed, to different values: set one spelling."
+        )
+    values = dict(zip(("beta_1", "beta_2", "epsilon"), chosen))
+    for key, fn in sources.items():
+        values[key] = fn
+    return values["beta_1"], values["beta_2"], values["epsilon"]
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return all(x is y or (not callable(x) and not callable(y) and bool(x == y)) for x, y in zip(a, b))
+
+
+def resolve_group(group: dict[str, Any], index: int, lr: float | None,
+                  live: tuple[Any, Any, Any] | None = None) -> GroupHyper:
     """Check a group's (possibly edited) values and evaluate its callables; errors name the group."""
     where = f" (param group {index})"
     try:
-        beta_1 = _float32_below_one("beta_1", check.resolve("beta_1", group["beta_1"], high=1.0))
-        beta_2 = _float32_below_one("beta_2", check.resolve("beta_2", group["beta_2"], high=1.0))
+        beta_1, beta_2, epsilon = live if live is not None else (group["beta_1"], group["beta_2"], group["epsilon"])
+        beta_1 = _float32_below_one("beta_1", check.resolve("beta_1", beta_1, high=1.0))
+        beta_2 = _float32_below_one("beta_2", check.resolve("beta_2", beta_2, high=1.0))
+        if not isinstance(group["layer_adaptation"], bool):
+            raise ValueError(f"`layer_adaptation` must be a bool. Received: {group['layer_adaptation']!r}")
         mode = group["weight_decay_mode"]
         if mode not in WEIGHT_DECAY_MODES:
             raise ValueError(f"`weight_decay_mode` must be one of {list(WEIGHT_DECAY_MODES)}. Received: {mode!r}")
@@ -119,7 +159,7 @@ def resolve_group(group: dict[str, Any], index: int, lr: float | None) -> GroupH
             lr=_finite_float32("lr", check.number("lr", group["lr"] if lr is None else lr)),
             beta_1=beta_1,
             beta_2=beta_2,
-            epsilon=_finite_float32("epsilon", check.number("epsilon", group["epsilon"])),
+            epsilon=_finite_float32("epsilon", check.number("epsilon", epsilon)),
             weight_decay=_finite_float32(
                 "weight_decay", check.optional_nonnegative("weight_decay", group["weight_decay"])),
             weight_decay_mode=mode,
@@ -139,7 +179,10 @@ def plan_step(opt: Lamb) -> StepPlan:
     updating = not n or (call + 1) % n == 0
     iterations = call // n if n else call
     lrs = opt._scheduled_learning_rates(call)
-    groups = tuple(resolve_group(g, i, lr) for i, (g, lr) in enumerate(zip(opt.param_groups, lrs)))
+    groups = tuple(
+        resolve_group(g, i, lr, live_values(g, mark, sources))
+        for i, (g, lr, mark, sources) in enumerate(zip(opt.param_groups, lrs, opt._alias_marks, opt._hyper_sources))
+    )
     if opt.clipvalue is not None:
         clip = ClipSpec("value", opt.clipvalue)
     elif opt.clipnorm is not None:
