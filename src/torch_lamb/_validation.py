@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .functional import f32
 from .schedules import LearningRateSchedule
 
 
@@ -27,8 +28,8 @@ def _real(value: Any) -> float | None:
         return None
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
-        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+        return float(value)  # torch's accepted tensor forms: 0-dim or one element
     return None
 
 
@@ -47,6 +48,12 @@ def number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
         hi = ")" if high_open else "]"
         raise ValueError(
             f"`{name}` must be a finite real number in {lo}{low}, {high}{hi}. Received: {name}={value!r}"
+        )
+    x32 = f32(x)  # the math runs in float32: a value that rounds out of range there is out of range
+    if math.isinf(x32) or (low_open and not x32 > low) or (high_open and not x32 < high):
+        raise ValueError(
+            f"`{name}` must stay in range when rounded to float32 (where the update runs); {x!r} rounds to "
+            f"{x32!r}. Received: {name}={value!r}"
         )
     return x
 
@@ -105,3 +112,34 @@ def resolve(name: str, value: Any, *, step: int | None = None, **bounds: Any) ->
     if callable(value) and not isinstance(value, torch.Tensor):
         value = value(step) if call_arity(value) else value()
     return number(name, value, **bounds)
+
+
+OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum", "ema_overwrite_frequency",
+           "loss_scale_factor", "gradient_accumulation_steps")
+
+
+def _optional_int(name: str, value: Any, low: int) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise ValueError(f"`{name}` must be an integer >= {low} or None. Received: {name}={value!r}")
+    return value
+
+
+def options(**values: Any) -> dict[str, Any]:
+    """The optimizer-wide options (:data:`OPTIONS`), checked: at construction, and again at each step
+    since they are plain attributes a user may edit."""
+    clips = {k: values[k] for k in ("clipnorm", "clipvalue", "global_clipnorm") if values[k] is not None}
+    if len(clips) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+            f"Received: {', '.join(f'{k}={v!r}' for k, v in clips.items())}"
+        )
+    if not isinstance(values["use_ema"], bool):
+        raise ValueError(f"`use_ema` must be a bool. Received: use_ema={values['use_ema']!r}")
+    out = {k: optional_positive(k, values[k])
+           for k in ("clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor")}
+    out["use_ema"] = values["use_ema"]
+    out["ema_momentum"] = number("ema_momentum", values["ema_momentum"], low=0.0, high=1.0, high_open=False)
+    out["ema_overwrite_frequency"] = _optional_int("ema_overwrite_frequency", values["ema_overwrite_frequency"], 1)
+    out["gradient_accumulation_steps"] = _optional_int(
+        "gradient_accumulation_steps", values["gradient_accumulation_steps"], 2)
+    return out

@@ -19,6 +19,7 @@ from it, or dropped when the parameter is no longer float16/bfloat16.
 from __future__ import annotations
 
 import array
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -116,7 +117,8 @@ class LayoutCache:
             tuple([g is None for g in grads]),
             tuple([(g["weight_decay"] is None, g["layer_adaptation"], id(g[DECAY_EXCLUDED]), id(g[ADAPT_EXCLUDED]))
                    for g in opt.param_groups]),
-            opt.implementation, opt.capturable, len(opt.state),  # `del opt.state[p]` rebuilds too
+            opt.implementation, opt.capturable, opt.use_ema, opt.gradient_accumulation_steps,
+            len(opt.state),  # `del opt.state[p]` and `opt.state.clear()` rebuild too
         )
         layout = self.layout
         if (
@@ -126,6 +128,7 @@ class LayoutCache:
         ):
             return layout
         self.check_state_shapes(opt, params)
+        check_no_overlap(params, _names(opt))
         self.refresh_masters(opt, params)
         layout = self.layout = self._build(opt, key, params, shapes)
         return layout
@@ -254,6 +257,25 @@ def read_grads(params: list[Tensor]) -> tuple[list[Tensor | None] | None, list[t
         if g.device != p.device:
             raise RuntimeError(f"{where} is on {g.device} but its parameter is on {p.device}.")
     return grads, shapes
+
+
+def check_no_overlap(params: Sequence[Tensor], names: dict[int, str]) -> None:
+    """Parameters whose elements share memory would be updated twice per step: refuse them."""
+    spans = []
+    for p in params:
+        t = local(p)
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        start = t.data_ptr()
+        spans.append((t.device, start, start + extent * t.element_size(), p))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    for (dev_a, _, end_a, a), (dev_b, start_b, _, b) in itertools.pairwise(spans):
+        if dev_a == dev_b and start_b < end_a:
+            raise ValueError(
+                f"Parameters {names.get(id(a), '?')!r} and {names.get(id(b), '?')!r} share memory (views of one "
+                "tensor?): each step would update those elements twice. Give Lamb separate tensors."
+            )
 
 
 def _signature(p: Tensor) -> tuple[int, int, torch.Size, torch.dtype]:

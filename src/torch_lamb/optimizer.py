@@ -166,42 +166,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         epsilon = check.number("epsilon", _pick("epsilon", epsilon, "eps", eps))
         weight_decay = check.optional_nonnegative("weight_decay", weight_decay)
 
-        clips = {"clipnorm": clipnorm, "clipvalue": clipvalue, "global_clipnorm": global_clipnorm}
-        given = [k for k, v in clips.items() if v is not None]
-        if len(given) > 1:
-            raise ValueError(
-                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
-                f"Received: {', '.join(f'{k}={clips[k]!r}' for k in given)}"
-            )
-        self.clipnorm = check.optional_positive("clipnorm", clipnorm)
-        self.clipvalue = check.optional_positive("clipvalue", clipvalue)
-        self.global_clipnorm = check.optional_positive("global_clipnorm", global_clipnorm)
-
-        if not isinstance(use_ema, bool):
-            raise ValueError(f"`use_ema` must be a bool. Received: use_ema={use_ema!r}")
-        self.use_ema = use_ema
-        self.ema_momentum = check.number("ema_momentum", ema_momentum, low=0.0, high=1.0, high_open=False)
-        if ema_overwrite_frequency is not None and (
-            isinstance(ema_overwrite_frequency, bool)
-            or not isinstance(ema_overwrite_frequency, int)
-            or ema_overwrite_frequency < 1
-        ):
-            raise ValueError(
-                "`ema_overwrite_frequency` must be an integer >= 1 or None. "
-                f"Received: ema_overwrite_frequency={ema_overwrite_frequency!r}"
-            )
-        self.ema_overwrite_frequency = ema_overwrite_frequency
-        self.loss_scale_factor = check.optional_positive("loss_scale_factor", loss_scale_factor)
-        if gradient_accumulation_steps is not None and (
-            isinstance(gradient_accumulation_steps, bool)
-            or not isinstance(gradient_accumulation_steps, int)
-            or gradient_accumulation_steps < 2
-        ):
-            raise ValueError(
-                "`gradient_accumulation_steps` must be an integer >= 2 or None. "
-                f"Received: gradient_accumulation_steps={gradient_accumulation_steps!r}"
-            )
-        self.gradient_accumulation_steps = gradient_accumulation_steps
+        options = check.options(
+            clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm, use_ema=use_ema,
+            ema_momentum=ema_momentum, ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor, gradient_accumulation_steps=gradient_accumulation_steps,
+        )
+        for key, value in options.items():
+            setattr(self, key, value)
         if name is not None and not isinstance(name, str):
             raise ValueError(f"`name` must be a string or None. Received: name={name!r}")
         self.implementation = _implementation(implementation, foreach, fused)
@@ -518,17 +489,12 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         also after state was dropped (``del optimizer.state[param]`` starts that parameter afresh)."""
         if self._state_complete and not recheck:
             return
+        keys = self._required_state_keys()
         for p in self._all_params():
             state = self.state[p]
-            if MOMENTUM in state:
-                continue
-            dtype = state_dtype(p)
-            state[MOMENTUM] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            state[VELOCITY] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            if self.use_ema:
-                state[AVERAGE] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            if self.gradient_accumulation_steps:
-                state[ACCUMULATOR] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            for key in keys:
+                if key not in state:  # also a slot of an option switched on after construction
+                    state[key] = self._new_slot(p, key)
         if self.master_weights and not with_masters:
             return  # the step completes the state
         if self.master_weights:  # also after loading a state dict saved without master weights
@@ -536,6 +502,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 if p.dtype in LOW_PRECISION and MASTER not in self.state[p]:
                     self.state[p][MASTER] = p.detach().to(torch.float32, copy=True)
         self._state_complete = True
+
+    def _new_slot(self, p: Tensor, key: str) -> Tensor:
+        """Zeros, as Keras builds them; an average made after training began starts at the weights
+        (from zeros, an EMA with its steady momentum would drag the weights' average toward 0)."""
+        if key == AVERAGE and self._iterations > 0:
+            return self._weight(p).detach().to(state_dtype(p), copy=True)
+        return torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
 
     def _required_state_keys(self) -> list[str]:
         keys = [MOMENTUM, VELOCITY]

@@ -8,7 +8,6 @@ backends only read the plan; :mod:`torch_lamb.nonfinite` transforms it (``datacl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -97,20 +96,6 @@ class StepPlan:
         return replace(self, scalars=tuple(g.scalars(step) for g in self.groups))
 
 
-def _float32_below_one(name: str, value: float) -> float:
-    """A beta whose float32 rounding is 1 would divide the bias correction by zero."""
-    if f32(value) >= 1.0:
-        raise ValueError(f"`{name}` must round below 1 in float32. Received: {name}={value!r}")
-    return value
-
-
-def _finite_float32(name: str, value: float | None) -> float | None:
-    """A value that overflows float32 (where the math runs) would turn the update into inf or NaN."""
-    if value is not None and math.isinf(f32(value)):
-        raise ValueError(f"`{name}` must be finite in float32 (|x| <= 3.4e38). Received: {name}={value!r}")
-    return value
-
-
 def live_values(group: dict[str, Any], mark: tuple[Any, Any, Any] | None,
                 sources: dict[str, Any]) -> tuple[Any, Any, Any]:
     """``(beta_1, beta_2, epsilon)`` for this call, whichever spelling was edited since the last write.
@@ -148,20 +133,19 @@ def resolve_group(group: dict[str, Any], index: int, lr: float | None,
     where = f" (param group {index})"
     try:
         beta_1, beta_2, epsilon = live if live is not None else (group["beta_1"], group["beta_2"], group["epsilon"])
-        beta_1 = _float32_below_one("beta_1", check.resolve("beta_1", beta_1, high=1.0))
-        beta_2 = _float32_below_one("beta_2", check.resolve("beta_2", beta_2, high=1.0))
+        beta_1 = check.resolve("beta_1", beta_1, high=1.0)  # float32 rounding below 1 (check.number)
+        beta_2 = check.resolve("beta_2", beta_2, high=1.0)
         if not isinstance(group["layer_adaptation"], bool):
             raise ValueError(f"`layer_adaptation` must be a bool. Received: {group['layer_adaptation']!r}")
         mode = group["weight_decay_mode"]
         if mode not in WEIGHT_DECAY_MODES:
             raise ValueError(f"`weight_decay_mode` must be one of {list(WEIGHT_DECAY_MODES)}. Received: {mode!r}")
         return GroupHyper(
-            lr=_finite_float32("lr", check.number("lr", group["lr"] if lr is None else lr)),
+            lr=check.number("lr", group["lr"] if lr is None else lr),
             beta_1=beta_1,
             beta_2=beta_2,
-            epsilon=_finite_float32("epsilon", check.number("epsilon", epsilon)),
-            weight_decay=_finite_float32(
-                "weight_decay", check.optional_nonnegative("weight_decay", group["weight_decay"])),
+            epsilon=check.number("epsilon", epsilon),
+            weight_decay=check.optional_nonnegative("weight_decay", group["weight_decay"]),
             weight_decay_mode=mode,
             min_trust_ratio=check.optional_nonnegative("min_trust_ratio", group["min_trust_ratio"]),
             max_trust_ratio=check.optional_nonnegative("max_trust_ratio", group["max_trust_ratio"]),
@@ -174,6 +158,7 @@ def plan_step(opt: Lamb) -> StepPlan:
     """The plan of the next call of ``opt.step()`` (raises, changing nothing, on any bad value)."""
     if opt.implementation not in IMPLEMENTATIONS:
         raise ValueError(f"`implementation` must be one of {list(IMPLEMENTATIONS)}. Received: {opt.implementation!r}")
+    check.options(**{k: getattr(opt, k) for k in check.OPTIONS})  # plain attributes: maybe edited
     call = opt._iterations
     n = opt.gradient_accumulation_steps
     updating = not n or (call + 1) % n == 0

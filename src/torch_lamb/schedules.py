@@ -28,6 +28,23 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
+def _finite(name: str, value: Any, low: float | None = None) -> Any:
+    """A schedule's numeric argument, checked when the schedule is made (not at its first call)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if value is None and name == "warmup_target":
+        return value
+    if not ok or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise ValueError(f"`{name}` must be a finite number{bound}. Received: {name}={value!r}")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
+    return value
+
+
 class LearningRateSchedule:
     """Base class: subclasses implement ``__call__(step) -> float``.
 
@@ -59,10 +76,10 @@ class ExponentialDecay(LearningRateSchedule):
         staircase: bool = False,
         name: str = "ExponentialDecay",
     ) -> None:
-        self.initial_learning_rate = initial_learning_rate
+        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _positive("decay_steps", decay_steps)
-        self.decay_rate = decay_rate
-        self.staircase = staircase
+        self.decay_rate = _finite("decay_rate", decay_rate)
+        self.staircase = _flag("staircase", staircase)
         self.name = name
 
     def __call__(self, step: int) -> float:
@@ -110,11 +127,11 @@ class PolynomialDecay(LearningRateSchedule):
         cycle: bool = False,
         name: str = "PolynomialDecay",
     ) -> None:
-        self.initial_learning_rate = initial_learning_rate
+        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _positive("decay_steps", decay_steps)
-        self.end_learning_rate = end_learning_rate
-        self.power = power
-        self.cycle = cycle
+        self.end_learning_rate = _finite("end_learning_rate", end_learning_rate)
+        self.power = _finite("power", power)
+        self.cycle = _flag("cycle", cycle)
         self.name = name
 
     def __call__(self, step: int) -> float:
@@ -139,10 +156,10 @@ class InverseTimeDecay(LearningRateSchedule):
         staircase: bool = False,
         name: str = "InverseTimeDecay",
     ) -> None:
-        self.initial_learning_rate = initial_learning_rate
+        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _positive("decay_steps", decay_steps)
-        self.decay_rate = decay_rate
-        self.staircase = staircase
+        self.decay_rate = _finite("decay_rate", decay_rate)
+        self.staircase = _flag("staircase", staircase)
         self.name = name
 
     def __call__(self, step: int) -> float:
@@ -164,14 +181,14 @@ class CosineDecay(LearningRateSchedule):
         warmup_target: float | None = None,
         warmup_steps: int = 0,
     ) -> None:
-        self.initial_learning_rate = initial_learning_rate
+        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _positive("decay_steps", decay_steps)
-        self.alpha = alpha
+        self.alpha = _finite("alpha", alpha)
         self.name = name
-        self.warmup_target = warmup_target
+        self.warmup_target = _finite("warmup_target", warmup_target)
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0. Received: warmup_steps={warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = _finite("warmup_steps", warmup_steps, low=0.0)
 
     def _decay(self, step: float, decay_from: float) -> float:
         cosine = 0.5 * (1.0 + math.cos(math.pi * (step / self.decay_steps)))
@@ -199,11 +216,11 @@ class CosineDecayRestarts(LearningRateSchedule):
         alpha: float = 0.0,
         name: str = "SGDRDecay",
     ) -> None:
-        self.initial_learning_rate = initial_learning_rate
+        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
         self.first_decay_steps = _positive("first_decay_steps", first_decay_steps)
-        self.t_mul = t_mul
-        self.m_mul = m_mul
-        self.alpha = alpha
+        self.t_mul = _finite("t_mul", t_mul)
+        self.m_mul = _finite("m_mul", m_mul)
+        self.alpha = _finite("alpha", alpha)
         self.name = name
 
     def __call__(self, step: int) -> float:
