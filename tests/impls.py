@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from torch_lamb import kernel_status
 
@@ -18,6 +19,7 @@ class Impl:
     name: str  # Lamb(implementation=name)
     needs_kernel: bool = False  # skipped where the CPU kernel cannot be built
     capturable: bool = True  # accepts capturable=True (device-tensor scalars)
+    dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     ulps: int = 1  # float32 goldens hold to this many units in the last place (the kernel multiplies by
     # 1/bias_correction where Keras divides, so u's last bit may differ)
 
@@ -25,13 +27,22 @@ class Impl:
 IMPLS = (
     Impl("reference"),
     Impl("foreach"),
-    Impl("fused", needs_kernel=True, capturable=False, ulps=4),
+    Impl("fused", needs_kernel=True, capturable=False, ulps=4,
+         dtypes=(torch.float32, torch.bfloat16, torch.float16)),  # float16 where the compiler has _Float16
 )
 
 
 def _skip_reason(impl: Impl) -> str | None:
     if impl.needs_kernel and not kernel_status().available:
         return f"{impl.name}: no CPU kernel ({kernel_status().reason})"
+    return None
+
+
+def refusal(name: str, dtype: torch.dtype) -> str | None:
+    """Why backend ``name`` does not take parameters of ``dtype`` (None: it does)."""
+    impl = next(i for i in IMPLS if i.name == name)
+    if dtype not in impl.dtypes or (impl.needs_kernel and dtype == torch.float16 and not kernel_status().float16):
+        return f"{name} does not take {dtype} parameters"
     return None
 
 

@@ -259,8 +259,8 @@ def test_skip_nonfinite_is_exact_on_finite_steps(config, implementation, captura
         pytest.skip(f"{implementation} does not take capturable=True")
     batches = _batches(9)
     models = [_model(), _model()]
-    opts = [Lamb(m.parameters(), implementation=implementation, skip_nonfinite=flag, capturable=flag and capturable,
-                 **config) for m, flag in zip(models, (False, True))]
+    opts = [Lamb(m.parameters(), implementation=implementation, skip_nonfinite=flag, capturable=capturable, **config)
+            for m, flag in zip(models, (False, True))]
     for m, opt in zip(models, opts):
         _train(m, opt, batches)
     assert _same_bits(_snapshot(models[0], opts[0]), _snapshot(models[1], opts[1]))

@@ -61,8 +61,8 @@ def norm_clip_factors(norms: Tensor, clipnorm: float) -> Tensor:
 
 def global_norm(norms: Sequence[Tensor]) -> Tensor:
     """``sqrt(sum ||g_i||^2)`` from per-tensor norms (1-D tensors, possibly on several devices)."""
-    device = norms[0].device
-    squares = [torch.sum(torch.square(n.to(device))) for n in norms]
+    device = norms[0].device  # summed in float64: many large per-tensor norms must not overflow
+    squares = [torch.sum(torch.square(n.to(device, torch.float64))) for n in norms]
     return torch.sqrt(torch.stack(squares).sum())
 
 

@@ -7,13 +7,16 @@ tensors pay nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "Reducer", "dtensor_reducer", "full_norms", "is_dtensor", "local", "local_norms", "local_squared_norms",
+    "no_host_reads",
     "reducer_key",
 ]
 
@@ -24,11 +27,39 @@ def local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
+_HOST_READS: contextvars.ContextVar[bool] = contextvars.ContextVar("torch_lamb_host_reads", default=True)
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    """Within: norms never read a tensor on the host (``capturable=True``)."""
+    token = _HOST_READS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_READS.reset(token)
+
+
 def local_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """A 1-D tensor of the L2 norms of ``tensors`` (computed in float32 at least)."""
+    """A 1-D tensor of the L2 norms of ``tensors``, finite for every finite input.
+
+    Float32 sums of squares overflow above about 1.8e19. On the CPU the fast float32 norms are
+    checked on the host (no device sync) and an overflowed one is summed again in float64 (the result
+    is then float64); where the host may not read (another device, ``capturable``) they are summed in
+    float64 throughout.
+    """
     if not tensors:
         return torch.zeros(0)
-    return torch.stack(torch._foreach_norm(list(tensors), dtype=_norm_dtype(tensors[0])))
+    tensors = list(tensors)
+    dtype = _norm_dtype(tensors[0])
+    if dtype == torch.float32 and not (tensors[0].is_cpu and _HOST_READS.get()):
+        return torch.stack(torch._foreach_norm(tensors, dtype=torch.float64))
+    norms = torch.stack(torch._foreach_norm(tensors, dtype=dtype))
+    if dtype == torch.float32 and bool(torch.isinf(norms).any()):
+        norms = norms.double()
+        for i in torch.isinf(norms).nonzero().flatten().tolist():  # rare: huge (or non-finite) values
+            norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    return norms
 
 
 Reducer = Callable[[Tensor], Tensor]
@@ -36,8 +67,8 @@ Reducer = Callable[[Tensor], Tensor]
 
 
 def local_squared_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """A 1-D tensor of the local sums of squares of ``tensors``."""
-    return torch.square(local_norms(tensors))
+    """A 1-D tensor of the local sums of squares of ``tensors`` (float64 where float32 would overflow)."""
+    return torch.square(local_norms(tensors))  # float32 norms are below 1.8e19: their squares fit
 
 
 def full_norms(*tensor_lists: Sequence[Tensor], reduce: Reducer | None = None) -> list[Tensor]:

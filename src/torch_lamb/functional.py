@@ -49,7 +49,7 @@ class LambScalars:
     one_minus_beta_2: float | Tensor
     bias_correction_1: float | Tensor  # 1 - beta_1 ** t
     bias_correction_2: float | Tensor  # 1 - beta_2 ** t
-    epsilon: float
+    epsilon: float | Tensor
     decay_factor: float | Tensor | None  # decoupled mode: 1 - weight_decay * lr (None when off)
     adaptive_weight_decay: float | None = None  # adaptive mode: u += weight_decay * w (None when off)
     min_trust_ratio: float | None = None  # optional bounds on the ratio (after the zero-norm rule)
@@ -213,7 +213,7 @@ def lamb_update(
 
     weight_norm, update_norm = full_norms(work, updates, reduce=reduce)
     ratio = trust_ratio(weight_norm, update_norm, scalars, adapt_mask)
-    torch._foreach_mul_(updates, list((ratio * scalars.lr).unbind(0)))
+    torch._foreach_mul_(updates, list((ratio * scalars.lr).to(updates[0].dtype).unbind(0)))
     torch._foreach_sub_(work, updates)
     if low:
         torch._foreach_copy_(params, work)
@@ -247,7 +247,7 @@ def lamb_reference(
             u = u + scalars.adaptive_weight_decay * w
         w_norm, u_norm = (n[0] for n in full_norms([w], [u], reduce=reduce))
         ratio = trust_ratio(w_norm, u_norm, scalars, None if adapt else [False]).reshape(())
-        w.copy_(w - (ratio * scalars.lr) * u)
+        w.copy_(w - (ratio * scalars.lr).to(w.dtype) * u)
         w_norms.append(w_norm)
         u_norms.append(u_norm)
         ratios.append(ratio)

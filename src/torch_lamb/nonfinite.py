@@ -1,5 +1,8 @@
 """``skip_nonfinite``: skip a call whose gradients hold inf or NaN, as a transformation of the plan.
 
+Also skipped: a gradient element of magnitude 2**64 (1.8e19) or more after unscaling, since its
+square overflows float32 and would turn the second moment into inf, then NaN, from finite inputs.
+
 :meth:`NonfiniteGuard.prepare` takes the call's gradients and plan and returns the ones the backends
 run, so that every backend supports it. The check is one max-abs norm per tensor (it cannot overflow
 for finite values; NaN and inf propagate), reduced across shards so that every rank agrees.
@@ -11,7 +14,8 @@ for finite values; NaN and inf propagate), reduced across shards so that every r
 * **On the device** (CUDA, or ``capturable=True``): no host read. The gradients are copied into one
   flat buffer per bucket, filled with a finite value when the call is skipped (``-1``; ``0`` under
   accumulation, so that ``acc + 0 == acc``), and the plan's scalars become 0-dim tensors chosen on
-  the device: lerp weights and learning rate 0, decay factor 1, EMA weight 0, overwrite off.
+  the device: lerp weights and learning rate 0, decay factor 1, epsilon at least 1 (no 0/0 when
+  ``epsilon=0``), EMA weight 0, overwrite off.
 
 Counters: ``Lamb._iterations`` counts *calls* (it drives schedules, accumulation windows and the EMA
 overwrite period); the counters below count what was applied and drive bias correction,
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["NonfiniteGuard"]
 
 _FILL, _FILL_ACCUMULATING = -1.0, 0.0  # every gradient element of a skipped call (device mode)
+_SQUARE_LIMIT = 2.0**64  # |t| at or above this squares beyond float32's range: v would become inf, then NaN
 
 
 class NonfiniteGuard:
@@ -81,20 +86,20 @@ class NonfiniteGuard:
             self.counts["finite_in_window"] = self.counts["finite_in_window"] * 0
 
     @staticmethod
-    def _bad(layout: Layout, grads: list[list[Tensor]]) -> list[Tensor]:
-        """Per bucket, a 0-dim count of non-finite tensors (summed across shards), from max-abs norms."""
+    def _bad(layout: Layout, grads: list[list[Tensor]], limit: float) -> list[Tensor]:
+        """Per bucket, a 0-dim count of unusable tensors (summed across shards), from max-abs norms."""
         flags = []
         for b, gs in zip(layout.active, grads):
             gs = [g for g in gs if g.numel()] or [torch.zeros(1, dtype=gs[0].dtype, device=gs[0].device)]
-            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(gs, ord=float("inf"))))).float()
+            bad = (~(torch.stack(torch._foreach_norm(gs, ord=float("inf"))) < limit)).float()  # NaN is bad too
             if b.reduce is not None:
                 bad = b.reduce(bad)
             flags.append(bad.sum())
         return flags
 
     @staticmethod
-    def _found_on_host(layout: Layout, grads: list[list[Tensor]]) -> bool:
-        """Whether any gradient holds inf or NaN, read on the host (CPU tensors: no device to wait for).
+    def _found_on_host(layout: Layout, grads: list[list[Tensor]], limit: float) -> bool:
+        """Whether any gradient holds inf, NaN or a value at ``limit``, read on the host (CPU: no device sync).
 
         The L2 norm is the fast reduction on the CPU; it is inf for finite values whose squares
         overflow float32 (beyond about 1.8e19), so only those tensors are checked element by element.
@@ -105,7 +110,7 @@ class NonfiniteGuard:
             count = 0
             if gs:
                 suspects = (~torch.isfinite(torch.stack(torch._foreach_norm(gs)))).nonzero().flatten().tolist()
-                count = sum(not bool(torch.isfinite(gs[i]).all()) for i in suspects)  # rare: nonfinite or huge
+                count = sum(not bool(gs[i].abs().max() < limit) for i in suspects)  # rare: nonfinite or huge
             if b.reduce is not None:
                 counts.append(b.reduce(torch.full((1,), float(count))))
             elif count:
@@ -114,7 +119,7 @@ class NonfiniteGuard:
 
     def _prepare_host(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> tuple[list, StepPlan]:
         counts = self.counts = {k: int(v) for k, v in self.counts.items()}
-        found = self._found = self._found_on_host(layout, grads)
+        found = self._found = self._found_on_host(layout, grads, _limit(plan))
         applied = counts["applied_updates"]
         if plan.accumulating:
             window = counts["finite_in_window"] = counts["finite_in_window"] + (not found)
@@ -141,7 +146,7 @@ class NonfiniteGuard:
             self.counts = {  # torch.full: a fill kernel, never a host-to-device copy (which would sync)
                 k: torch.full((), int(v), dtype=torch.int64, device=device) for k, v in self.counts.items()
             }
-        flags = self._bad(layout, grads)
+        flags = self._bad(layout, grads, _limit(plan))
         found = self._found = torch.stack([f.to(device) for f in flags]).sum() > 0
         fill = _FILL_ACCUMULATING if plan.accumulating else _FILL
         copies, buffers = [], {}
@@ -197,7 +202,14 @@ class NonfiniteGuard:
             bias_correction_1=(1 - torch.pow(b1, t)).to(dtype),
             bias_correction_2=(1 - torch.pow(b2, t)).to(dtype),
             decay_factor=None if s.decay_factor is None else masked(s.decay_factor, 1.0),
+            epsilon=masked(s.epsilon, max(s.epsilon, 1.0)),  # a skipped call with epsilon=0 must not form 0/0
         )
+
+
+def _limit(plan: StepPlan) -> float:
+    """The gradient magnitude from which a call is skipped: inf and NaN, and values whose unscaled
+    square overflows float32 (they would make the second moment infinite, then NaN)."""
+    return _SQUARE_LIMIT * (plan.loss_scale or 1.0)
 
 
 def _steady_weight(plan: StepPlan) -> float:

@@ -8,6 +8,7 @@ follows Keras's order::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -21,7 +22,7 @@ from . import _validation as check
 from .backends import IMPLEMENTATIONS
 from .backends.common import overwrite_with_averages, reset_accumulators
 from .clipping import clip_factors
-from .distributed import local
+from .distributed import local, no_host_reads
 from .functional import LOW_PRECISION, TrustStats
 from .layout import (
     ACCUMULATOR,
@@ -160,6 +161,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if betas is not None:
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"`betas` must be a pair (beta_1, beta_2). Received: betas={betas!r}")
+            if any(b is None for b in betas):
+                raise ValueError(f"`betas` must hold two numbers (beta_1, beta_2). Received: betas={betas!r}")
             beta_1 = _pick("beta_1", beta_1, "betas", betas[0])
             beta_2 = _pick("beta_2", beta_2, "betas", betas[1])
         beta_1, beta_2 = check.beta("beta_1", beta_1), check.beta("beta_2", beta_2)
@@ -206,6 +209,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             "beta_1": beta_1,
             "beta_2": beta_2,
             "epsilon": epsilon,
+            "betas": (beta_1, beta_2),  # torch's spellings, read by OneCycleLR / CyclicLR
+            "eps": epsilon,
             "weight_decay": weight_decay,
             **variant,
         }
@@ -320,7 +325,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if not callable(value):
             self.defaults["lr"] = value
         for group, source in zip(self.param_groups, self._lr_sources):
-            if source is _FOLLOW_DEFAULT:
+            if source == _FOLLOW_DEFAULT:
                 group["lr"] = current
 
     def scale_loss(self, loss: Tensor) -> Tensor:
@@ -435,10 +440,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         layout = self._layouts.get(self, params, grads, shapes)
         plan.write_back(self)
         bucket_grads = [b.grads(grads) for b in layout.active]
-        if self._guard is not None:
-            bucket_grads, plan = self._guard.prepare(layout, bucket_grads, plan, self.capturable)
-        if plan.apply:
-            self._run(layout, bucket_grads, plan)
+        with no_host_reads() if self.capturable else contextlib.nullcontext():
+            if self._guard is not None:
+                bucket_grads, plan = self._guard.prepare(layout, bucket_grads, plan, self.capturable)
+            if plan.apply:
+                self._run(layout, bucket_grads, plan)
         if self._guard is not None:
             self._guard.finish(plan)
         if self.master_weights:
@@ -647,7 +653,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
     def _default_group_lr(self) -> float:
         for group, source in zip(self.param_groups, self._lr_sources):
-            if source is _FOLLOW_DEFAULT:
+            if source == _FOLLOW_DEFAULT:
                 return group["lr"]
         return self.defaults["lr"]
 
@@ -661,7 +667,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         default_value = self._evaluate_lr(default, step) if callable(default) else None
         values: list[float | None] = []
         for source in self._lr_sources:
-            if source is _FOLLOW_DEFAULT:
+            if source == _FOLLOW_DEFAULT:
                 values.append(default_value)
             elif callable(source):
                 values.append(self._evaluate_lr(source, step))

@@ -81,6 +81,12 @@ def _addr(pointers: array.array) -> int:
     return pointers.buffer_info()[0]
 
 
+def _narrowed(sums: Tensor) -> Tensor:
+    """Float64 sums of squares as float32, unless that overflows (then they stay float64; a CPU read)."""
+    narrow = sums.to(torch.float32)
+    return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
+
+
 def _threads(numel: int) -> int:
     return max(1, min(torch.get_num_threads(), numel // MIN_PER_THREAD))
 
@@ -194,10 +200,10 @@ class KernelBucket:
             streams = 4 + bool(b.flags & self.flags["F_ACCUMULATE"]) + (ema_weight is not None)
             b.segment = max(1, SEGMENT_BYTES // (4 * streams))
             _run("lamb_fused", b)
-            norms = torch.sqrt(sums.to(torch.float32))
+            norms = torch.sqrt(_narrowed(sums))
             return TrustStats(norms[:n], norms[n:], ratio)
         _run("lamb_pass1", b)
-        norms = torch.sqrt(reduce(sums.to(torch.float32)))
+        norms = torch.sqrt(reduce(_narrowed(sums)))
         weight_norm, update_norm = norms[:n], norms[n:]
         ratio = trust_ratio(weight_norm, update_norm, scalars, self.adapt_list)
         scale = (ratio * s.lr).to(torch.float32).contiguous()
@@ -295,7 +301,7 @@ class CpuKernelBackend:
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         pipeline = GradientPipeline(plan.loss_scale, plan.accumulation)
-        return bucket.handle.gradient_squares(self._readable(bucket, grads), pipeline).to(torch.float32)
+        return _narrowed(bucket.handle.gradient_squares(self._readable(bucket, grads), pipeline))
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         assert plan.scalars is not None

@@ -401,10 +401,16 @@ static void pass2_block(const Bucket *b, Span s, float scale) {
 }
 
 /* The trust ratio of tensor i from its summed squares; the same float32 steps as
- * torch_lamb.functional.trust_ratio. */
+ * torch_lamb.functional.trust_ratio, in double where a sum exceeds float32's range. */
 static float ratio_of(const Bucket *b, int64_t i, double wsum, double usum) {
-    const float wn = sqrtf((float)wsum), un = sqrtf((float)usum);
-    float r = (wn > 0.0f && un > 0.0f) ? wn / un : 1.0f;
+    float r;
+    if (isinf((float)wsum) || isinf((float)usum)) {
+        const double wn = sqrt(wsum), un = sqrt(usum);
+        r = (wn > 0.0 && un > 0.0) ? (float)(wn / un) : 1.0f;
+    } else {
+        const float wn = sqrtf((float)wsum), un = sqrtf((float)usum);
+        r = (wn > 0.0f && un > 0.0f) ? wn / un : 1.0f;
+    }
     if (b->flags & F_MIN_RATIO) r = r < b->min_ratio ? b->min_ratio : r; /* NaN kept, as clamp */
     if (b->flags & F_MAX_RATIO) r = r > b->max_ratio ? b->max_ratio : r;
     if (b->adapt_mask && !b->adapt_mask[i]) r = 1.0f;
@@ -413,8 +419,42 @@ static float ratio_of(const Bucket *b, int64_t i, double wsum, double usum) {
 
 /* ---------------------------------------------------------------- entry points */
 
-/* Sum the block partials of tensors [t0, t1) into b->sums. */
-static void gather_sums(const Bucket *b, const int64_t *starts, const double *part, int64_t t0, int64_t t1) {
+/* Squares summed in float per 64 elements overflow for |x| above about 1.8e19. A tensor whose sum
+ * came out inf is summed again here, serially, squaring in double (rare: huge or non-finite values). */
+enum { RESCUE_NONE = 0, RESCUE_PASS1 = 1, RESCUE_GRADS = 2 };
+
+static void rescue_sums(const Bucket *b, int64_t i, int kind) {
+    double ws = 0.0, us = 0.0;
+    float pbuf[CHUNK], gbuf[CHUNK];
+    const Span whole = {i, 0, b->sizes[i]};
+    const int dec = b->decay_mask[i];
+    const float df = ((b->flags & F_DECAY) && dec) ? b->decay : 1.0f;
+    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && dec;
+    const float ibc1 = 1.0f / b->bc1, ibc2 = 1.0f / b->bc2;
+    for (int64_t at = 0; at < whole.len; at += CHUNK) {
+        const int64_t n = whole.len - at < CHUNK ? whole.len - at : CHUNK;
+        const Run r = make_run(b, whole, at, n, pbuf, gbuf, kind == RESCUE_PASS1 ? RUN_P : RUN_G);
+        for (int64_t j = 0; j < n; j++) {
+            if (kind == RESCUE_PASS1) { /* p is unchanged until pass 2; m and v hold the new moments */
+                const float w = r.p[j] * df;
+                float u = (r.m[j] * ibc1) / (sqrtf(r.v[j] * ibc2) + b->eps);
+                if (adaptive) u = u + b->adaptive_decay * w;
+                ws += (double)w * w;
+                us += (double)u * u;
+            } else {
+                const float t = grad_value(b, r.g[j], (b->flags & F_ACCUMULATE) ? r.acc[j] : 0.0f, 1.0f,
+                                           b->flags & (F_LOSS_SCALE | F_ACCUMULATE));
+                ws += (double)t * t;
+            }
+        }
+    }
+    b->sums[i] = ws;
+    if (kind == RESCUE_PASS1) b->sums[b->n + i] = us;
+}
+
+/* Sum the block partials of tensors [t0, t1) into b->sums (rescuing overflowed sums of `kind`). */
+static void gather_sums(const Bucket *b, const int64_t *starts, const double *part, int64_t t0, int64_t t1,
+                        int kind) {
     for (int64_t i = t0; i < t1; i++) {
         double ws = 0.0, us = 0.0;
         for (int64_t k = starts[i]; k < starts[i + 1]; k++) {
@@ -423,6 +463,7 @@ static void gather_sums(const Bucket *b, const int64_t *starts, const double *pa
         }
         b->sums[i] = ws;
         b->sums[b->n + i] = us;
+        if (kind != RESCUE_NONE && (isinf(ws) || (kind == RESCUE_PASS1 && isinf(us)))) rescue_sums(b, i, kind);
     }
 }
 
@@ -489,7 +530,7 @@ static int run_segments(const Bucket *b, int stream) {
         }
 #pragma omp single
         {
-            gather_sums(b, starts, part, t0, t1);
+            gather_sums(b, starts, part, t0, t1, stream ? RESCUE_NONE : RESCUE_PASS1);
             for (int64_t i = t0; i < t1; i++)
                 b->ratios[i] = RATIO_OF(b, i);
         }
@@ -515,7 +556,8 @@ int lamb_stream(const Bucket *b) { return run_segments(b, 1); }
 
 typedef void (*BlockFn)(const Bucket *b, Span s, double *out);
 
-/* Run `fn` over every block on b->nthreads threads; with `sums`, gather its partial sums into b->sums. */
+/* Run `fn` over every block on b->nthreads threads; with `sums` (a RESCUE_* kind + 1), gather its partial
+ * sums into b->sums. */
 static int run_blocks(const Bucket *b, BlockFn fn, int sums) {
     int64_t *starts = build_blocks(b);
     double *part = starts ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
@@ -525,7 +567,7 @@ static int run_blocks(const Bucket *b, BlockFn fn, int sums) {
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(b->nthreads)
     for (int64_t blk = 0; blk < starts[b->n]; blk++) fn(b, block_span(b, starts, blk), part + 2 * blk);
-    if (sums) gather_sums(b, starts, part, 0, b->n);
+    if (sums) gather_sums(b, starts, part, 0, b->n, sums - 1);
     free(part);
     free(starts);
     return 0;
@@ -598,13 +640,13 @@ static void ema_block(const Bucket *b, Span s, double *out) {
 }
 
 /* Pass 1 over the whole bucket (squared norms into b->sums, for a reduce across ranks). */
-int lamb_pass1(const Bucket *b) { return run_blocks(b, pass1_block, 1); }
+int lamb_pass1(const Bucket *b) { return run_blocks(b, pass1_block, 1 + RESCUE_PASS1); }
 
 /* Pass 2 over the whole bucket with the per-tensor ratio * lr in b->scale. */
 int lamb_pass2(const Bucket *b) { return run_blocks(b, scaled_pass2_block, 0); }
 
 /* Squared norms of the gradients the update would use before norm clipping, into sums[0, n). */
-int lamb_grad_sums(const Bucket *b) { return run_blocks(b, grad_sum_block, 1); }
+int lamb_grad_sums(const Bucket *b) { return run_blocks(b, grad_sum_block, 1 + RESCUE_GRADS); }
 
 /* acc += g (/ loss_scale): a micro-step of gradient accumulation. */
 int lamb_accumulate(const Bucket *b) { return run_blocks(b, accumulate_block, 0); }

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..distributed import local_squared_norms
 from ..functional import TrustStats, lamb_reference
-from .common import finish_update, move_averages, norm_dtype
+from .common import finish_update, move_averages
 
 if TYPE_CHECKING:
     from ..layout import Bucket
@@ -49,8 +50,7 @@ class ReferenceBackend:
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         formed = self._formed(bucket, grads, plan)
-        dtype = norm_dtype(formed[0])
-        return torch.stack([torch.sum(torch.square(g.to(dtype))) for g in formed])
+        return torch.cat([local_squared_norms([g]) for g in formed])  # float64 where float32 would overflow
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         formed = self._formed(bucket, grads, plan)
