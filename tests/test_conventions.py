@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import torch_lamb
 from torch_lamb import CosineDecay, Lamb
 
 CONFIGS = {  # one row per kind of configuration the generic tests run through
@@ -384,3 +385,21 @@ def test_use_ema_switched_on_later_starts_the_average_at_the_weights():
     _train(model, opt, 1)
     averages = torch.cat([opt.state[p]["average"].flatten() for p in model.parameters()])
     assert (averages - _flat(model)).abs().max() < 0.05 and averages.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CosineDecay("0.1", 10), lambda: CosineDecay(0.1, 10, alpha=float("nan")),
+    lambda: CosineDecay(0.1, 10, warmup_steps=-1), lambda: torch_lamb.ExponentialDecay(0.1, 10, decay_rate=None),
+    lambda: torch_lamb.PolynomialDecay(0.1, 10, cycle="yes"),
+], ids=["initial_learning_rate", "alpha", "warmup_steps", "decay_rate", "cycle"])
+def test_schedules_check_their_arguments_when_made(make):
+    with pytest.raises(ValueError, match=r"must be"):
+        make()
+
+
+def test_explicit_fused_on_meta_or_float64_tensors_raises_naming_the_device_and_dtype():
+    meta, double = torch.empty(4, device="meta"), torch.zeros(4, dtype=torch.float64)
+    for p in (torch.nn.Parameter(meta), torch.nn.Parameter(double)):
+        p.grad = torch.ones_like(p)
+        with pytest.raises(ValueError, match=f"device {p.device}, dtype {p.dtype}"):
+            Lamb([p], fused=True).step()

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
     from .plan import StepPlan
 
 __all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "clip_factors", "global_clip_factor",
-           "global_norm", "norm_clip_factors"]
+           "global_norm", "norm_clip_factors", "scale_by_factors"]
 
 
-def _scale(grads: list[Tensor], factors: Sequence[Tensor] | Tensor, inplace: bool) -> list[Tensor]:
-    if isinstance(factors, Tensor) and factors.dim() == 0:
-        factors = [factors] * len(grads)
-    factors = list(factors)
+def scale_by_factors(grads: list[Tensor], factors: Tensor, *, inplace: bool = False) -> list[Tensor]:
+    """``g_i * factors[i]`` (a 1-D tensor of per-tensor factors, or one 0-dim factor for all)."""
+    factors = factors.to(grads[0].dtype)
+    factors = [factors] * len(grads) if factors.dim() == 0 else list(factors.unbind(0))
     if inplace:
         torch._foreach_mul_(grads, factors)
         return grads
@@ -51,7 +51,7 @@ def clip_by_norm(
     grads = list(grads)
     if not grads:
         return grads
-    return _scale(grads, norm_clip_factors(norms, clipnorm).unbind(0), inplace)
+    return scale_by_factors(grads, norm_clip_factors(norms, clipnorm), inplace=inplace)
 
 
 def norm_clip_factors(norms: Tensor, clipnorm: float) -> Tensor:
@@ -78,7 +78,7 @@ def clip_by_global_norm(
     grads = list(grads)
     if not grads:
         return grads
-    return _scale(grads, factor.to(grads[0].device), inplace)
+    return scale_by_factors(grads, factor.to(grads[0].device), inplace=inplace)
 
 
 def clip_factors(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], plan: StepPlan) -> list[Tensor | None]:

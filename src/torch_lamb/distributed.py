@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Reducer", "dtensor_reducer", "full_norms", "is_dtensor", "local", "local_norms", "local_squared_norms",
+    "Reducer",
+    "dtensor_reducer",
+    "full_norms",
+    "host_reads_allowed",
+    "is_dtensor",
+    "local",
+    "local_norms",
+    "local_squared_norms",
     "no_host_reads",
     "reducer_key",
 ]
@@ -38,6 +45,11 @@ def no_host_reads() -> Iterator[None]:
         yield
     finally:
         _HOST_READS.reset(token)
+
+
+def host_reads_allowed() -> bool:
+    """False inside :func:`no_host_reads` (``capturable=True``)."""
+    return _HOST_READS.get()
 
 
 def local_norms(tensors: Sequence[Tensor]) -> Tensor:

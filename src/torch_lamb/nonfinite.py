@@ -87,39 +87,17 @@ class NonfiniteGuard:
 
     @staticmethod
     def _bad(layout: Layout, grads: list[list[Tensor]], limit: float) -> list[Tensor]:
-        """Per bucket, a 0-dim count of unusable tensors (summed across shards), from max-abs norms."""
+        """Per bucket, a 0-dim count of unusable tensors, summed across shards (each backend checks its own)."""
         flags = []
         for b, gs in zip(layout.active, grads):
-            gs = [g for g in gs if g.numel()] or [torch.zeros(1, dtype=gs[0].dtype, device=gs[0].device)]
-            bad = (~(torch.stack(torch._foreach_norm(gs, ord=float("inf"))) < limit)).float()  # NaN is bad too
-            if b.reduce is not None:
-                bad = b.reduce(bad)
-            flags.append(bad.sum())
+            bad = b.backend.bad_gradients(b, gs, limit)
+            flags.append(b.reduce(bad.reshape(1)).sum() if b.reduce is not None else bad)
         return flags
-
-    @staticmethod
-    def _found_on_host(layout: Layout, grads: list[list[Tensor]], limit: float) -> bool:
-        """Whether any gradient holds inf, NaN or a value at ``limit``, read on the host (CPU: no device sync).
-
-        The L2 norm is the fast reduction on the CPU; it is inf for finite values whose squares
-        overflow float32 (beyond about 1.8e19), so only those tensors are checked element by element.
-        """
-        counts = []
-        for b, gs in zip(layout.active, grads):
-            gs = [g for g in gs if g.numel()]
-            count = 0
-            if gs:
-                suspects = (~torch.isfinite(torch.stack(torch._foreach_norm(gs)))).nonzero().flatten().tolist()
-                count = sum(not bool(gs[i].abs().max() < limit) for i in suspects)  # rare: nonfinite or huge
-            if b.reduce is not None:
-                counts.append(b.reduce(torch.full((1,), float(count))))
-            elif count:
-                return True
-        return bool(counts) and bool(torch.cat(counts).sum() > 0)
 
     def _prepare_host(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> tuple[list, StepPlan]:
         counts = self.counts = {k: int(v) for k, v in self.counts.items()}
-        found = self._found = self._found_on_host(layout, grads, _limit(plan))
+        flags = self._bad(layout, grads, _limit(plan))
+        found = self._found = bool(torch.stack(flags).sum() > 0)  # CPU tensors: no device to wait for
         applied = counts["applied_updates"]
         if plan.accumulating:
             window = counts["finite_in_window"] = counts["finite_in_window"] + (not found)

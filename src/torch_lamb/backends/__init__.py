@@ -54,6 +54,10 @@ class Backend(Protocol):
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         """Move the averages toward the weights (a call that does not update this bucket)."""
 
+    def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
+        """A 0-dim float count of local tensors holding NaN or a value of magnitude >= ``limit``
+        (``skip_nonfinite``'s check; reading it is the guard's business)."""
+
 
 BACKENDS: dict[str, Backend] = {
     "reference": reference.ReferenceBackend(),

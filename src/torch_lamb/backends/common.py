@@ -7,12 +7,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..distributed import host_reads_allowed
+
 if TYPE_CHECKING:
     from ..layout import Bucket
     from ..plan import StepPlan
 
-__all__ = ["finish_update", "move_averages", "norm_dtype", "overwrite_with_averages", "reset_accumulators",
-           "state_grads"]
+__all__ = ["bad_gradients", "finish_update", "move_averages", "norm_dtype", "overwrite_with_averages",
+           "reset_accumulators", "state_grads"]
 
 
 def norm_dtype(t: Tensor) -> torch.dtype:
@@ -67,3 +69,16 @@ def overwrite_with_averages(bucket: Bucket, plan: StepPlan) -> None:
         torch._foreach_lerp_(bucket.weights, averages, plan.overwrite_keep.to(bucket.device, dtype))
     if bucket.mirrors:
         torch._foreach_copy_(bucket.mirrors, bucket.weights)
+
+
+def bad_gradients(bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
+    """A 0-dim count of tensors holding NaN or a value of magnitude >= ``limit``.
+
+    On the CPU (host reads allowed) the fast L2 norms find the suspects (a norm is inf whenever an
+    element reaches 2**64), which are then checked one by one; elsewhere, max-abs norms on the device.
+    """
+    grads = [g for g in grads if g.numel()] or [torch.zeros(1, dtype=grads[0].dtype, device=grads[0].device)]
+    if grads[0].is_cpu and host_reads_allowed():
+        suspects = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).nonzero().flatten().tolist()
+        return torch.tensor(float(sum(not bool(grads[i].abs().max() < limit) for i in suspects)))
+    return (~(torch.stack(torch._foreach_norm(grads, ord=float("inf"))) < limit)).float().sum()  # NaN is bad

@@ -227,6 +227,14 @@ class KernelBucket:
         self._options(b, ("F_LOSS_SCALE", "loss_scale", loss_scale))
         _run("lamb_accumulate", b)
 
+    def count_bad(self, grads: Sequence[Tensor], limit: float) -> Tensor:
+        """Per tensor, the number of gradient elements that are NaN or at least ``limit`` in magnitude."""
+        b, _keep = self._struct(None, grads)
+        sums = torch.empty(2 * self.n, dtype=torch.float64)
+        b.sums, b.limit = sums.data_ptr(), limit
+        _run("lamb_count_bad", b)
+        return sums[: self.n]
+
     def ema(self, params: Sequence[Tensor], weight: float) -> None:
         """``avg = lerp(avg, p, weight)`` over the bucket's averages, in one pass."""
         b, _keep = self._struct(params, None)
@@ -317,3 +325,6 @@ class CpuKernelBackend:
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         if plan.ema_weight is not None:
             bucket.handle.ema(bucket.weights, plan.ema_weight)
+
+    def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
+        return (bucket.handle.count_bad(self._readable(bucket, grads), limit) > 0).sum().to(torch.float32)

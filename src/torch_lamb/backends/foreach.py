@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..clipping import clip_by_value, scale_by_factors
 from ..distributed import local_squared_norms
 from ..functional import TrustStats, lamb_update
-from .common import finish_update, move_averages, state_grads
+from .common import bad_gradients, finish_update, move_averages, state_grads
 
 if TYPE_CHECKING:
     from ..layout import Bucket
@@ -61,17 +62,9 @@ class ForeachBackend:
         formed = self._formed.pop(id(bucket), None)
         work, owned = formed if formed is not None else self._form(bucket, grads, plan)
         if plan.clip.kind == "value":
-            if owned:
-                torch._foreach_clamp_min_(work, -plan.clip.value)
-            else:
-                work = list(torch._foreach_clamp_min(work, -plan.clip.value))
-            torch._foreach_clamp_max_(work, plan.clip.value)
+            work = clip_by_value(work, plan.clip.value, inplace=owned)
         elif clip_factors is not None:
-            factors = list(clip_factors.to(work[0].dtype).unbind(0))
-            if owned:
-                torch._foreach_mul_(work, factors)
-            else:
-                work = list(torch._foreach_mul(work, factors))
+            work = scale_by_factors(work, clip_factors, inplace=owned)
         assert plan.scalars is not None
         stats = lamb_update(
             bucket.weights, work, bucket.momentums, bucket.velocities, plan.scalars[bucket.group_index],
@@ -83,3 +76,6 @@ class ForeachBackend:
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         if plan.ema_weight is not None:
             move_averages(bucket, plan.ema_weight)
+
+    def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
+        return bad_gradients(bucket, grads, limit)

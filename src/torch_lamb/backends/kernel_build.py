@@ -31,7 +31,8 @@ __all__ = ["KernelStatus", "cache_dir", "kernel_status", "load_kernel"]
 
 SOURCE = Path(__file__).with_name("lamb_kernel.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-ENTRY_POINTS = ("lamb_fused", "lamb_pass1", "lamb_pass2", "lamb_grad_sums", "lamb_accumulate", "lamb_ema")
+ENTRY_POINTS = ("lamb_fused", "lamb_pass1", "lamb_pass2", "lamb_grad_sums", "lamb_accumulate", "lamb_ema",
+                "lamb_count_bad")
 FLOOR_ENTRY_POINTS = ("lamb_stream",)
 FIX_HINT = "set $CC to a working C compiler with OpenMP, or $TORCH_LAMB_CACHE_DIR to a writable folder"
 
@@ -50,6 +51,7 @@ class Bucket(ctypes.Structure):
             "loss_scale", "accumulation_steps", "clipvalue", "ema_weight")],
         ("mirror", ctypes.c_void_p),
         *[(name, ctypes.c_int64) for name in ("p_dtype", "g_dtype", "mirror_dtype")],
+        ("limit", ctypes.c_float),
     ]
 
 

@@ -77,6 +77,7 @@ typedef struct {
     float loss_scale, accumulation_steps, clipvalue, ema_weight;
     void **mirror;               /* F_MIRROR: low-precision parameters copied from the float32 p */
     int64_t p_dtype, g_dtype, mirror_dtype;
+    float limit;                 /* lamb_count_bad: a gradient element counts as bad unless |g| < limit */
 } Bucket;
 
 /* ---------------------------------------------------------------- ABI */
@@ -85,7 +86,7 @@ typedef struct {
     X(n) X(p) X(g) X(m) X(v) X(acc) X(avg) X(sizes) X(decay_mask) X(adapt_mask) X(clip_factors)     \
     X(scale) X(sums) X(ratios) X(flags) X(nthreads) X(segment) X(beta_1c) X(beta_2c) X(bc1) X(bc2)   \
     X(eps) X(decay) X(adaptive_decay) X(lr) X(min_ratio) X(max_ratio) X(loss_scale)                 \
-    X(accumulation_steps) X(clipvalue) X(ema_weight) X(mirror) X(p_dtype) X(g_dtype) X(mirror_dtype)
+    X(accumulation_steps) X(clipvalue) X(ema_weight) X(mirror) X(p_dtype) X(g_dtype) X(mirror_dtype) X(limit)
 #define FLAG_NAMES(X)                                                                               \
     X(F_DECAY) X(F_ADAPTIVE_DECAY) X(F_MIN_RATIO) X(F_MAX_RATIO) X(F_LOSS_SCALE) X(F_ACCUMULATE)     \
     X(F_CLIPVALUE) X(F_CLIP_FACTORS) X(F_EMA) X(F_MIRROR) X(DT_F32) X(DT_BF16)
@@ -618,6 +619,20 @@ static void grad_sum_block(const Bucket *b, Span s, double *out) {
     out[1] = 0.0;
 }
 
+static void count_bad_block(const Bucket *b, Span s, double *out) {
+    float gbuf[CHUNK];
+    int64_t bad = 0;
+    const float limit = b->limit;
+    for (int64_t at = 0; at < s.len; at += CHUNK) {
+        const int64_t n = s.len - at < CHUNK ? s.len - at : CHUNK;
+        const float *gp = make_run(b, s, at, n, NULL, gbuf, RUN_G).g;
+#pragma omp simd reduction(+ : bad)
+        for (int64_t j = 0; j < n; j++) bad += !(fabsf(gp[j]) < limit); /* NaN too */
+    }
+    out[0] = (double)bad;
+    out[1] = 0.0;
+}
+
 static void accumulate_block(const Bucket *b, Span s, double *out) {
     (void)out;
     float gbuf[CHUNK];
@@ -647,6 +662,10 @@ int lamb_pass2(const Bucket *b) { return run_blocks(b, scaled_pass2_block, 0); }
 
 /* Squared norms of the gradients the update would use before norm clipping, into sums[0, n). */
 int lamb_grad_sums(const Bucket *b) { return run_blocks(b, grad_sum_block, 1 + RESCUE_GRADS); }
+
+/* Per tensor, how many gradient elements are NaN or at least b->limit in magnitude, into sums[0, n)
+ * (skip_nonfinite's check: one read of g). */
+int lamb_count_bad(const Bucket *b) { return run_blocks(b, count_bad_block, 1 + RESCUE_NONE); }
 
 /* acc += g (/ loss_scale): a micro-step of gradient accumulation. */
 int lamb_accumulate(const Bucket *b) { return run_blocks(b, accumulate_block, 0); }

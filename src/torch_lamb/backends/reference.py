@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..distributed import local_squared_norms
 from ..functional import TrustStats, lamb_reference
-from .common import finish_update, move_averages
+from .common import bad_gradients, finish_update, move_averages
 
 if TYPE_CHECKING:
     from ..layout import Bucket
@@ -69,3 +69,6 @@ class ReferenceBackend:
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         if plan.ema_weight is not None:
             move_averages(bucket, plan.ema_weight)
+
+    def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
+        return bad_gradients(bucket, grads, limit)
