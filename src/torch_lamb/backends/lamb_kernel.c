@@ -621,15 +621,17 @@ static void grad_sum_block(const Bucket *b, Span s, double *out) {
 
 static void count_bad_block(const Bucket *b, Span s, double *out) {
     float gbuf[CHUNK];
-    int64_t bad = 0;
+    double bad = 0.0;
     const float limit = b->limit;
     for (int64_t at = 0; at < s.len; at += CHUNK) {
         const int64_t n = s.len - at < CHUNK ? s.len - at : CHUNK;
         const float *gp = make_run(b, s, at, n, NULL, gbuf, RUN_G).g;
-#pragma omp simd reduction(+ : bad)
-        for (int64_t j = 0; j < n; j++) bad += !(fabsf(gp[j]) < limit); /* NaN too */
+        float count = 0.0f; /* exact: at most CHUNK */
+#pragma omp simd reduction(+ : count)
+        for (int64_t j = 0; j < n; j++) count += fabsf(gp[j]) < limit ? 0.0f : 1.0f; /* NaN counts */
+        bad += count;
     }
-    out[0] = (double)bad;
+    out[0] = bad;
     out[1] = 0.0;
 }
 
@@ -663,8 +665,8 @@ int lamb_pass2(const Bucket *b) { return run_blocks(b, scaled_pass2_block, 0); }
 /* Squared norms of the gradients the update would use before norm clipping, into sums[0, n). */
 int lamb_grad_sums(const Bucket *b) { return run_blocks(b, grad_sum_block, 1 + RESCUE_GRADS); }
 
-/* Per tensor, how many gradient elements are NaN or at least b->limit in magnitude, into sums[0, n)
- * (skip_nonfinite's check: one read of g). */
+/* Per tensor, how many gradient elements are NaN or at least b->limit in magnitude (inf too), into
+ * sums[0, n) (skip_nonfinite's check: one read of g). */
 int lamb_count_bad(const Bucket *b) { return run_blocks(b, count_bad_block, 1 + RESCUE_NONE); }
 
 /* acc += g (/ loss_scale): a micro-step of gradient accumulation. */
