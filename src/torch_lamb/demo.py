@@ -46,7 +46,7 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": {"batches": (512, 8192), "epochs": 10, "seeds": 1, "grid": (0.25, 0.5, 1.0, 2.0, 4.0),
               "select": False},
     "default": {"batches": (128, 512, 2048, 8192), "epochs": 10, "seeds": 1,
-                "grid": (0.25, 0.5, 1.0, 2.0, 4.0), "select": True},
+                "grid": (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0), "select": True},
     "full": {"batches": (128, 512, 2048, 8192, 16384), "epochs": 10, "seeds": 3,
              "grid": (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0), "select": True},
 }
@@ -57,10 +57,10 @@ STYLE = {"lamb": {"color": "tab:red", "marker": "o", "ls": "-"},
          "sgd": {"color": "tab:green", "marker": "^", "ls": ":"}}
 
 
-def lr_rule() -> str:
+def lr_rule(warmup: float = WARMUP_FRACTION) -> str:
     """The learning-rate rule in words."""
     return (f"lr = base_lr * sqrt(batch / {BASE_BATCH}); linear warmup over the first "
-            f"{int(WARMUP_FRACTION * 100)}% of steps (at least 1), then linear decay to 0")
+            f"{100 * warmup:g}% of steps (at least 1), then linear decay to 0")
 
 
 LR_RULE = lr_rule()
@@ -149,6 +149,16 @@ def _base_lrs(text: str) -> dict[str, float]:
     if not out:
         raise argparse.ArgumentTypeError("write NAME=LR, e.g. lamb=0.01,adamw=0.003")
     return out
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is outside [0, 1)")
+    return v
 
 
 def _positive(text: str) -> int:
@@ -240,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(f"{k}={v}" for k, v in BASE_LR.items()) + ")")
     p.add_argument("--lr-grid", type=_float_list, default=None, metavar="X,X,...",
                    help=f"multipliers of the rule's lr tried at the largest batch (default {d['grid']})")
+    p.add_argument("--warmup", type=_fraction, default=WARMUP_FRACTION, metavar="F",
+                   help="fraction of each run's steps spent warming up")
     p.add_argument("--data", type=_data_dir, default=None, metavar="DIR",
                    help="folder with the Fashion-MNIST IDX files (else $TORCH_LAMB_DATA, Debian's "
                    "/usr/share/datasets/fashion-mnist, ./data/FashionMNIST/raw, the cache)")
@@ -365,9 +377,9 @@ def _optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}.")
 
 
-def _lr_factor(step: int, total: int) -> float:
+def _lr_factor(step: int, total: int, warmup_fraction: float = WARMUP_FRACTION) -> float:
     """Linear warmup then linear decay; ``step`` counts from 0."""
-    warmup = max(1, round(WARMUP_FRACTION * total))
+    warmup = max(1, round(warmup_fraction * total))
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -385,14 +397,14 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
 
 
 def _train(phase: str, name: str, batch: int, mult: float, peak: float, epochs: int, data: Data, seed: int,
-           bar: Any, trust: bool) -> RunResult:
+           bar: Any, trust: bool, warmup: float = WARMUP_FRACTION) -> RunResult:
     x_tr, y_tr = data.x_train, data.y_train
     n = x_tr.shape[0]
     per_epoch = max(1, n // batch)  # every step sees exactly `batch` examples
     total = per_epoch * epochs
     model = _model(data.n_features, seed, x_tr.device)
     opt = _optimizer(name, model, peak)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
     pending: list[torch.Tensor] = []
     names: list[str] = []
     if trust:
@@ -480,11 +492,14 @@ def best_tuned(results: list[RunResult], batch: int) -> dict[str, tuple[float, l
 def format_tables(results: list[RunResult]) -> str:
     """The results as plain-text tables (accuracies in %, mean and min-max over seeds)."""
     lines = []
-    base = _group(results, "base")
+    base: dict[tuple[str, float], list[RunResult]] = {}
+    for r in results:
+        if r.phase == "base":
+            base.setdefault((r.optimizer, r.peak_lr), []).append(r)
     if base:
-        lines += [f"Base-lr selection at batch {BASE_BATCH} (validation accuracy %):"]
-        for (o, _b, _), rs in sorted(base.items(), key=lambda kv: (kv[0][0], kv[1][0].peak_lr)):
-            lines.append(f"  {o:<6} lr {rs[0].peak_lr:<8.4g} val {_spread([r.val_accuracy for r in rs])}")
+        lines += [f"Base-lr selection at batch {results[0].batch_size} (validation accuracy %):"]
+        for (o, lr), rs in sorted(base.items(), key=lambda kv: (OPTIMIZERS.index(kv[0][0]), kv[0][1])):
+            lines.append(f"  {o:<6} lr {lr:<8.4g} val {_spread([r.val_accuracy for r in rs])}")
         lines.append("")
     head = (f"{'optimizer':<9} {'batch':>6} {'steps':>6} {'peak lr':>9} {'train loss':>10} "
             f"{'val acc %':>16} {'test acc %':>16} {'time s':>7}")
@@ -734,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch-lamb demo: {data.name} ({n_train} train / {data.y_val.shape[0]} validation / "
           f"{data.y_test.shape[0]} test, from {data.source}), MLP {data.n_features}-128-128-10, {epochs} epochs, "
           f"device {device}, {torch.get_num_threads()} threads, seeds {seeds}")
-    print(f"learning-rate rule: {LR_RULE}")
+    print(f"learning-rate rule: {lr_rule(args.warmup)}")
     print(f"{len(plan)} runs, {total_steps} steps in all")
     bar = None
     if not args.no_progress:
@@ -749,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(phase: str, o: str, b: int, m: float, s: int, peak: float) -> None:
         if bar is not None:
             bar.set_postfix_str(f"{phase} {o} batch {b} lr {peak:.3g} seed {s}")
-        results.append(_train(phase, o, b, m, peak, epochs, data, s, bar, o == "lamb" and phase == "rule"))
+        results.append(_train(phase, o, b, m, peak, epochs, data, s, bar, o == "lamb" and phase == "rule",
+                              args.warmup))
 
     for phase, o, b, v, s in plan:
         if phase == "base":
@@ -786,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": data.name, "source": data.source, "n_train": n_train, "n_val": int(data.y_val.shape[0]),
         "n_test": int(data.y_test.shape[0]), "model": f"MLP {data.n_features}-128-128-10 (ReLU)",
         "epochs": epochs, "batch_sizes": batches, "seeds": seeds, "lr_grid": grid, "device": str(device),
-        "lr_rule": LR_RULE, "base_batch": BASE_BATCH, "base_lr": base, "base_lr_selected": select,
+        "lr_rule": lr_rule(args.warmup), "warmup_fraction": args.warmup, "base_batch": BASE_BATCH,
+        "base_lr": base, "base_lr_selected": select,
         "betas": BETAS, "eps": EPS, "weight_decay": 0.0, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "mode": "quick" if args.quick else "full" if args.full else "default",
         "elapsed_s": elapsed, "results": rows,
