@@ -74,3 +74,19 @@ def test_sdist_tests_run(sdist: Path, tmp_path: Path) -> None:
                          cwd=root, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:]
     assert " passed" in res.stdout
+
+
+def test_readme_runs_what_ci_runs_and_stays_short() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_cmd = next(line.strip() for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    assert ci_cmd in [b.strip() for b in blocks], "the README's test command must be .ci/run's"
+    demo_cmd = next(b for b in blocks if "torch-lamb demo" in b)
+    assert demo_cmd.strip().startswith("(command -v apt-get") and "dataset-fashion-mnist" in demo_cmd
+    assert len(readme.splitlines()) <= 210
+    for target in re.findall(r"\]\(((?!https?:)[^)#]+)", readme):
+        if target != "docs/design.md":  # the design note is written alongside the step's redesign
+            assert (ROOT / target).exists(), target

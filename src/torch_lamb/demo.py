@@ -601,7 +601,7 @@ def _plot_lr_grid(ax: Any, results: list[RunResult]) -> None:
                     label=f"{LABEL[o]}, {what}")
             for x, y in zip(xs, ys):
                 if y < floor and key == "val_accuracy":
-                    ax.annotate(f"{_pct(y)}%", (x, floor), textcoords="offset points", xytext=(-10, 8),
+                    ax.annotate(f"{_pct(y)}%", (x, floor), textcoords="offset points", xytext=(-34, 8),
                                 fontsize=9, color=st["color"], fontweight="bold")
     ax.set_xscale("log", base=2)
     ax.set_xticks(mults)
@@ -611,7 +611,7 @@ def _plot_lr_grid(ax: Any, results: list[RunResult]) -> None:
     ax.yaxis.set_major_formatter(lambda v, _: f"{100 * v:.0f}%")
     ax.set_xlabel(f"peak lr / the rule's lr (batch {gb})")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"lr sensitivity at batch {gb} (points below the axis: their value)", fontsize=10)
+    ax.set_title(f"lr sensitivity at batch {gb} (runs off the scale: drawn at the bottom, value shown)", fontsize=9.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left", ncol=2)
 
