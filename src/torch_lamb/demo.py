@@ -501,23 +501,23 @@ def format_tables(results: list[RunResult]) -> str:
             lines.append(f"  {o:<6} lr {lr:<8.4g} val {_spread([r.val_accuracy for r in rs])}")
         lines.append("")
     head = (f"{'optimizer':<9} {'batch':>6} {'steps':>6} {'peak lr':>9} {'train loss':>10} "
-            f"{'val acc %':>16} {'test acc %':>16} {'time s':>7}")
+            f"{'val acc %':>18} {'test acc %':>18} {'time s':>7}")
     lines += ["Under the rule:", head, "-" * len(head)]
     for (o, b, _), rs in sorted(_group(results, "rule").items(), key=lambda kv: (kv[0][1], OPTIMIZERS.index(kv[0][0]))):
         lines.append(f"{o:<9} {b:>6} {rs[0].steps:>6} {rs[0].peak_lr:>9.4g} {_mean(rs, 'final_train_loss'):>10.4f} "
-                     f"{_spread([r.val_accuracy for r in rs]):>16} {_spread([r.test_accuracy for r in rs]):>16} "
+                     f"{_spread([r.val_accuracy for r in rs]):>18} {_spread([r.test_accuracy for r in rs]):>18} "
                      f"{_mean(rs, 'wall_time_s'):>7.1f}")
     grid = _group(results, "grid")
     if grid:
         batch = max(b for _, b, _ in grid)
         best = best_tuned(results, batch)
         lines += ["", f"lr grid at batch {batch} (x the rule's lr; * = best on validation):",
-                  f"{'optimizer':<9} {'x lr':>6} {'peak lr':>9} {'val acc %':>16} {'test acc %':>16}"]
+                  f"{'optimizer':<9} {'x lr':>6} {'peak lr':>9} {'val acc %':>18} {'test acc %':>18}"]
         for (o, _b, m), rs in sorted(grid.items(), key=lambda kv: (OPTIMIZERS.index(kv[0][0]), kv[0][2])):
             mark = "*" if best.get(o, (None,))[0] == m else " "
             div = "  diverged" if any(r.diverged for r in rs) else ""
-            lines.append(f"{o:<9} {m:>6.3g} {rs[0].peak_lr:>9.4g} {_spread([r.val_accuracy for r in rs]):>16} "
-                         f"{_spread([r.test_accuracy for r in rs]):>15}{mark}{div}")
+            lines.append(f"{o:<9} {m:>6.3g} {rs[0].peak_lr:>9.4g} {_spread([r.val_accuracy for r in rs]):>18} "
+                         f"{_spread([r.test_accuracy for r in rs]):>17}{mark}{div}")
     return "\n".join(lines)
 
 
@@ -532,12 +532,21 @@ def _batch_axis(ax: Any, batches: list[int]) -> None:
     ax.set_xlim(batches[0] / 1.5, batches[-1] * 1.5)
 
 
+def _pct_axis(ax: Any, span: float) -> None:
+    """Ticks at whole steps of 1, 2 or 5 (never 2.5), labelled with the decimals they need."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10]))
+    digits = 0 if span >= 0.05 else 1
+    ax.yaxis.set_major_formatter(lambda v, _: f"{100 * v:.{digits}f}%")
+
+
 def _acc_limits(ax: Any, vals: list[float], floor_span: float = 0.02) -> tuple[float, float]:
     lo, hi = min(vals), max(vals)
     pad = max(floor_span, hi - lo) * 0.15
     lo, hi = lo - pad, min(1.0, hi + pad)
     ax.set_ylim(lo, hi)
-    ax.yaxis.set_major_formatter(lambda v, _: f"{100 * v:.1f}%" if hi - lo < 0.05 else f"{100 * v:.0f}%")
+    _pct_axis(ax, hi - lo)
     return lo, hi
 
 
@@ -590,7 +599,7 @@ def _plot_lr_grid(ax: Any, results: list[RunResult]) -> None:
     best_val = max(_mean(rs, "val_accuracy") for rs in grid.values())
     lo_lim = best_val - 0.25  # keep the spread near the top readable; collapses are drawn at the floor
     floor = lo_lim + 0.01
-    for o in opts:
+    for k, o in enumerate(opts):
         st = STYLE[o]
         lines = (("val_accuracy", st["ls"], 1.0, "validation"), ("test_accuracy", ":", 0.55, "test"))
         for key, ls, alpha, what in lines:
@@ -601,14 +610,14 @@ def _plot_lr_grid(ax: Any, results: list[RunResult]) -> None:
                     label=f"{LABEL[o]}, {what}")
             for x, y in zip(xs, ys):
                 if y < floor and key == "val_accuracy":
-                    ax.annotate(f"{_pct(y)}%", (x, floor), textcoords="offset points", xytext=(-34, 8),
+                    ax.annotate(f"{_pct(y)}%", (x, floor), textcoords="offset points", xytext=(-34, 8 + 13 * k),
                                 fontsize=9, color=st["color"], fontweight="bold")
     ax.set_xscale("log", base=2)
     ax.set_xticks(mults)
     ax.set_xticklabels([f"{m:g}x" for m in mults])
     ax.minorticks_off()
     ax.set_ylim(lo_lim, min(1.0, best_val + 0.03))
-    ax.yaxis.set_major_formatter(lambda v, _: f"{100 * v:.0f}%")
+    _pct_axis(ax, min(1.0, best_val + 0.03) - lo_lim)
     ax.set_xlabel(f"peak lr / the rule's lr (batch {gb})")
     ax.set_ylabel("accuracy")
     ax.set_title(f"lr sensitivity at batch {gb} (runs off the scale: drawn at the bottom, value shown)", fontsize=9.5)
@@ -627,8 +636,14 @@ def _plot_losses(ax: Any, results: list[RunResult], batch: int, legend: bool = T
         ax.plot(ep, r.epoch_train_loss, color=STYLE[o]["color"], ls="-", marker=STYLE[o]["marker"], ms=3,
                 label=f"{LABEL[o]} train (epoch mean)")
         ax.plot(ep, r.epoch_val_loss, color=STYLE[o]["color"], ls="--", label=f"{LABEL[o]} validation")
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel("cross-entropy (log scale)")
     ax.set_title(f"Loss per epoch, batch {batch} ({steps} steps)")
     ax.grid(alpha=0.3)
     if legend:
