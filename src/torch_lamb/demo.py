@@ -50,6 +50,7 @@ MODES: dict[str, dict[str, Any]] = {
              "grid": (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0), "select": True},
 }
 MAX_BATCH = 50_000  # the Fashion-MNIST training split
+DIGITS_EPOCHS = 100  # the fallback's budget: on 1,149 images, 10 epochs would be 10 full-batch steps
 LABEL = {"lamb": "Lamb", "adamw": "AdamW", "sgd": "SGD"}
 STYLE = {"lamb": {"color": "tab:red", "marker": "o", "ls": "-"},
          "adamw": {"color": "tab:blue", "marker": "s", "ls": "--"},
@@ -239,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_out_dir, default=Path("torch_lamb_demo"), help="output folder")
     p.add_argument("--batch-sizes", type=_int_list, default=None, metavar="B,B,...",
                    help=f"batch sizes (default {d['batches']})")
-    p.add_argument("--epochs", type=_positive, default=None, help=f"epochs per run (default {d['epochs']})")
+    p.add_argument("--epochs", type=_positive, default=None,
+                   help=f"epochs per run (default {d['epochs']}; {DIGITS_EPOCHS} on the digits fallback)")
     p.add_argument("--seeds", type=_positive, default=None,
                    help="seeds per configuration (default 1; --full: 3)")
     p.add_argument("--optimizers", type=_optimizers, default=("lamb", "adamw"), metavar="NAMES",
@@ -739,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         capped = sorted({min(b, n_train) for b in batches})
         note(f"batch sizes above the {n_train} training examples of {data.name} run as full batch: {capped}")
         batches = capped
-    epochs = args.epochs or mode["epochs"]
+    epochs = args.epochs or (DIGITS_EPOCHS if data.name == "digits" else mode["epochs"])
     seeds = list(range(args.seeds or mode["seeds"]))
     grid = list(args.lr_grid or mode["grid"])
     if 1.0 not in grid:
