@@ -66,7 +66,10 @@ def test_sdist_carries_tests_and_kernel(sdist: Path) -> None:
 
 def test_sdist_tests_run(sdist: Path, tmp_path: Path) -> None:
     with tarfile.open(sdist) as tar:
-        tar.extractall(tmp_path, filter="data")
+        try:
+            tar.extractall(tmp_path, filter="data")
+        except TypeError:  # Python without extraction filters (before 3.10.12 / 3.11.4)
+            tar.extractall(tmp_path)
     (root,) = tmp_path.iterdir()
     env = {**os.environ, "PYTHONPATH": str(root / "src")}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_data.py",
