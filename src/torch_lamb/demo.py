@@ -36,7 +36,7 @@ __all__ = ["build_parser", "main"]
 BASE_BATCH = 128
 # Base learning rates at BASE_BATCH: what the default run's selection on validation picked on our
 # machine (--quick uses them as they are; the default run selects again from BASE_GRID).
-BASE_LR = {"lamb": 0.01, "adamw": 0.003, "sgd": 0.1}
+BASE_LR = {"lamb": 0.01, "adamw": 0.003, "sgd": 0.03}
 BASE_GRID = {"lamb": (0.001, 0.003, 0.01, 0.03), "adamw": (0.001, 0.003, 0.01, 0.03),
              "sgd": (0.01, 0.03, 0.1, 0.3)}
 BETAS, EPS = (0.9, 0.999), 1e-6
