@@ -44,3 +44,39 @@ def test_bench_low_precision_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["lamb-fused"]["bytes_per_param"] == 32 and rows["lamb-fused-master"]["bytes_per_param"] == 40
     assert rows["adamw-fused"]["bytes_per_param"] == 14
     assert bench.nominal_bytes("lamb-fused-all", bench.torch.float32) == bench.LAMB_ALL_BPP == 88
+
+
+def test_bench_progress_goes_to_stderr_and_json_stays_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--case", "tiny", "--rounds", "2", "--threads", "1", "--rows", "lamb-fused,adamw-fused",
+                       "--json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # nothing but the report on stdout
+    err = captured.err.splitlines()
+    needs = [line for line in err if "case tiny" in line and "needs about" in line]
+    assert len(needs) == 1 and "GiB" in needs[0]
+    assert sum("first step" in line for line in err) == 2  # one per row
+    assert sum("round" in line and "lamb-fused" in line and "adamw-fused" in line for line in err) == 2
+    assert bench.main(["--case", "tiny", "--rounds", "1", "--rows", "floor", "--json", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_bench_memory_estimate_counts_params_grads_and_row_state() -> None:
+    n = 1_000_000
+    assert bench.memory_estimate(n, ["lamb-fused"]) == n * (8 + 8)  # p and g, then m and v
+    assert bench.memory_estimate(n, ["lamb-fused", "adamw-fused"]) == n * (8 + 8 + 8)
+    assert bench.memory_estimate(n, ["adamw-fused"], bench.torch.bfloat16) == n * (4 + 4)
+
+
+def test_bench_quick_picks_small_cases_and_few_rounds(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    seen = []
+
+    def fake_run_case(case: str, rounds: int, rows: list[str] | None, dtype: object = None) -> dict:
+        seen.append((case, rounds, rows))
+        return {"case": case}
+
+    monkeypatch.setattr(bench, "run_case", fake_run_case)
+    monkeypatch.setattr(bench, "_cold_compile_s", lambda: None)
+    assert bench.main(["--quick", "--json"]) == 0
+    capsys.readouterr()
+    assert seen == [("small-many", bench.QUICK_ROUNDS, None), ("bert-base", bench.QUICK_ROUNDS, bench.QUICK_ROWS)]

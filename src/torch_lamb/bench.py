@@ -70,6 +70,33 @@ DEFAULT_ROWS = ["lamb-fused", "lamb-fused-skip", "lamb-fused-master", "lamb-fore
                 "lamb-foreach-all", "adamw-fused",
                 "adamw-foreach", "timm-lamb", "floor"]
 LARGE_ROWS = ["lamb-fused", "lamb-foreach", "adamw-fused", "floor"]  # bert-large: fits in 24 GiB
+QUICK_CASES = ["small-many", "bert-base"]  # --quick: these cases, 3 rounds, QUICK_ROWS for bert-base
+QUICK_ROWS = ["lamb-fused", "lamb-fused-all", "adamw-fused", "floor"]
+QUICK_ROUNDS = 3
+_PROGRESS = {"on": True}
+
+
+def progress(msg: str) -> None:
+    """One line of progress on stderr (stdout stays clean for --json)."""
+    if _PROGRESS["on"]:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def memory_estimate(numel: int, rows: list[str], dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a case needs, roughly: parameters and gradients, plus each row's state and step transient.
+
+    Per parameter (e = bytes of ``dtype``): 2e shared; Lamb's float32 state 8 (m, v), 12 with
+    master weights, 16 with every feature (plus accumulators and averages); the foreach rows add an
+    update-sized float32 transient (8); AdamW's state 2e; timm's 2e plus a 4 B transient; the floor's
+    scratch 2e.
+    """
+    e = torch.tensor([], dtype=dtype).element_size()
+    per = {"lamb-fused": 8, "lamb-fused-master": 12, "lamb-foreach": 16, "lamb-fused-all": 16,
+           "lamb-foreach-all": 24, "adamw-fused": 2 * e, "adamw-foreach": 2 * e, "timm-lamb": 2 * e + 4,
+           "floor": 2 * e}
+    return numel * (2 * e + sum(per.get(r, 8) for r in rows))
+
+
 
 
 def _rss_mb(field: str = "VmRSS") -> float:
@@ -237,6 +264,8 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
     shapes = CASES[case]()
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
     names = rows or (LARGE_ROWS if case == "bert-large" else DEFAULT_ROWS)
+    progress(f"case {case}: {len(shapes)} tensors, {numel / 1e6:.1f}M {str(dtype).removeprefix('torch.')} params, "
+             f"{len(names)} rows, {rounds} rounds; needs about {memory_estimate(numel, names, dtype) / 2**30:.1f} GiB")
     g = torch.Generator().manual_seed(0)
     params = []
     for s in shapes:
@@ -254,7 +283,8 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
         t0 = time.perf_counter()
         row.step()
         row.first_s = time.perf_counter() - t0
-    for _ in range(rounds):
+        progress(f"  {case} {row.name}: first step {row.first_s * 1e3:.0f} ms")
+    for i in range(rounds):
         for row in table:
             before = _rss_mb()
             peak = max(peak, _rss_mb("VmHWM"))
@@ -266,6 +296,8 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
             row.times.append(out if isinstance(out, float) else dt)
             if can_peak:
                 row.transient_mb = max(row.transient_mb, _rss_mb("VmHWM") - before)
+        progress(f"  {case} round {i + 1}/{rounds}: "
+                 + ", ".join(f"{r.name} {r.times[-1] * 1e3:.1f} ms" for r in table))
     ref = next((r for r in table if r.name == "adamw-fused"), None)
     ref_ms = statistics.median(ref.times) * 1e3 if ref else None
     floor = next((r for r in table if r.name == "floor"), None)
@@ -319,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="torch-lamb bench", description=__doc__.split("\n")[0])
     ap.add_argument("--case", action="append", choices=sorted(CASES),
                     help="parameter set (repeatable; default: bert-base and small-many)")
-    ap.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    ap.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default 7; --quick: {QUICK_ROUNDS})")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"under a minute: cases {' and '.join(QUICK_CASES)} ({','.join(QUICK_ROWS)} for bert-base), "
+                    f"{QUICK_ROUNDS} rounds")
+    ap.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the parameters and gradients (Lamb's state stays float32; default float32)")
@@ -327,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                     help="write JSON to FILE (or stdout when no FILE)")
     args = ap.parse_args(argv)
+    _PROGRESS["on"] = not args.no_progress
+    if args.rounds is None:
+        args.rounds = QUICK_ROUNDS if args.quick else 7
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if args.threads is not None:
@@ -340,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .backends.kernel_build import kernel_status
 
+    progress("compiling the kernel once from scratch (timed), then loading it from the cache")
     cold = _cold_compile_s()
     t0 = time.perf_counter()
     status = kernel_status()
@@ -350,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         "compile_cold_s": cold,
         "kernel_load_cached_s": cached,
         "kernel": str(status),
-        "cases": [run_case(c, args.rounds, rows, getattr(torch, args.dtype))
-                  for c in (args.case or ["bert-base", "small-many"])],
+        "cases": [run_case(c, args.rounds, rows or (QUICK_ROWS if args.quick and c == "bert-base" else None),
+                           getattr(torch, args.dtype))
+                  for c in (args.case or (QUICK_CASES if args.quick else ["bert-base", "small-many"]))],
     }
     if args.json == "-":
         print(json.dumps(report, indent=1))

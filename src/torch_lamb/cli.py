@@ -15,8 +15,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="torch-lamb",
         description="LAMB for PyTorch. Run `torch-lamb demo --help` or `torch-lamb bench --help`.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"torch-lamb {__version__}")
     parser.add_argument("command", choices=["demo", "bench"],
-                        help="demo: large-batch training on the digits data set; bench: optimizer-step benchmark")
+                        help="demo: large batches on Fashion-MNIST, Lamb vs AdamW; bench: optimizer-step benchmark")
     if not argv or argv[0] not in ("demo", "bench"):
         parser.parse_args(argv[:1])  # prints usage / --help, or errors on an unknown command
         return 2
