@@ -56,9 +56,9 @@ def test_sdist_carries_tests_and_kernel(sdist: Path) -> None:
         pkg_info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO")))
         assert pkg_info is not None
         info = pkg_info.read().decode()
-    for need in ("LICENSE", "README.md", "pyproject.toml", "src/torch_lamb/backends/lamb_kernel.c", "src/torch_lamb/demo.py",
-                 "tests/conftest.py", "tests/idx_fixtures.py", "tests/test_data.py", "tests/test_cpu_kernel.py", "tests/impls.py",
-                 "tests/keras_oracle.py", "examples/plain_loop.py"):
+    for need in ("LICENSE", "README.md", "pyproject.toml", "src/torch_lamb/backends/lamb_kernel.c",
+                 "src/torch_lamb/demo.py", "tests/conftest.py", "tests/idx_fixtures.py", "tests/test_data.py",
+                 "tests/test_cpu_kernel.py", "tests/impls.py", "tests/keras_oracle.py", "examples/plain_loop.py"):
         assert need in names, need
     assert not any(n.endswith((".pyc", ".so")) for n in names)
     assert "License-Expression: Apache-2.0" in info
