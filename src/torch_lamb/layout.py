@@ -18,7 +18,6 @@ from it, or dropped when the parameter is no longer float16/bfloat16.
 
 from __future__ import annotations
 
-import array
 import itertools
 import operator
 from collections.abc import Sequence
@@ -89,16 +88,19 @@ class Layout:
     shapes: list[torch.Size]
     active: list[Bucket]
     idle: list[Bucket]
-    pointers: array.array
+    pointers: list[int]
     rebuild_every_step: bool  # DTensor buckets: FSDP may swap the local tensors between steps
+    written: list[Tensor] = field(default_factory=list)  # every tensor a backend writes, in `pointers` order
+    grad_spec: GradSpec | None = None  # what the gradients of the parameters that have one must match
+    grad_params: list[Tensor] = field(default_factory=list)  # those parameters
 
     @property
     def buckets(self) -> list[Bucket]:
         return self.active + self.idle
 
 
-def _pointers(buckets: Sequence[Bucket]) -> array.array:
-    return array.array("q", [t.data_ptr() for b in buckets for t in b.written()])
+def _pointers(tensors: Sequence[Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]  # a list: building an array of 10,000 ints costs more than reading them
 
 
 class LayoutCache:
@@ -111,7 +113,7 @@ class LayoutCache:
     def invalidate(self) -> None:
         self.layout = None
 
-    def get(self, opt: Lamb, params: list[Tensor], grads: list[Tensor | None], shapes: list[torch.Size]) -> Layout:
+    def get(self, opt: Lamb, params: list[Tensor], grads: list[Tensor | None]) -> Layout:
         """The layout for this step (checks only; raises before anything changes)."""
         key = (
             tuple([g is None for g in grads]),
@@ -121,16 +123,23 @@ class LayoutCache:
             len(opt.state),  # `del opt.state[p]` and `opt.state.clear()` rebuild too
         )
         layout = self.layout
+        present = grads if not any(key[0]) else [g for g in grads if g is not None]
         if (
-            layout is not None and not layout.rebuild_every_step and layout.key == key and layout.shapes == shapes
-            and all(map(operator.is_, layout.params, params)) and _pointers(layout.buckets) == layout.pointers
+            layout is not None and not layout.rebuild_every_step and layout.key == key
+            and all(map(operator.is_, layout.params, params)) and _same_shapes(params, layout.shapes)
+            and _pointers(layout.written) == layout.pointers
             and not self.stale_masters(opt, params)
         ):
+            layout.grad_spec.check(layout.grad_params, present)
             return layout
+        with_grads = [p for p, g in zip(params, grads) if g is not None]
+        spec = GradSpec.of(with_grads)
+        spec.check(with_grads, present)
         self.check_state_shapes(opt, params)
         check_no_overlap(params, _names(opt))
         self.refresh_masters(opt, params)
-        layout = self.layout = self._build(opt, key, params, shapes)
+        layout = self.layout = self._build(opt, key, params, [p.shape for p in params])
+        layout.grad_spec, layout.grad_params = spec, with_grads
         return layout
 
     # ------------------------------------------------------------------ master weights
@@ -225,38 +234,59 @@ class LayoutCache:
         buckets = [*active.values(), *idle.values()]
         for b in buckets:
             b.backend, b.handle = select(b, opt)
-        return Layout(key, params, shapes, list(active.values()), list(idle.values()), _pointers(buckets),
-                      any(b.dtensor for b in buckets))
+        written = [t for b in buckets for t in b.written()]
+        return Layout(key, params, shapes, list(active.values()), list(idle.values()), _pointers(written),
+                      any(b.dtensor for b in buckets), written)
 
 
-def read_grads(params: list[Tensor]) -> tuple[list[Tensor | None] | None, list[torch.Size]]:
-    """Every parameter's ``.grad`` (read once) and shape, checked list-wise before anything changes
-    (None when no parameter has a gradient)."""
+def read_grads(params: list[Tensor]) -> list[Tensor | None] | None:
+    """Every parameter's ``.grad``, read once (None when no parameter has one). They are checked
+    against their parameters by :meth:`LayoutCache.get`."""
     grads = [p.grad for p in params]
-    shapes = [p.shape for p in params]
-    if all([g is None for g in grads]):
-        return None, shapes
-    present = [(p, g) for p, g in zip(params, grads) if g is not None]
-    ps, gs = [p for p, _ in present], [g for _, g in present]
-    if (
-        not any([g.is_sparse for g in gs])
-        and [g.shape for g in gs] == [p.shape for p in ps]
-        and [g.dtype for g in gs] == [p.dtype for p in ps]
-        and ((all([g.is_cpu for g in gs]) and all([p.is_cpu for p in ps]))
-             or [g.device for g in gs] == [p.device for p in ps])
-    ):
-        return grads, shapes  # the common case, checked list-wise; otherwise find the offender
-    for i, (p, g) in enumerate(present):
-        where = f"the gradient of parameter {i} (of those with gradients)"
-        if g.is_sparse:
-            raise RuntimeError(f"Lamb does not support sparse gradients ({where}).")
-        if g.shape != p.shape:
-            raise RuntimeError(f"{where} has shape {tuple(g.shape)}; its parameter has {tuple(p.shape)}.")
-        if g.dtype != p.dtype:
-            raise RuntimeError(f"{where} is {g.dtype}; its parameter is {p.dtype} (they must match).")
-        if g.device != p.device:
-            raise RuntimeError(f"{where} is on {g.device} but its parameter is on {p.device}.")
-    return grads, shapes
+    return None if all([g is None for g in grads]) else grads
+
+
+_shape = operator.attrgetter("shape")
+
+
+def _same_shapes(tensors: Sequence[Tensor], shapes: Sequence[torch.Size]) -> bool:
+    """Compared one by one: a list of 2,000 fresh torch.Size objects would wake the garbage collector."""
+    return len(tensors) == len(shapes) and all(map(operator.eq, map(_shape, tensors), shapes))
+
+
+@dataclass(frozen=True)
+class GradSpec:
+    """What every gradient must match: its parameter's shape, dtype and device (kept with the layout,
+    whose validity implies that the parameters still have them)."""
+
+    shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
+    all_cpu: bool
+    devices: list[torch.device]
+
+    @classmethod
+    def of(cls, params: Sequence[Tensor]) -> GradSpec:
+        return cls([p.shape for p in params], [p.dtype for p in params], all(p.is_cpu for p in params),
+                   [p.device for p in params])
+
+    def check(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """List-wise in the common case; otherwise find the offender and raise (before any write)."""
+        if (
+            _same_shapes(grads, self.shapes) and [g.dtype for g in grads] == self.dtypes
+            and not any([g.is_sparse for g in grads])
+            and (all([g.is_cpu for g in grads]) if self.all_cpu else [g.device for g in grads] == self.devices)
+        ):
+            return
+        for i, (p, g) in enumerate(zip(params, grads)):
+            where = f"the gradient of parameter {i} (of those with gradients)"
+            if g.is_sparse:
+                raise RuntimeError(f"Lamb does not support sparse gradients ({where}).")
+            if g.shape != p.shape:
+                raise RuntimeError(f"{where} has shape {tuple(g.shape)}; its parameter has {tuple(p.shape)}.")
+            if g.dtype != p.dtype:
+                raise RuntimeError(f"{where} is {g.dtype}; its parameter is {p.dtype} (they must match).")
+            if g.device != p.device:
+                raise RuntimeError(f"{where} is on {g.device} but its parameter is on {p.device}.")
 
 
 def check_no_overlap(params: Sequence[Tensor], names: dict[int, str]) -> None:

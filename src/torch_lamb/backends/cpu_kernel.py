@@ -107,6 +107,8 @@ class KernelBucket:
         adapt_mask: Sequence[bool] | None = None,
         accumulators: Sequence[Tensor] = (),
         averages: Sequence[Tensor] = (),
+        weights: Sequence[Tensor] | None = None,
+        mirrors: Sequence[Tensor] = (),
     ) -> None:
         self.flags = _kernel().constants
         self.n = len(momentums)
@@ -120,13 +122,17 @@ class KernelBucket:
         self.m, self.v = _ptrs(momentums), _ptrs(velocities)
         self.acc = _ptrs(accumulators) if accumulators else None
         self.avg = _ptrs(averages) if averages else None
+        # The optimizer's weights and mirrors: their pointers are read once here, since the layout
+        # re-checks every one of them before each step (other lists passed to a call are read then).
+        self._known = {id(ts): _ptrs(ts) for ts in (weights, mirrors) if ts}
+        self.tensors += (weights, mirrors)
 
     def _struct(self, params: Sequence[Tensor] | None, grads: Sequence[Tensor] | None) -> tuple[_Struct, list[object]]:
         """The call's struct (a pass that reads no p or no g gets None for it), and what must outlive it."""
         b = _Struct()
         keep: list[object] = []
         if params is not None:
-            keep.append(ptrs := _ptrs(params))
+            keep.append(ptrs := self._pointers(params))
             b.p, b.p_dtype = _addr(ptrs), dtype_code(params[0].dtype)
         if grads is not None:
             keep.append(ptrs := _ptrs(grads))
@@ -137,6 +143,10 @@ class KernelBucket:
             b.adapt_mask = self.adapt_mask.data_ptr()
         b.nthreads = _threads(self.numel)
         return b, keep
+
+    def _pointers(self, tensors: Sequence[Tensor]) -> array.array:
+        known = self._known.get(id(tensors))
+        return known if known is not None else _ptrs(tensors)
 
     def _options(self, b: _Struct, *options: tuple[str, str, float | None]) -> None:
         for flag, name, value in options:
@@ -177,7 +187,7 @@ class KernelBucket:
         s, n = scalars, self.n
         b, keep = self._struct(params, grads)
         if mirrors:
-            keep.append(mirror_ptrs := _ptrs(mirrors))
+            keep.append(mirror_ptrs := self._pointers(mirrors))
             b.flags |= self.flags["F_MIRROR"]
             b.mirror, b.mirror_dtype = _addr(mirror_ptrs), dtype_code(mirrors[0].dtype)
         b.beta_1c, b.beta_2c, b.eps, b.lr = s.one_minus_beta_1, s.one_minus_beta_2, s.epsilon, s.lr
@@ -294,7 +304,8 @@ class CpuKernelBackend:
     def prepare(self, bucket: Bucket) -> KernelBucket:
         return KernelBucket(
             bucket.momentums, bucket.velocities, decay_mask=bucket.decay_mask, adapt_mask=bucket.adapt_mask,
-            accumulators=bucket.accumulators, averages=bucket.averages,
+            accumulators=bucket.accumulators, averages=bucket.averages, weights=bucket.weights,
+            mirrors=bucket.mirrors,
         )
 
     @staticmethod
