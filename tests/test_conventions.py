@@ -363,11 +363,19 @@ def test_bad_gradients_and_parameters_raise_before_anything_changes():
     params = list(model.parameters())
     for p in params:
         p.grad = torch.ones_like(p)
-    before = _flat(model)
+    twin = copy.deepcopy((model, opt))
+    for p in twin[0].parameters():  # a deep copy of a Parameter has no gradient
+        p.grad = torch.ones_like(p)
     params[2].grad.data = params[2].grad.data.double()  # torch's setter refuses it; .data does not
-    with pytest.raises(RuntimeError, match="float64"):
+    opt.step()  # the gradient is used in its parameter's dtype (the kernel never reads it as float32)
+    twin[1].step()
+    assert torch.equal(_flat(model), _flat(twin[0])) and opt.iterations == 2
+    before = _flat(model)
+    params[2].grad = torch.ones_like(params[2])
+    params[2].grad.data = torch.ones(7)  # a gradient of another shape raises before anything changes
+    with pytest.raises(RuntimeError, match="shape"):
         opt.step()
-    assert torch.equal(_flat(model), before) and opt.iterations == 1
+    assert torch.equal(_flat(model), before) and opt.iterations == 2
     base = torch.zeros(20)
     views = [torch.nn.Parameter(base[:12]), torch.nn.Parameter(base[8:])]
     for v in views:

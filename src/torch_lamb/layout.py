@@ -113,10 +113,15 @@ class LayoutCache:
     def invalidate(self) -> None:
         self.layout = None
 
-    def get(self, opt: Lamb, params: list[Tensor], grads: list[Tensor | None]) -> Layout:
-        """The layout for this step (checks only; raises before anything changes)."""
+    def get(self, opt: Lamb, params: list[Tensor], grads: list[Tensor | None], missing: tuple[bool, ...]) -> Layout:
+        """The layout for this step (checks only; raises before anything changes).
+
+        Reused while every tensor a backend writes keeps its storage (a parameter or state slot given new
+        storage, or another parameter in a group, changes some pointer) and the gradients match the
+        parameters' shapes, dtypes and devices recorded with it.
+        """
         key = (
-            tuple([g is None for g in grads]),
+            missing,
             tuple([(g["weight_decay"] is None, g["layer_adaptation"], id(g[DECAY_EXCLUDED]), id(g[ADAPT_EXCLUDED]))
                    for g in opt.param_groups]),
             opt.implementation, opt.capturable, opt.use_ema, opt.gradient_accumulation_steps,
@@ -126,8 +131,7 @@ class LayoutCache:
         present = grads if not any(key[0]) else [g for g in grads if g is not None]
         if (
             layout is not None and not layout.rebuild_every_step and layout.key == key
-            and all(map(operator.is_, layout.params, params)) and _same_shapes(params, layout.shapes)
-            and _pointers(layout.written) == layout.pointers
+            and len(layout.params) == len(params) and _pointers(layout.written) == layout.pointers
             and not self.stale_masters(opt, params)
         ):
             layout.grad_spec.check(layout.grad_params, present)
@@ -239,11 +243,11 @@ class LayoutCache:
                       any(b.dtensor for b in buckets), written)
 
 
-def read_grads(params: list[Tensor]) -> list[Tensor | None] | None:
-    """Every parameter's ``.grad``, read once (None when no parameter has one). They are checked
-    against their parameters by :meth:`LayoutCache.get`."""
+def read_grads(params: list[Tensor]) -> tuple[list[Tensor | None], tuple[bool, ...]]:
+    """Every parameter's ``.grad``, read once, and which are None (all True: no gradient at all). They
+    are checked against their parameters by :meth:`LayoutCache.get`."""
     grads = [p.grad for p in params]
-    return None if all([g is None for g in grads]) else grads
+    return grads, tuple([g is None for g in grads])
 
 
 _shape = operator.attrgetter("shape")
@@ -256,24 +260,22 @@ def _same_shapes(tensors: Sequence[Tensor], shapes: Sequence[torch.Size]) -> boo
 
 @dataclass(frozen=True)
 class GradSpec:
-    """What every gradient must match: its parameter's shape, dtype and device (kept with the layout,
-    whose validity implies that the parameters still have them)."""
+    """What every gradient must match: its parameter's shape and device (kept with the layout, whose
+    validity implies that the parameters still have them). A gradient of another dtype is converted
+    by the backends."""
 
     shapes: list[torch.Size]
-    dtypes: list[torch.dtype]
     all_cpu: bool
     devices: list[torch.device]
 
     @classmethod
     def of(cls, params: Sequence[Tensor]) -> GradSpec:
-        return cls([p.shape for p in params], [p.dtype for p in params], all(p.is_cpu for p in params),
-                   [p.device for p in params])
+        return cls([p.shape for p in params], all(p.is_cpu for p in params), [p.device for p in params])
 
     def check(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         """List-wise in the common case; otherwise find the offender and raise (before any write)."""
         if (
-            _same_shapes(grads, self.shapes) and [g.dtype for g in grads] == self.dtypes
-            and not any([g.is_sparse for g in grads])
+            _same_shapes(grads, self.shapes) and not any([g.is_sparse for g in grads])
             and (all([g.is_cpu for g in grads]) if self.all_cpu else [g.device for g in grads] == self.devices)
         ):
             return
@@ -283,8 +285,6 @@ class GradSpec:
                 raise RuntimeError(f"Lamb does not support sparse gradients ({where}).")
             if g.shape != p.shape:
                 raise RuntimeError(f"{where} has shape {tuple(g.shape)}; its parameter has {tuple(p.shape)}.")
-            if g.dtype != p.dtype:
-                raise RuntimeError(f"{where} is {g.dtype}; its parameter is {p.dtype} (they must match).")
             if g.device != p.device:
                 raise RuntimeError(f"{where} is on {g.device} but its parameter is on {p.device}.")
 

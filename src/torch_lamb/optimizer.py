@@ -433,11 +433,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._all_params()
-        grads = read_grads(params)
-        if grads is None:  # torch.optim's convention: a call without gradients is a no-op
+        grads, missing = read_grads(params)
+        if all(missing):  # torch.optim's convention: a call without gradients is a no-op
             return loss
         plan = plan_step(self)
-        layout = self._layouts.get(self, params, grads)
+        layout = self._layouts.get(self, params, grads, missing)
         plan.write_back(self)
         bucket_grads = [b.grads(grads) for b in layout.active]
         with no_host_reads() if self.capturable else contextlib.nullcontext():

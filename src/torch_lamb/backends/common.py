@@ -25,7 +25,7 @@ def norm_dtype(t: Tensor) -> torch.dtype:
 def state_grads(bucket: Bucket, grads: list[Tensor]) -> tuple[list[Tensor], bool]:
     """The gradients in the state's dtype (float16/bfloat16 widened to float32), and whether they are copies."""
     dtype = bucket.momentums[0].dtype
-    if grads and grads[0].dtype != dtype:
+    if any([g.dtype != dtype for g in grads]):  # low precision, or a `.grad.data` of another dtype
         return [g.to(dtype) for g in grads], True
     return grads, False
 

@@ -310,10 +310,12 @@ class CpuKernelBackend:
 
     @staticmethod
     def _readable(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
-        """Gradients the kernel can read as raw arrays of the parameters' dtype (contiguous copies if not)."""
-        if all([g.is_contiguous() for g in grads]):
+        """Gradients the kernel can read as raw arrays of the parameters' dtype: contiguous copies, or
+        copies in the parameters' dtype (``p.grad.data = other`` can change it), where they are not."""
+        dtype = bucket.mirrors[0].dtype if bucket.mirrors else bucket.weights[0].dtype
+        if all([g.is_contiguous() and g.dtype is dtype for g in grads]):
             return grads
-        return [g.contiguous() for g in grads]
+        return [g.to(dtype, memory_format=torch.contiguous_format) for g in grads]
 
     def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
         bucket.handle.accumulate(self._readable(bucket, grads), plan.loss_scale)
