@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,58 @@ class Bucket:
         return [*self.weights, *self.mirrors, *self.momentums, *self.velocities, *self.accumulators, *self.averages]
 
 
+class TrackedState(defaultdict):
+    """``optimizer.state``, counting the reads made through it.
+
+    Every way to reach a state tensor from outside (``state[p]``, ``get``, ``values``, ``items``,
+    iteration, copies) bumps :attr:`reads`; the layout re-reads the pointers of every state slot only
+    after such a read, since only then can user code have given a slot new storage
+    (``state[p]["momentum"].data = ...``). The optimizer's own per-step code reads the dict directly.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.reads = 0
+
+    def _read(self) -> None:
+        self.reads += 1
+
+    def __getitem__(self, key: Any) -> Any:
+        self._read()
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._read()
+        return super().get(key, default)
+
+    def values(self) -> Any:
+        self._read()
+        return super().values()
+
+    def items(self) -> Any:
+        self._read()
+        return super().items()
+
+    def __iter__(self) -> Any:
+        self._read()
+        return super().__iter__()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._read()
+        return super().setdefault(key, default)
+
+    def pop(self, *args: Any) -> Any:
+        self._read()
+        return super().pop(*args)
+
+    def copy(self) -> Any:
+        self._read()
+        return super().copy()
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.default_factory,), None, None, iter(dict.items(self)))
+
+
 @dataclass(eq=False)
 class Layout:
     """This step's buckets: ``active`` have gradients; ``idle`` hold the others that have an average or an
@@ -91,6 +144,9 @@ class Layout:
     pointers: list[int]
     rebuild_every_step: bool  # DTensor buckets: FSDP may swap the local tensors between steps
     written: list[Tensor] = field(default_factory=list)  # every tensor a backend writes, in `pointers` order
+    params_written: list[Tensor] = field(default_factory=list)  # those that are parameters: checked every step
+    param_pointers: list[int] = field(default_factory=list)
+    state_reads: int | None = -1  # optimizer.state's read count when the state slots' pointers were checked
     grad_spec: GradSpec | None = None  # what the gradients of the parameters that have one must match
     grad_params: list[Tensor] = field(default_factory=list)  # those parameters
 
@@ -129,12 +185,15 @@ class LayoutCache:
         )
         layout = self.layout
         present = grads if not any(key[0]) else [g for g in grads if g is not None]
+        reads = getattr(opt.state, "reads", None)
         if (
             layout is not None and not layout.rebuild_every_step and layout.key == key
-            and len(layout.params) == len(params) and _pointers(layout.written) == layout.pointers
+            and len(layout.params) == len(params) and _pointers(layout.params_written) == layout.param_pointers
+            and ((reads is not None and reads == layout.state_reads) or _pointers(layout.written) == layout.pointers)
             and not self.stale_masters(opt, params)
         ):
             layout.grad_spec.check(layout.grad_params, present)
+            layout.state_reads = reads
             return layout
         with_grads = [p for p, g in zip(params, grads) if g is not None]
         spec = GradSpec.of(with_grads)
@@ -144,6 +203,7 @@ class LayoutCache:
         self.refresh_masters(opt, params)
         layout = self.layout = self._build(opt, key, params, [p.shape for p in params])
         layout.grad_spec, layout.grad_params = spec, with_grads
+        layout.state_reads = getattr(opt.state, "reads", None)
         return layout
 
     # ------------------------------------------------------------------ master weights
@@ -152,7 +212,7 @@ class LayoutCache:
         """Remember each parameter with a master as the optimizer last wrote it."""
         state = opt.state
         self._marks = {
-            id(p): _signature(local(p)) for p in params if MASTER in state.get(p, ())
+            id(p): _signature(local(p)) for p in params if MASTER in dict.get(state, p, ())
         }
 
     def stale_masters(self, opt: Lamb, params: Sequence[Tensor]) -> bool:
@@ -239,8 +299,10 @@ class LayoutCache:
         for b in buckets:
             b.backend, b.handle = select(b, opt)
         written = [t for b in buckets for t in b.written()]
+        owned = {id(local(p)) for p in params}
+        params_written = [t for t in written if id(t) in owned]
         return Layout(key, params, shapes, list(active.values()), list(idle.values()), _pointers(written),
-                      any(b.dtensor for b in buckets), written)
+                      any(b.dtensor for b in buckets), written, params_written, _pointers(params_written))
 
 
 def read_grads(params: list[Tensor]) -> tuple[list[Tensor | None], tuple[bool, ...]]:

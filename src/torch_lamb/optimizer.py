@@ -35,6 +35,7 @@ from .layout import (
     Bucket,
     Layout,
     LayoutCache,
+    TrackedState,
     read_grads,
 )
 from .nonfinite import NonfiniteGuard
@@ -215,6 +216,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             **variant,
         }
         super().__init__(params, defaults)
+        self.state = TrackedState(dict, self.state)
         if callable(learning_rate):
             self._refresh_learning_rates()
         # Build the slots now: torch.distributed.checkpoint then never needs its dummy zero-lr step
@@ -640,6 +642,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                              ("_alias_marks", [None] * len(self.param_groups))):
             if not hasattr(self, key):  # pickles from before the variants
                 setattr(self, key, default)
+        if not isinstance(self.state, TrackedState):  # torch's load_state_dict sets a plain defaultdict
+            self.state = TrackedState(dict, self.state)
         if not hasattr(self, "_layouts"):  # unpickling (not a load_state_dict)
             self._layouts = LayoutCache()
         if not hasattr(self, "_guard"):
