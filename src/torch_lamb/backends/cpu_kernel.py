@@ -146,7 +146,19 @@ class KernelBucket:
 
     def _pointers(self, tensors: Sequence[Tensor]) -> array.array:
         known = self._known.get(id(tensors))
-        return known if known is not None else _ptrs(tensors)
+        if known is not None:
+            return known
+        if self.readable is not None and self.readable[1] is tensors:
+            if self.readable[2] is None:
+                self.readable = (*self.readable[:2], _ptrs(tensors))
+            return self.readable[2]
+        return _ptrs(tensors)
+
+    def remember(self, grads: Sequence[Tensor], readable: Sequence[Tensor]) -> None:
+        """This call's gradients (as given, and as the kernel reads them): their pointers are read once."""
+        self.readable = (grads, readable, None)
+
+    readable: tuple[Sequence[Tensor], Sequence[Tensor], array.array | None] | None = None
 
     def _options(self, b: _Struct, *options: tuple[str, str, float | None]) -> None:
         for flag, name, value in options:
@@ -311,14 +323,22 @@ class CpuKernelBackend:
     @staticmethod
     def _readable(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
         """Gradients the kernel can read as raw arrays of the parameters' dtype: contiguous copies, or
-        copies in the parameters' dtype (``p.grad.data = other`` can change it), where they are not."""
+        copies in the parameters' dtype (``p.grad.data = other`` can change it), where they are not.
+
+        The phases of one call get the same list, so that it is checked and its pointers read once.
+        """
+        if bucket.handle.readable is not None and bucket.handle.readable[0] is grads:
+            return bucket.handle.readable[1]
         dtype = bucket.mirrors[0].dtype if bucket.mirrors else bucket.weights[0].dtype
-        if all([g.is_contiguous() and g.dtype is dtype for g in grads]):
-            return grads
-        return [g.to(dtype, memory_format=torch.contiguous_format) for g in grads]
+        readable = grads
+        if not all([g.is_contiguous() and g.dtype is dtype for g in grads]):
+            readable = [g.to(dtype, memory_format=torch.contiguous_format) for g in grads]
+        bucket.handle.remember(grads, readable)
+        return readable
 
     def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
         bucket.handle.accumulate(self._readable(bucket, grads), plan.loss_scale)
+        bucket.handle.readable = None  # the call's last phase: hold no gradient past it
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         pipeline = GradientPipeline(plan.loss_scale, plan.accumulation)
@@ -330,10 +350,12 @@ class CpuKernelBackend:
             loss_scale=plan.loss_scale, accumulation_steps=plan.accumulation,
             clipvalue=plan.clip.value if plan.clip.kind == "value" else None, clip_factors=clip_factors,
         )
-        return bucket.handle.update(
+        stats = bucket.handle.update(
             bucket.weights, self._readable(bucket, grads), plan.scalars[bucket.group_index], reduce=bucket.reduce,
             pipeline=pipeline, ema_weight=plan.ema_weight, mirrors=bucket.mirrors,
         )
+        bucket.handle.readable = None  # the call's last phase: hold no gradient past it
+        return stats
 
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         if plan.ema_weight is not None:
