@@ -91,5 +91,4 @@ def test_readme_runs_what_ci_runs_and_stays_short() -> None:
     assert demo_cmd.strip().startswith("(command -v apt-get") and "dataset-fashion-mnist" in demo_cmd
     assert len(readme.splitlines()) <= 210
     for target in re.findall(r"\]\(((?!https?:)[^)#]+)", readme):
-        if target != "docs/design.md":  # the design note is written alongside the step's redesign
-            assert (ROOT / target).exists(), target
+        assert (ROOT / target).exists(), target
