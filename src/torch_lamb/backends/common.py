@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -10,11 +11,13 @@ from torch import Tensor
 from ..distributed import host_reads_allowed
 
 if TYPE_CHECKING:
+    from ..functional import TrustStats
     from ..layout import Bucket
+    from ..optimizer import Lamb
     from ..plan import StepPlan
 
-__all__ = ["bad_gradients", "finish_update", "move_averages", "norm_dtype", "overwrite_with_averages",
-           "reset_accumulators", "state_grads"]
+__all__ = ["TorchOpsBackend", "bad_gradients", "finish_update", "move_averages", "norm_dtype",
+           "overwrite_with_averages", "reset_accumulators", "state_grads"]
 
 
 def norm_dtype(t: Tensor) -> torch.dtype:
@@ -82,3 +85,33 @@ def bad_gradients(bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
         suspects = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).nonzero().flatten().tolist()
         return torch.tensor(float(sum(not bool(grads[i].abs().max() < limit) for i in suspects)))
     return (~(torch.stack(torch._foreach_norm(grads, ord=float("inf"))) < limit)).float().sum()  # NaN is bad
+
+
+class TorchOpsBackend:
+    """What the torch-op backends share: they take every bucket, keep no view of it, and finish an
+    update with the same steps; each supplies its LAMB function (``lamb``) and its gradient pipeline."""
+
+    lamb: Callable[..., TrustStats]
+
+    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+        return None
+
+    def prepare(self, bucket: Bucket) -> Any:
+        return None
+
+    def _update(self, bucket: Bucket, formed: list[Tensor], plan: StepPlan) -> TrustStats:
+        """LAMB on the formed (unscaled, accumulated, clipped) gradients, then the update's last steps."""
+        assert plan.scalars is not None
+        stats = self.lamb(
+            bucket.weights, formed, bucket.momentums, bucket.velocities, plan.scalars[bucket.group_index],
+            decay_mask=bucket.decay_mask, adapt_mask=bucket.adapt_mask, reduce=bucket.reduce,
+        )
+        finish_update(bucket, plan)
+        return stats
+
+    def ema(self, bucket: Bucket, plan: StepPlan) -> None:
+        if plan.ema_weight is not None:
+            move_averages(bucket, plan.ema_weight)
+
+    def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
+        return bad_gradients(bucket, grads, limit)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -10,31 +10,25 @@ from torch import Tensor
 from ..clipping import clip_by_value, scale_by_factors
 from ..distributed import local_squared_norms
 from ..functional import TrustStats, lamb_update
-from .common import bad_gradients, finish_update, move_averages, state_grads
+from .common import TorchOpsBackend, state_grads
 
 if TYPE_CHECKING:
     from ..layout import Bucket
-    from ..optimizer import Lamb
     from ..plan import StepPlan
 
 __all__ = ["ForeachBackend"]
 
 
-class ForeachBackend:
+class ForeachBackend(TorchOpsBackend):
     """Accepts every bucket. Scalars may be floats or 0-dim device tensors (a device-side guard)."""
 
     name = "foreach"
+    lamb = staticmethod(lamb_update)
 
     def __init__(self) -> None:
         # The gradients formed by `grad_squares` (which must unscale and accumulate to measure them),
         # handed to the `update` of the same call so that the pipeline runs once.
         self._formed: dict[int, tuple[list[Tensor], bool]] = {}
-
-    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
-        return None
-
-    def prepare(self, bucket: Bucket) -> Any:
-        return None
 
     @staticmethod
     def _form(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> tuple[list[Tensor], bool]:
@@ -65,17 +59,4 @@ class ForeachBackend:
             work = clip_by_value(work, plan.clip.value, inplace=owned)
         elif clip_factors is not None:
             work = scale_by_factors(work, clip_factors, inplace=owned)
-        assert plan.scalars is not None
-        stats = lamb_update(
-            bucket.weights, work, bucket.momentums, bucket.velocities, plan.scalars[bucket.group_index],
-            decay_mask=bucket.decay_mask, adapt_mask=bucket.adapt_mask, reduce=bucket.reduce,
-        )
-        finish_update(bucket, plan)
-        return stats
-
-    def ema(self, bucket: Bucket, plan: StepPlan) -> None:
-        if plan.ema_weight is not None:
-            move_averages(bucket, plan.ema_weight)
-
-    def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
-        return bad_gradients(bucket, grads, limit)
+        return self._update(bucket, work, plan)

@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..distributed import local_squared_norms
 from ..functional import TrustStats, lamb_reference
-from .common import bad_gradients, finish_update, move_averages
+from .common import TorchOpsBackend
 
 if TYPE_CHECKING:
     from ..layout import Bucket
-    from ..optimizer import Lamb
     from ..plan import StepPlan
 
 __all__ = ["ReferenceBackend"]
 
 
-class ReferenceBackend:
+class ReferenceBackend(TorchOpsBackend):
     """One tensor at a time, each expression as Keras writes it. Slow; every other backend is tested against it."""
 
     name = "reference"
-
-    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
-        return None
-
-    def prepare(self, bucket: Bucket) -> Any:
-        return None
+    lamb = staticmethod(lamb_reference)
 
     @staticmethod
     def _formed(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> list[Tensor]:
@@ -58,17 +52,4 @@ class ReferenceBackend:
             formed = [torch.clamp(g, -plan.clip.value, plan.clip.value) for g in formed]
         elif clip_factors is not None:
             formed = [g * f.to(g.dtype) for g, f in zip(formed, clip_factors.unbind(0))]
-        assert plan.scalars is not None
-        stats = lamb_reference(
-            bucket.weights, formed, bucket.momentums, bucket.velocities, plan.scalars[bucket.group_index],
-            decay_mask=bucket.decay_mask, adapt_mask=bucket.adapt_mask, reduce=bucket.reduce,
-        )
-        finish_update(bucket, plan)
-        return stats
-
-    def ema(self, bucket: Bucket, plan: StepPlan) -> None:
-        if plan.ema_weight is not None:
-            move_averages(bucket, plan.ema_weight)
-
-    def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
-        return bad_gradients(bucket, grads, limit)
+        return self._update(bucket, formed, plan)
