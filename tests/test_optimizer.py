@@ -485,3 +485,20 @@ def test_an_edited_implementation_is_checked_before_anything_changes():
     opt.implementation = "reference"
     opt.step()
     assert not torch.equal(_flat(model), before)
+
+
+def test_a_parameter_replaced_in_its_group_is_the_one_updated(implementation):
+    """Another tensor put into a group in place (same count, same shapes) must be the one that moves."""
+    model = _model()
+    opt = Lamb(model.parameters(), implementation=implementation)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    old = opt.param_groups[0]["params"][0]
+    new = torch.nn.Parameter(old.detach().clone())
+    opt.param_groups[0]["params"][0] = new
+    opt.state[new] = opt.state.pop(old)
+    before_old, before_new = old.detach().clone(), new.detach().clone()
+    new.grad = torch.ones_like(new)
+    opt.step()
+    assert torch.equal(old, before_old) and not torch.equal(new, before_new)

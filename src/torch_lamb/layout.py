@@ -136,9 +136,8 @@ class Layout:
     """This step's buckets: ``active`` have gradients; ``idle`` hold the others that have an average or an
     accumulator (moved and reset with the rest)."""
 
-    key: tuple[Any, ...]
-    params: list[Tensor]
-    shapes: list[torch.Size]
+    key: tuple[Any, ...]  # its first item says which of the parameters have a gradient
+    params: list[Tensor]  # every parameter, in group order (a group edited in place changes one)
     active: list[Bucket]
     idle: list[Bucket]
     pointers: list[int]
@@ -188,7 +187,8 @@ class LayoutCache:
         reads = getattr(opt.state, "reads", None)
         if (
             layout is not None and not layout.rebuild_every_step and layout.key == key
-            and len(layout.params) == len(params) and _pointers(layout.params_written) == layout.param_pointers
+            and all(map(operator.is_, layout.params, params))
+            and _pointers(layout.params_written) == layout.param_pointers
             and ((reads is not None and reads == layout.state_reads) or _pointers(layout.written) == layout.pointers)
             and not self.stale_masters(opt, params)
         ):
@@ -201,7 +201,7 @@ class LayoutCache:
         self.check_state_shapes(opt, params)
         check_no_overlap(params, _names(opt))
         self.refresh_masters(opt, params)
-        layout = self.layout = self._build(opt, key, params, [p.shape for p in params])
+        layout = self.layout = self._build(opt, key, params)
         layout.grad_spec, layout.grad_params = spec, with_grads
         layout.state_reads = getattr(opt.state, "reads", None)
         return layout
@@ -256,7 +256,7 @@ class LayoutCache:
 
     # ------------------------------------------------------------------ build
 
-    def _build(self, opt: Lamb, key: tuple[Any, ...], params: list[Tensor], shapes: list[torch.Size]) -> Layout:
+    def _build(self, opt: Lamb, key: tuple[Any, ...], params: list[Tensor]) -> Layout:
         from .backends import select
 
         opt._ensure_state(recheck=True)
@@ -301,7 +301,7 @@ class LayoutCache:
         written = [t for b in buckets for t in b.written()]
         owned = {id(local(p)) for p in params}
         params_written = [t for t in written if id(t) in owned]
-        return Layout(key, params, shapes, list(active.values()), list(idle.values()), _pointers(written),
+        return Layout(key, params, list(active.values()), list(idle.values()), _pointers(written),
                       any(b.dtensor for b in buckets), written, params_written, _pointers(params_written))
 
 
