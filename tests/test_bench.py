@@ -27,6 +27,23 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert ratios["adamw-fused"] == 1.0
     floor = {r["name"]: r["ratio_vs_floor"] for r in case["rows"]}
     assert floor["floor"] == pytest.approx(1.0) and all(v > 0 for v in floor.values())
+    for row in case["rows"]:  # min <= median <= max of the per-round ratios; AdamW against itself is 1
+        low, mid, high = row["ratio_spread"]
+        assert 0 < low <= mid <= high
+    assert next(r for r in case["rows"] if r["name"] == "adamw-fused")["ratio_spread"] == [1.0, 1.0, 1.0]
+    assert report["cpu"] and report["threads"] == 1
+
+
+def test_bench_warns_when_rounds_disagree(capsys: pytest.CaptureFixture[str]) -> None:
+    row = {"name": "lamb-fused", "median_ms": 1.0, "ratio_vs_adamw_fused": 1.5, "ratio_spread": [1.2, 1.5, 1.9],
+           "ratio_vs_floor": 1.1, "gb_per_s": 1.0, "bytes_per_param": 40, "state_mb": 1.0, "transient_mb": 0.0,
+           "first_step_ms": 1.0}
+    steady = {**row, "name": "adamw-fused", "ratio_spread": [1.0, 1.0, 1.0]}
+    bench._print({"case": "tiny", "tensors": 1, "params": 1, "dtype": "float32", "rounds": 3, "fused_kernel": True,
+                  "rss_base_mb": 1.0, "peak_rss_mb": 1.0, "rows": [row, steady]})
+    out = capsys.readouterr().out
+    assert "1.20-1.90" in out and "warning" in out and "lamb-fused" in out.split("warning")[1]
+    assert "adamw-fused" not in out.split("warning")[1]
 
 
 def test_bench_rejects_unknown_row() -> None:

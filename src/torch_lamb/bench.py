@@ -40,6 +40,7 @@ __all__ = ["CASES", "main"]
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-6, 0.01
 LAMB_BPP = 40  # float32: see nominal_bytes
+SPREAD_WARNING = 0.10  # a row whose per-round ratios span more than this fraction of their median is flagged
 # all features, per update of 2 micro-steps: the first call accumulates (read g, acc; write acc: 12 B)
 # and moves the EMA (read p, avg; write avg: 12); the second reads g and acc for the global norm (8),
 # then pass 1 reads p, g, acc, m, v and writes acc (zeroed), m, v (32), and pass 2 reads p, m, v, avg
@@ -257,6 +258,16 @@ def _cold_compile_s() -> float | None:
         return time.perf_counter() - t0
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
 def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Time one parameter set (parameters and gradients of ``dtype``); returns a JSON-ready dict."""
     from .backends.kernel_build import kernel_status
@@ -305,11 +316,14 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
     out_rows = []
     for row in table:
         ms = statistics.median(row.times) * 1e3
+        # per round, against the reference timed in the same round: the spread says how far to trust it
+        per_round = [t / r for t, r in zip(row.times, ref.times)] if ref else []
         out_rows.append({
             "name": row.name,
             "median_ms": ms,
             "min_ms": min(row.times) * 1e3,
             "ratio_vs_adamw_fused": ms / ref_ms if ref_ms else None,
+            "ratio_spread": [min(per_round), statistics.median(per_round), max(per_round)] if per_round else None,
             "ratio_vs_floor": ms / (floor_ms_per_byte * row.bpp) if floor_ms_per_byte else None,
             "gb_per_s": row.bpp * numel / (ms * 1e-3) / 1e9,
             "bytes_per_param": row.bpp,
@@ -335,15 +349,24 @@ def _print(result: dict[str, Any]) -> None:
     print(f"\ncase {result['case']}: {result['tensors']} tensors, "
           f"{result['params'] / 1e6:.2f}M {result['dtype']} params, "
           f"{result['rounds']} rounds, fused kernel {'on' if result['fused_kernel'] else 'OFF (fallback)'}")
-    print(f"{'row':<18}{'median ms':>11}{'vs AdamW':>10}{'GB/s':>8}{'B/param':>9}{'vs floor':>10}{'state MB':>10}"
-          f"{'transient MB':>14}{'first ms':>10}")
+    print(f"{'row':<18}{'median ms':>11}{'vs AdamW':>10}{'per round':>14}{'GB/s':>8}{'B/param':>9}{'vs floor':>10}"
+          f"{'state MB':>10}{'transient MB':>14}{'first ms':>10}")
+    wide = []
     for r in result["rows"]:
         ratio = f"{r['ratio_vs_adamw_fused']:.2f}x" if r["ratio_vs_adamw_fused"] else "-"
         floor = f"{r['ratio_vs_floor']:.2f}x" if r["ratio_vs_floor"] else "-"
-        print(f"{r['name']:<18}{r['median_ms']:>11.1f}{ratio:>10}{r['gb_per_s']:>8.1f}{r['bytes_per_param']:>9}"
-              f"{floor:>10}{r['state_mb']:>10.0f}{r['transient_mb']:>14.1f}{r['first_step_ms']:>10.1f}")
+        spread = r.get("ratio_spread")
+        rounds = f"{spread[0]:.2f}-{spread[2]:.2f}" if spread else "-"
+        if spread and spread[2] - spread[0] > SPREAD_WARNING * spread[1]:
+            wide.append(r["name"])
+        print(f"{r['name']:<18}{r['median_ms']:>11.1f}{ratio:>10}{rounds:>14}{r['gb_per_s']:>8.1f}"
+              f"{r['bytes_per_param']:>9}{floor:>10}{r['state_mb']:>10.0f}{r['transient_mb']:>14.1f}"
+              f"{r['first_step_ms']:>10.1f}")
     print(f"RSS: {result['rss_base_mb']:.0f} MB with params+grads, "
           f"peak {result['peak_rss_mb']:.0f} MB (all rows)")
+    if wide:
+        print(f"warning: the per-round ratio to AdamW spans more than {SPREAD_WARNING:.0%} of its median for "
+              f"{', '.join(wide)}: the machine was too noisy to compare these rows; run again on a quiet one")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile_cold_s": cold,
         "kernel_load_cached_s": cached,
         "kernel": str(status),
+        "cpu": _cpu_model(),
         "cases": [run_case(c, args.rounds, rows or (QUICK_ROWS if args.quick and c == "bert-base" else None),
                            getattr(torch, args.dtype))
                   for c in (args.case or (QUICK_CASES if args.quick else ["bert-base", "small-many"]))],
@@ -397,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json == "-":
         print(json.dumps(report, indent=1))
     else:
-        print(f"torch {report['torch']}, {report['threads']} threads; fused kernel: cold compile "
+        print(f"torch {report['torch']}, {report['cpu']}, {report['threads']} threads; kernel: cold compile "
               f"{cold if cold is not None else float('nan'):.2f} s, load from cache {cached:.3f} s")
         print(status)
         for c in report["cases"]:
