@@ -430,6 +430,12 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         Reading the gradients, planning and laying out only check (a call that raises changes
         nothing); then the backends run the plan, phase by phase.
         """
+        return self._step(closure)
+
+    @torch.compiler.disable
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
+        """The step, always run eagerly: under ``torch.compile`` dynamo would drop the counters' updates
+        (Python attribute stores in a traced frame), so a compiled step is this eager one."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
