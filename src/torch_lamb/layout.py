@@ -171,9 +171,10 @@ class LayoutCache:
     def get(self, opt: Lamb, params: list[Tensor], grads: list[Tensor | None], missing: tuple[bool, ...]) -> Layout:
         """The layout for this step (checks only; raises before anything changes).
 
-        Reused while every tensor a backend writes keeps its storage (a parameter or state slot given new
-        storage, or another parameter in a group, changes some pointer) and the gradients match the
-        parameters' shapes, dtypes and devices recorded with it.
+        Reused while the parameters are the same objects and keep their storage (checked every step),
+        and the state slots keep theirs (checked after any read of ``optimizer.state``, the only way user
+        code reaches them). The gradients must match the parameters' shapes and devices recorded with it;
+        a gradient of another dtype is converted by the backends.
         """
         key = (
             missing,
