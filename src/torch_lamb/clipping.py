@@ -82,18 +82,19 @@ def clip_by_global_norm(
 
 
 def clip_factors(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], plan: StepPlan) -> list[Tensor | None]:
-    """Per bucket, the per-tensor factors that ``clipnorm`` or ``global_clipnorm`` multiply the gradients by.
+    """Per bucket, the per-entry factors that ``clipnorm`` or ``global_clipnorm`` multiply the gradients by.
 
-    Each backend measures its gradients as the update will use them (``grad_squares``); sharded
-    buckets sum the squares across ranks with one collective each.
+    Each backend measures its gradients as the update will use them (``grad_squares``); the squares are
+    added up per tensor (``clipnorm`` is per tensor, also for a tensor with trust-ratio slices), and
+    sharded buckets sum them across ranks with one collective each.
     """
     if plan.clip.kind not in ("norm", "global"):
         return [None] * len(buckets)
     norms = []
     for bucket, bucket_grads in zip(buckets, grads):
-        squares = bucket.backend.grad_squares(bucket, bucket_grads, plan)
-        norms.append(torch.sqrt(bucket.reduce(squares) if bucket.reduce is not None else squares))
+        squares = bucket.per_tensor(bucket.backend.grad_squares(bucket, bucket_grads, plan))
+        norms.append(torch.sqrt(bucket.tensor_reduce(squares) if bucket.tensor_reduce is not None else squares))
     if plan.clip.kind == "norm":
-        return [norm_clip_factors(n, plan.clip.value) for n in norms]
+        return [b.per_entry(norm_clip_factors(n, plan.clip.value)) for b, n in zip(buckets, norms)]
     factor = global_clip_factor(global_norm(norms), plan.clip.value)
-    return [factor.to(n.device, torch.float32).expand(len(n)) for n in norms]
+    return [factor.to(n.device, torch.float32).expand(len(b.weights)) for b, n in zip(buckets, norms)]

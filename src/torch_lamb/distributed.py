@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "Reducer",
+    "ReducerKey",
     "dtensor_reducer",
     "full_norms",
     "host_reads_allowed",
@@ -24,6 +25,7 @@ __all__ = [
     "local_norms",
     "local_squared_norms",
     "no_host_reads",
+    "reducer_for",
     "reducer_key",
 ]
 
@@ -104,10 +106,13 @@ def is_dtensor(t: Tensor) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
 
 
-_REDUCERS: dict[tuple[object, tuple[int, ...]], Reducer] = {}  # (mesh, dims); meshes are hashable
+ReducerKey = tuple[object, tuple[int, ...]]
+"""``(mesh, mesh dims)``: where a tensor's local squared sums must be summed (meshes are hashable)."""
+
+_REDUCERS: dict[ReducerKey, Reducer] = {}
 
 
-def reducer_key(t: Tensor) -> tuple[object, tuple[int, ...]] | None:
+def reducer_key(t: Tensor) -> ReducerKey | None:
     """``(mesh, shard mesh dims)`` of a DTensor, or None for a plain or fully replicated tensor.
 
     Supported placements: ``Shard(d)`` on any tensor dim (FSDP2, tensor parallel) and ``Replicate``,
@@ -135,7 +140,11 @@ def dtensor_reducer(t: Tensor) -> Reducer | None:
     One ``all_reduce`` per sharded mesh dim (one for FSDP2 or TP, two for a 2-D mesh sharded on
     both dims); Replicate dims are skipped so replicas are not double-counted.
     """
-    key = reducer_key(t)
+    return reducer_for(reducer_key(t))
+
+
+def reducer_for(key: ReducerKey | None) -> Reducer | None:
+    """The :data:`Reducer` over the mesh dims of ``key`` (one ``all_reduce`` per dim; None: no collective)."""
     if key is None:
         return None
     cached = _REDUCERS.get(key)
@@ -143,8 +152,8 @@ def dtensor_reducer(t: Tensor) -> Reducer | None:
         return cached
     import torch.distributed as dist
 
-    mesh = t.device_mesh
-    groups = [mesh.get_group(d) for d in key[1]]
+    mesh, dims = key
+    groups = [mesh.get_group(d) for d in dims]  # type: ignore[attr-defined]
 
     def reduce(squares: Tensor) -> Tensor:
         for g in groups:

@@ -245,7 +245,8 @@ def lamb_reference(
         u = m_hat / (torch.sqrt(v / scalars.bias_correction_2) + scalars.epsilon)
         if scalars.adaptive_weight_decay is not None and decay:
             u = u + scalars.adaptive_weight_decay * w
-        w_norm, u_norm = (n[0] for n in full_norms([w], [u], reduce=reduce))
+        whole = w if w.is_contiguous() else w.contiguous()  # a slice's view: summed as its own tensor would be
+        w_norm, u_norm = (n[0] for n in full_norms([whole], [u], reduce=reduce))
         ratio = trust_ratio(w_norm, u_norm, scalars, None if adapt else [False]).reshape(())
         w.copy_(w - (ratio * scalars.lr).to(w.dtype) * u)
         w_norms.append(w_norm)

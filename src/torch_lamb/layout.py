@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .distributed import Reducer, dtensor_reducer, is_dtensor, local, reducer_key
+from .distributed import Reducer, is_dtensor, local, reducer_for, reducer_key
 from .functional import LOW_PRECISION
+from .slices import SLICES, LocalSlices, local_slices, normalize
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -45,7 +46,12 @@ ADAPT_EXCLUDED = "exclude_from_layer_adaptation"
 
 @dataclass(eq=False)
 class Bucket:
-    """Tensors that one backend call updates together (fixed while the layout holds)."""
+    """Tensors that one backend call updates together (fixed while the layout holds).
+
+    The backends see *entries*: one per tensor, or one per trust-ratio slice of a sliced tensor (views
+    of it and of its state along the slice dim, :mod:`torch_lamb.slices`), each with its own ratio.
+    ``owners``, ``indices``, ``splits`` and ``bases`` describe the tensors behind them.
+    """
 
     group_index: int
     weights: list[Tensor] = field(default_factory=list)  # what the update writes: a float32 master, else p
@@ -55,27 +61,53 @@ class Bucket:
     accumulators: list[Tensor] = field(default_factory=list)
     averages: list[Tensor] = field(default_factory=list)
     decay_mask: list[bool] = field(default_factory=list)
-    adapt_mask: list[bool] | None = None  # None: every tensor takes the trust ratio
-    names: list[str] = field(default_factory=list)
-    owners: list[Tensor] = field(default_factory=list)  # the parameters (keys of the optimizer's state)
+    adapt_mask: list[bool] | None = None  # None: every entry takes the trust ratio
+    names: list[str | None] = field(default_factory=list)  # per entry (None: a placeholder telemetry skips)
+    owners: list[Tensor] = field(default_factory=list)  # per tensor: the parameters (keys of the optimizer's state)
     indices: list[int] = field(default_factory=list)  # their positions among all parameters
-    reduce: Reducer | None = None  # sums local squared norms across shards (None: whole tensors)
+    reduce: Reducer | None = None  # sums the entries' local squared norms across shards (None: whole entries)
+    tensor_reduce: Reducer | None = None  # sums per-tensor local sums across shards (clipnorm, the guard)
     dtensor: bool = False
     backend: Backend | None = None
     handle: Any = None  # the backend's prebuilt view of the bucket (the kernel's pointer arrays)
+    splits: list[tuple[int, list[int]] | None] | None = None  # per tensor, (dim, entry lengths); None: none sliced
+    entry_tensor: Tensor | None = None  # with splits: each entry's tensor index (int64, on the bucket's device)
+    bases: list[Tensor] = field(default_factory=list)  # every tensor written, whole (their pointers are checked)
 
     @property
     def device(self) -> torch.device:
         return self.weights[0].device
 
+    @property
+    def tensor_count(self) -> int:
+        return len(self.indices)
+
     def grads(self, all_grads: Sequence[Tensor | None]) -> list[Tensor]:
-        """This bucket's gradients (local shards for DTensor parameters) out of every parameter's."""
+        """This bucket's gradient entries (local shards for DTensor parameters) out of every parameter's."""
         if self.dtensor:
-            return [local(all_grads[i]) for i in self.indices]
-        return [all_grads[i] for i in self.indices]  # type: ignore[misc]
+            grads = [local(all_grads[i]) for i in self.indices]
+        else:
+            grads = [all_grads[i] for i in self.indices]  # type: ignore[misc]
+        if self.splits is None:
+            return grads  # type: ignore[return-value]
+        return [v for g, split in zip(grads, self.splits)
+                for v in ((g,) if split is None else g.split(split[1], split[0]))]  # type: ignore[union-attr]
+
+    def per_tensor(self, entry_sums: Tensor) -> Tensor:
+        """Per-entry sums added up per tensor (the identity without slices)."""
+        if self.entry_tensor is None:
+            return entry_sums
+        out = torch.zeros(self.tensor_count, dtype=entry_sums.dtype, device=entry_sums.device)
+        return out.index_add_(0, self.entry_tensor.to(entry_sums.device), entry_sums)
+
+    def per_entry(self, tensor_values: Tensor) -> Tensor:
+        """Per-tensor values repeated for each entry (the identity without slices)."""
+        if self.entry_tensor is None:
+            return tensor_values
+        return tensor_values.index_select(0, self.entry_tensor.to(tensor_values.device))
 
     def written(self) -> list[Tensor]:
-        """Every tensor a backend writes for this bucket (their pointers are checked each step)."""
+        """Every entry a backend writes for this bucket (views, for sliced tensors)."""
         return [*self.weights, *self.mirrors, *self.momentums, *self.velocities, *self.accumulators, *self.averages]
 
 
@@ -267,6 +299,7 @@ class LayoutCache:
         position = -1
         for gi, group in enumerate(opt.param_groups):
             fixed = [not group["layer_adaptation"] or e for e in group[ADAPT_EXCLUDED]]  # ratio 1
+            specs = group.get(SLICES) or [None] * len(group["params"])
             for i, p in enumerate(group["params"]):
                 position += 1
                 state = opt.state[p]
@@ -274,36 +307,64 @@ class LayoutCache:
                 if not has_grad and AVERAGE not in state and ACCUMULATOR not in state:
                     continue  # nothing to do for it this call
                 master = MASTER in state
-                bkey = (gi, p.device, p.dtype, reducer_key(p), master)
+                spec = normalize(specs[i], p.shape, f"parameter {names[id(p)]!r}")  # the group may have been edited
+                sliced = local_slices(p, spec, names[id(p)]) if spec is not None else None
+                tensor_key = reducer_key(p)
+                entry_key = sliced.reduce if sliced is not None else tensor_key
+                bkey = (gi, p.device, p.dtype, entry_key, tensor_key, master)
                 buckets = active if has_grad else idle
                 b = buckets.get(bkey)
                 if b is None:
                     b = buckets[bkey] = Bucket(
-                        gi, adapt_mask=[] if any(fixed) else None, reduce=dtensor_reducer(p), dtensor=is_dtensor(p)
+                        gi, adapt_mask=[] if any(fixed) else None, reduce=reducer_for(entry_key),
+                        tensor_reduce=reducer_for(tensor_key), dtensor=is_dtensor(p),
                     )
-                b.weights.append(local(state[MASTER]) if master else local(p))
-                if master:
-                    b.mirrors.append(local(p))
-                if b.adapt_mask is not None:
-                    b.adapt_mask.append(not fixed[i])
-                b.momentums.append(local(state[MOMENTUM]))
-                b.velocities.append(local(state[VELOCITY]))
-                if ACCUMULATOR in state:
-                    b.accumulators.append(local(state[ACCUMULATOR]))
-                if AVERAGE in state:
-                    b.averages.append(local(state[AVERAGE]))
-                b.decay_mask.append(group["weight_decay"] is not None and not group[DECAY_EXCLUDED][i])
-                b.names.append(names[id(p)])
-                b.owners.append(p)
-                b.indices.append(position)
+                _add_tensor(b, opt, p, state, master, sliced, names[id(p)], position,
+                            decay=group["weight_decay"] is not None and not group[DECAY_EXCLUDED][i],
+                            adapt=None if b.adapt_mask is None else not fixed[i])
         buckets = [*active.values(), *idle.values()]
         for b in buckets:
+            if b.splits is not None:
+                b.entry_tensor = torch.tensor(
+                    [t for t, split in enumerate(b.splits) for _ in (split[1] if split else (0,))], device=b.device
+                )
             b.backend, b.handle = select(b, opt)
-        written = [t for b in buckets for t in b.written()]
+        written = [t for b in buckets for t in b.bases]
         owned = {id(local(p)) for p in params}
         params_written = [t for t in written if id(t) in owned]
         return Layout(key, params, list(active.values()), list(idle.values()), _pointers(written),
                       any(b.dtensor for b in buckets), written, params_written, _pointers(params_written))
+
+
+def _add_tensor(
+    b: Bucket, opt: Lamb, p: Tensor, state: dict[str, Tensor], master: bool, sliced: LocalSlices | None,
+    name: str, position: int, *, decay: bool, adapt: bool | None,
+) -> None:
+    """Append parameter ``p`` to bucket ``b``: its whole tensors to ``bases``, its entries to the lists."""
+    slots = [
+        ("weights", local(state[MASTER]) if master else local(p)),
+        ("mirrors", local(p) if master else None),
+        ("momentums", local(state[MOMENTUM])),
+        ("velocities", local(state[VELOCITY])),
+        ("accumulators", local(state[ACCUMULATOR]) if ACCUMULATOR in state else None),
+        ("averages", local(state[AVERAGE]) if AVERAGE in state else None),
+    ]
+    count = 1 if sliced is None else len(sliced.lengths)
+    for attr, t in slots:
+        if t is None:
+            continue
+        b.bases.append(t)
+        getattr(b, attr).extend((t,) if sliced is None else t.split(sliced.lengths, sliced.dim))
+    if sliced is not None and b.splits is None:
+        b.splits = [None] * len(b.indices)  # the tensors added before had one entry each
+    if b.splits is not None:
+        b.splits.append(None if sliced is None else (sliced.dim, list(sliced.lengths)))
+    if b.adapt_mask is not None:
+        b.adapt_mask.extend([bool(adapt)] * count)
+    b.decay_mask.extend([decay] * count)
+    b.names.extend([name] if sliced is None else sliced.names)
+    b.owners.append(p)
+    b.indices.append(position)
 
 
 def read_grads(params: list[Tensor]) -> tuple[list[Tensor | None], tuple[bool, ...]]:

@@ -91,7 +91,7 @@ class NonfiniteGuard:
         flags = []
         for b, gs in zip(layout.active, grads):
             bad = b.backend.bad_gradients(b, gs, limit)
-            flags.append(b.reduce(bad.reshape(1)).sum() if b.reduce is not None else bad)
+            flags.append(b.tensor_reduce(bad.reshape(1)).sum() if b.tensor_reduce is not None else bad)
         return flags
 
     def _prepare_host(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> tuple[list, StepPlan]:

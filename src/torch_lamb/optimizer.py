@@ -41,6 +41,7 @@ from .layout import (
 from .nonfinite import NonfiniteGuard
 from .plan import WEIGHT_DECAY_MODES, StepPlan, plan_step
 from .schedules import LearningRateSchedule
+from .slices import SLICES, normalize
 from .telemetry import TrustRatioTelemetry
 
 __all__ = ["Lamb"]
@@ -269,6 +270,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if len({id(p) for p in tensors}) != len(tensors):
             raise ValueError("A param group lists the same parameter twice; each tensor may appear once.")
         _check_keys(group, self.defaults)
+        group[SLICES] = _group_slices(group, tensors, len(self.param_groups))
         sources = {}
         for key in ("beta_1", "beta_2"):  # callables stay out of checkpoints: the group holds their value
             value = group.get(key, self.defaults.get(key))
@@ -359,6 +361,46 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._layouts.invalidate()
         for group in self.param_groups:
             self._resolve_adapt_exclusion(group)
+
+    def set_trust_ratio_slices(
+        self,
+        var_list: Iterable[Tensor] | None = None,
+        var_names: Iterable[str] | None = None,
+        dim: int | None = 0,
+        sizes: Sequence[int] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        """Give each slice of the selected parameters its own trust ratio (an expert bank, a fused QKV).
+
+        ``dim`` alone: one ratio per index along ``dim`` (``dim=0`` for ``[experts, in, out]`` or stacked
+        layers); with ``sizes``: chunks of those sizes along ``dim`` (``[d, d, d]`` for a fused
+        ``[3·d, d]`` QKV), optionally named by ``labels`` (telemetry then reports ``name.q``, else
+        ``name[0]``). ``dim=None`` gives the selected parameters one ratio again. Parameters are selected
+        by identity (``var_list``) or by a regex search on their names (``var_names``), as in
+        :meth:`exclude_from_layer_adaptation`; each call sets the rule of the parameters it selects and
+        leaves the others'. A param group may also carry it (``{"params": ..., "trust_ratio_slices": 0}``).
+        ``clipnorm`` stays per tensor, as in Keras. Every parameter is checked before any changes.
+        """
+        if not var_list and not var_names:
+            raise ValueError("set_trust_ratio_slices: give the parameters to slice (`var_list` and/or `var_names`).")
+        ids, pattern = self._exclusion(var_list, var_names)
+        spec = None if dim is None else {"dim": dim, "sizes": None if sizes is None else list(sizes),
+                                         "labels": None if labels is None else list(labels)}
+        if dim is None and (sizes is not None or labels is not None):
+            raise ValueError("set_trust_ratio_slices: `sizes` and `labels` need a `dim`.")
+        updated = []
+        for gi, group in enumerate(self.param_groups):
+            selected = _excluded(group, ids, pattern)
+            specs = list(group[SLICES])
+            for i, (p, chosen) in enumerate(zip(group["params"], selected)):
+                if chosen:
+                    specs[i] = normalize(spec, p.shape, f"parameter {_param_name(group, gi, i)!r}")
+            updated.append(specs)
+        if not any(any(_excluded(g, ids, pattern)) for g in self.param_groups):
+            raise ValueError("set_trust_ratio_slices: `var_list` / `var_names` select no parameter of this optimizer.")
+        for group, specs in zip(self.param_groups, updated):
+            group[SLICES] = specs  # a new list: the layout sees the change
+        self._layouts.invalidate()
 
     def _exclusion(
         self, var_list: Iterable[Tensor] | None, var_names: Iterable[str] | None
@@ -560,12 +602,14 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                     f"Not a torch_lamb.Lamb state dict: param group {index} lacks {missing} (a state dict of "
                     "another optimizer, such as torch.optim.AdamW, cannot be loaded into Lamb)."
                 )
-        for saved, live in zip(groups, self.param_groups):
+        for gi, (saved, live) in enumerate(zip(groups, self.param_groups)):
             if len(saved["params"]) != len(live["params"]):
                 raise ValueError(
                     f"A param group of the state dict has {len(saved['params'])} parameters; "
                     f"the matching group here has {len(live['params'])}."
                 )
+            if saved.get(SLICES) is not None:
+                _group_slices({**live, SLICES: saved[SLICES]}, live["params"], gi)  # raises on a bad spec
             ids_to_params.update(zip(saved["params"], live["params"]))
         required = self._required_state_keys()
         for pid, value in saved_state.items():
@@ -611,6 +655,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 group.pop(key, None)
         for group, flags in zip(self.param_groups, adapt_excluded):  # checkpoints from before the variants
             group.setdefault(ADAPT_EXCLUDED, flags)
+            if group.get(SLICES) is None:  # checkpoints from before trust-ratio slices
+                group[SLICES] = [None] * len(group["params"])
             for key in _VARIANT_KEYS:
                 group.setdefault(key, self.defaults[key])
             group.setdefault("betas", (group["beta_1"], group["beta_2"]))
@@ -702,7 +748,30 @@ _VARIANT_KEYS = ("weight_decay_mode", "min_trust_ratio", "max_trust_ratio", "lay
 
 
 _KNOWN_GROUP_KEYS = {"params", "param_names", "betas", "eps", "initial_lr", "max_lr", "min_lr", "momentum",
-                     "max_momentum", "base_momentum", "name", DECAY_EXCLUDED, ADAPT_EXCLUDED}
+                     "max_momentum", "base_momentum", "name", DECAY_EXCLUDED, ADAPT_EXCLUDED, SLICES}
+
+
+def _param_name(group: dict[str, Any], group_index: int, i: int) -> str:
+    names = group.get("param_names")
+    return names[i] if names else f"{group_index}.{i}"
+
+
+def _group_slices(group: dict[str, Any], params: Sequence[Any], group_index: int) -> list[dict[str, Any] | None]:
+    """A group's ``trust_ratio_slices`` as one normalised spec per parameter: a spec (a dim or a dict) given
+    for the group applies to each parameter; a list (as state dicts save it) gives one per parameter."""
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    given = group.get(SLICES)
+    if isinstance(given, list):
+        if len(given) != len(tensors):
+            raise ValueError(
+                f"`trust_ratio_slices` of param group {group_index} lists {len(given)} specs for "
+                f"{len(tensors)} parameters (a list gives one spec per parameter; a dim or a dict applies to all)."
+            )
+        specs = given
+    else:
+        specs = [given] * len(tensors)
+    names = [p[0] if isinstance(p, tuple) else _param_name(group, group_index, i) for i, p in enumerate(params)]
+    return [normalize(spec, p.shape, f"parameter {name!r}") for p, spec, name in zip(tensors, specs, names)]
 
 
 def _check_keys(group: dict[str, Any], defaults: dict[str, Any]) -> None:

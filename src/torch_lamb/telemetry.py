@@ -47,9 +47,9 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.step: int | None = None  # raw micro-step counter of the recorded update
-        self.buckets: list[tuple[list[str], TrustStats]] = []
+        self.buckets: list[tuple[list[str | None], TrustStats]] = []
 
-    def record(self, step: int, names: list[str], stats: TrustStats) -> None:
+    def record(self, step: int, names: list[str | None], stats: TrustStats) -> None:
         if step != self.step:  # first bucket of a new update: forget the previous one
             self.step = step
             self.buckets = []
@@ -83,7 +83,7 @@ class TrustRatioTelemetry:
         """Whether trust ratios are being recorded."""
         return self._trust_recorder is not None
 
-    def _record_trust_stats(self, names: list[str], stats: TrustStats) -> None:
+    def _record_trust_stats(self, names: list[str | None], stats: TrustStats) -> None:
         rec = self._trust_recorder
         if rec is not None:
             rec.record(int(getattr(self, "_iterations", 0)), names, stats)
@@ -104,6 +104,8 @@ class TrustRatioTelemetry:
         out: dict[str, TrustRatio] = {}
         for names, stats in rec.buckets:
             for i, name in enumerate(names):
+                if name is None:  # a shard's placeholder entry (it holds no whole trust-ratio slice)
+                    continue
                 out[name] = TrustRatio(stats.trust_ratio[i], stats.weight_norm[i], stats.update_norm[i])
         return out
 
