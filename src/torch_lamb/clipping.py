@@ -92,8 +92,13 @@ def clip_factors(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], plan:
         return [None] * len(buckets)
     norms = []
     for bucket, bucket_grads in zip(buckets, grads):
-        squares = bucket.per_tensor(bucket.backend.grad_squares(bucket, bucket_grads, plan))
-        norms.append(torch.sqrt(bucket.tensor_reduce(squares) if bucket.tensor_reduce is not None else squares))
+        squares = bucket.backend.grad_squares(bucket, bucket_grads, plan)
+        # A global norm adds each slice's squares as those of a parameter of its own, where they are
+        # complete after the bucket's reduction; clipnorm (and a sharded slice's norm) needs the tensor's.
+        if plan.clip.kind == "norm" or bucket.reduce is not bucket.tensor_reduce:
+            squares = bucket.per_tensor(squares)
+        reduce = bucket.tensor_reduce
+        norms.append(torch.sqrt(reduce(squares) if reduce is not None else squares))
     if plan.clip.kind == "norm":
         return [b.per_entry(norm_clip_factors(n, plan.clip.value)) for b, n in zip(buckets, norms)]
     factor = global_clip_factor(global_norm(norms), plan.clip.value)

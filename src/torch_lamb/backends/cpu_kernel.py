@@ -308,6 +308,9 @@ class CpuKernelBackend:
             if tensors and dtype_code(tensors[0].dtype) is None:
                 return f"the CPU kernel has no {tensors[0].dtype} {what}s (float16 needs a compiler with _Float16)"
         if not all(t.is_contiguous() for t in bucket.written()):
+            if bucket.splits is not None and all(t.is_contiguous() for t in bucket.bases):
+                return ("the CPU kernel needs contiguous tensors, and trust-ratio slices along a dim after the "
+                        "first are strided views (slice along dim 0, or leave it to the foreach backend)")
             return "the CPU kernel needs contiguous parameters and state"
         if any(w.numel() != m.numel() for w, m in zip(bucket.weights, bucket.momentums)):
             return "a parameter and its state differ in size"

@@ -44,7 +44,8 @@ class ReferenceBackend(TorchOpsBackend):
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         formed = self._formed(bucket, grads, plan)
-        return torch.cat([local_squared_norms([g]) for g in formed])  # float64 where float32 would overflow
+        # float64 where float32 would overflow; a slice's strided view is summed as its own tensor would be
+        return torch.cat([local_squared_norms([g.contiguous()]) for g in formed])
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         formed = self._formed(bucket, grads, plan)
