@@ -210,8 +210,8 @@ class LayoutCache:
         """
         key = (
             missing,
-            tuple([(g["weight_decay"] is None, g["layer_adaptation"], id(g[DECAY_EXCLUDED]), id(g[ADAPT_EXCLUDED]))
-                   for g in opt.param_groups]),
+            tuple([(g["weight_decay"] is None, g["layer_adaptation"], id(g[DECAY_EXCLUDED]), id(g[ADAPT_EXCLUDED]),
+                    id(g.get(SLICES))) for g in opt.param_groups]),
             opt.implementation, opt.capturable, opt.use_ema, opt.gradient_accumulation_steps,
             len(opt.state),  # `del opt.state[p]` and `opt.state.clear()` rebuild too
         )
