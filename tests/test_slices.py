@@ -74,6 +74,11 @@ def _contiguous_split(split: str) -> bool:
     return SPLITS[split][0]["dim"] == 0
 
 
+def _kernel_takes(split: str) -> bool:
+    """Slices along the last dim are single elements apart: the kernel refuses them (auto takes foreach)."""
+    return split != "per_index_dim2"
+
+
 def _check_equal(impl: str, split: str, got: torch.Tensor, parts: list[torch.Tensor]) -> None:
     """Bit for bit on the reference backend; rtol 1e-6 elsewhere, 1e-5 for strided slices (dim > 0), whose
     norms the torch ops sum in another order than those of a contiguous tensor (1 ulp per step)."""
@@ -90,8 +95,8 @@ def _check_equal(impl: str, split: str, got: torch.Tensor, parts: list[torch.Ten
 def test_a_sliced_tensor_trains_as_its_slices_would_as_parameters(implementation, split, features) -> None:
     """Bit for bit on the reference backend, rtol 1e-6 on the others; the state too."""
     impl = implementation
-    if impl == "fused" and not _contiguous_split(split):
-        impl = "foreach"  # strided slices: the kernel refuses them (tested below), auto takes foreach
+    if impl == "fused" and not _kernel_takes(split):
+        impl = "foreach"  # slices one element wide: the kernel refuses them (tested below), auto takes foreach
     cfg = FEATURES[features]
     bank, dense, opt = _train_sliced("auto" if impl != implementation else impl, split, cfg)
     parts, pdense, popt = _train_parts(impl, split, cfg)
@@ -108,7 +113,7 @@ def test_low_precision_with_master_weights(implementation, split, dtype) -> None
     reason = impls.refusal(implementation, dtype)
     if reason:
         pytest.skip(reason)
-    strided = implementation == "fused" and not _contiguous_split(split)
+    strided = implementation == "fused" and not _kernel_takes(split)
     cfg = {"weight_decay": 0.1, "use_ema": True, "master_weights": True, "gradient_accumulation_steps": 2}
     bank, _, opt = _train_sliced("auto" if strided else implementation, split, cfg, dtype)
     parts, _, popt = _train_parts("foreach" if strided else implementation, split, cfg, dtype)
@@ -144,7 +149,7 @@ def test_exclusions_and_layer_adaptation_off_apply_to_every_slice(implementation
 @pytest.mark.parametrize("split", ["per_index_dim0", "sizes_dim1"])
 def test_clipnorm_stays_per_tensor(implementation, split) -> None:
     """clipnorm scales the whole bank by its own norm (as Keras), then each slice takes its ratio."""
-    strided = implementation == "fused" and not _contiguous_split(split)
+    strided = implementation == "fused" and not _kernel_takes(split)
     impl = "foreach" if strided else implementation
     bank, _, _ = _train_sliced("auto" if strided else impl, split, {"clipnorm": 0.3}, steps=3)
     cut = SPLITS[split][1]
@@ -161,21 +166,29 @@ def test_clipnorm_stays_per_tensor(implementation, split) -> None:
     torch.testing.assert_close(bank.detach(), SPLITS[split][2]([p.detach() for p in parts]), rtol=1e-6, atol=1e-7)
 
 
-def test_explicit_fused_refuses_strided_slices_and_auto_falls_back() -> None:
+def test_explicit_fused_refuses_slices_one_element_wide() -> None:
     if "fused" not in impls.available():
         pytest.skip("no CPU kernel")
-    with pytest.raises(ValueError, match=r"implementation='fused' cannot update parameter 'experts.*contiguous"):
+    with pytest.raises(ValueError, match=r"implementation='fused' cannot update parameter 'experts.*contiguous runs"):
         _train_sliced("fused", "per_index_dim2", {}, steps=1)
 
 
-def test_contiguous_slices_run_in_the_kernel(monkeypatch) -> None:
+@pytest.mark.parametrize("split", ["per_index_dim0", "sizes_dim1"])
+def test_slices_run_in_the_kernel(monkeypatch, split) -> None:
+    """Along dim 0 a slice is one contiguous run; along dim 1 it is one run per outer index, each tagged
+    with its slot, so that the kernel sums one ratio per slice (no Python loop over slices)."""
     if "fused" not in impls.available():
         pytest.skip("no CPU kernel")
-    ran: list[str] = []
+    ran: list[tuple[str, int, int]] = []
     real = cpu_kernel._run
-    monkeypatch.setattr(cpu_kernel, "_run", lambda name, b, kernel=None: (ran.append(name), real(name, b, kernel)))
-    _train_sliced("auto", "per_index_dim0", {"global_clipnorm": 1.0}, steps=2)
-    assert ran.count("lamb_fused") == 2 and ran.count("lamb_grad_sums") == 2
+    monkeypatch.setattr(cpu_kernel, "_run", lambda name, b, kernel=None: (
+        ran.append((name, b.n, b.slots if b.group else b.n)), real(name, b, kernel)))
+    _train_sliced("auto", split, {"global_clipnorm": 1.0, "gradient_accumulation_steps": 2}, steps=4)
+    slots = 1 + (E if split == "per_index_dim0" else 3)  # the dense tensor and the slices
+    runs = slots if split == "per_index_dim0" else 1 + 3 * E  # dim 1 of [E, ...]: one run per expert and slice
+    assert [r for r in ran if r[0] == "lamb_fused"] == [("lamb_fused", runs, slots)] * 2
+    assert [r for r in ran if r[0] == "lamb_grad_sums"] == [("lamb_grad_sums", runs, slots)] * 2
+    assert [r for r in ran if r[0] == "lamb_accumulate"] == [("lamb_accumulate", runs, slots)] * 2
 
 
 def test_telemetry_names_one_ratio_per_slice() -> None:
@@ -306,3 +319,27 @@ def test_a_bad_checkpoint_spec_raises_before_loading() -> None:
         other.load_state_dict(sd)
     assert other.param_groups[0]["trust_ratio_slices"] == [None, None]
     assert other.state[other_bank]["momentum"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("split", ["per_index_dim0", "sizes_dim1"])
+def test_huge_slices_are_summed_again_in_double(implementation, split) -> None:
+    """A slice whose float32 sums of squares overflow (weights near 1e30) is re-summed in double, run by run
+    in the kernel: its ratio stays finite and equals the reference's; the other slices are unaffected."""
+    impl = implementation
+    results = []
+    for backend in (impl, "reference"):
+        bank = torch.nn.Parameter(_bank() * torch.tensor([1e30, 1.0, 1.0, 1.0]).view(E, 1, 1))
+        opt = Lamb([("experts", bank)], learning_rate=0.01, weight_decay=0.01, implementation=backend)
+        opt.set_trust_ratio_slices([bank], **SPLITS[split][0])
+        opt.track_trust_ratios(True)
+        for g in _grads(2):
+            bank.grad = g.clone()
+            opt.step()
+        results.append((bank.detach().clone(), {n: float(r.ratio) for n, r in opt.last_trust_ratios().items()}))
+    (got, got_ratios), (want, want_ratios) = results
+    assert all(torch.isfinite(torch.tensor(list(got_ratios.values()))))
+    assert got_ratios == pytest.approx(want_ratios, rel=1e-5)
+    if split == "per_index_dim0":
+        assert 1e29 < got_ratios["experts[0]"] < 1e31
+    scale = want.abs().amax(dim=(1, 2), keepdim=True)  # per expert: elements near 0 cancel at 1e30
+    torch.testing.assert_close(got / scale, want / scale, rtol=1e-5, atol=1e-6)

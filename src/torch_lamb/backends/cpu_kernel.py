@@ -77,8 +77,27 @@ def _ptrs(tensors: Sequence[Tensor]) -> array.array:
     return array.array("q", [t.data_ptr() for t in tensors])
 
 
-def _addr(pointers: array.array) -> int:
-    return pointers.buffer_info()[0]
+def _addr(pointers: array.array | Tensor) -> int:
+    return pointers.data_ptr() if isinstance(pointers, Tensor) else pointers.buffer_info()[0]
+
+
+def _runs(view: Tensor) -> tuple[list[int], int] | None:
+    """The contiguous runs of a strided view: their element offsets from ``view.data_ptr()`` and their common
+    length (a trust-ratio slice along a dim after the first: one run per outer index); None if its innermost
+    elements are not packed."""
+    dims = [(size, stride) for size, stride in zip(view.shape, view.stride()) if size != 1]
+    if view.numel() == 0 or not dims:
+        return [0], view.numel()
+    length, packed = 1, len(dims)
+    while packed > 0 and dims[packed - 1][1] == length:  # the packed innermost dims form one run
+        packed -= 1
+        length *= dims[packed][0]
+    if packed == len(dims):
+        return None
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in dims[:packed]:
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride)
+    return offsets.flatten().tolist(), length
 
 
 def _narrowed(sums: Tensor) -> Tensor:
@@ -111,21 +130,52 @@ class KernelBucket:
         mirrors: Sequence[Tensor] = (),
     ) -> None:
         self.flags = _kernel().constants
-        self.n = len(momentums)
-        self.numels = [m.numel() for m in momentums]
+        self.slots = len(momentums)  # ratio units: one per entry (a tensor, or a trust-ratio slice of one)
+        self.runs: tuple[Tensor, Tensor, Tensor] | None = None  # strided entries: (entry, offset, stride check)
+        if all(m.is_contiguous() for m in momentums):
+            self.n = self.slots
+            self.numels = [m.numel() for m in momentums]
+        else:
+            self._plan_runs(momentums)
         self.sizes = torch.tensor(self.numels, dtype=torch.int64)
         self.numel = sum(self.numels)
         self.decay_mask = torch.tensor(list(decay_mask), dtype=torch.uint8)
         self.adapt_list = None if adapt_mask is None else list(adapt_mask)
         self.adapt_mask = None if adapt_mask is None else torch.tensor(self.adapt_list, dtype=torch.uint8)
         self.tensors = (list(momentums), list(velocities), list(accumulators), list(averages))  # kept alive
-        self.m, self.v = _ptrs(momentums), _ptrs(velocities)
-        self.acc = _ptrs(accumulators) if accumulators else None
-        self.avg = _ptrs(averages) if averages else None
+        for ts in (velocities, accumulators, averages, weights or (), mirrors):
+            if self.runs is not None and any(t.stride() != m.stride() for t, m in zip(ts, momentums)):
+                raise ValueError("KernelBucket: strided entries must share their moments' strides.")
+        self.m, self.v = self._table(momentums), self._table(velocities)
+        self.acc = self._table(accumulators) if accumulators else None
+        self.avg = self._table(averages) if averages else None
         # The optimizer's weights and mirrors: their pointers are read once here, since the layout
         # re-checks every one of them before each step (other lists passed to a call are read then).
-        self._known = {id(ts): _ptrs(ts) for ts in (weights, mirrors) if ts}
+        self._known = {id(ts): self._table(ts) for ts in (weights, mirrors) if ts}
         self.tensors += (weights, mirrors)
+        self.strides = [m.stride() for m in momentums] if self.runs is not None else None
+
+    def _plan_runs(self, momentums: Sequence[Tensor]) -> None:
+        """Strided entries become runs, each tagged with its entry (its slot): built once per layout."""
+        entries, offsets, lengths = [], [], []
+        for e, m in enumerate(momentums):
+            runs = _runs(m)
+            if runs is None:
+                raise ValueError("KernelBucket: an entry's innermost elements are not contiguous.")
+            entries += [e] * len(runs[0])
+            offsets += runs[0]
+            lengths += [runs[1]] * len(runs[0])
+        self.group = torch.tensor(entries, dtype=torch.int64)
+        self.runs = (self.group, torch.tensor(offsets, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64))
+        self.n, self.numels = len(entries), lengths
+
+    def _table(self, tensors: Sequence[Tensor]) -> array.array | Tensor:
+        """The data pointers the kernel reads for ``tensors``: one per tensor, or one per run of strided entries."""
+        if self.runs is None:
+            return _ptrs(tensors)
+        entry, offset, _ = self.runs
+        starts = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+        return starts.index_select(0, entry) + offset * tensors[0].element_size()
 
     def _struct(self, params: Sequence[Tensor] | None, grads: Sequence[Tensor] | None) -> tuple[_Struct, list[object]]:
         """The call's struct (a pass that reads no p or no g gets None for it), and what must outlive it."""
@@ -135,30 +185,32 @@ class KernelBucket:
             keep.append(ptrs := self._pointers(params))
             b.p, b.p_dtype = _addr(ptrs), dtype_code(params[0].dtype)
         if grads is not None:
-            keep.append(ptrs := _ptrs(grads))
+            keep.append(ptrs := self._table(grads))
             b.g, b.g_dtype = _addr(ptrs), dtype_code(grads[0].dtype)
         b.n, b.m, b.v = self.n, _addr(self.m), _addr(self.v)
         b.sizes, b.decay_mask = self.sizes.data_ptr(), self.decay_mask.data_ptr()
+        if self.runs is not None:
+            b.group, b.slots = self.group.data_ptr(), self.slots
         if self.adapt_mask is not None:
             b.adapt_mask = self.adapt_mask.data_ptr()
         b.nthreads = _threads(self.numel)
         return b, keep
 
-    def _pointers(self, tensors: Sequence[Tensor]) -> array.array:
+    def _pointers(self, tensors: Sequence[Tensor]) -> array.array | Tensor:
         known = self._known.get(id(tensors))
         if known is not None:
             return known
         if self.readable is not None and self.readable[1] is tensors:
             if self.readable[2] is None:
-                self.readable = (*self.readable[:2], _ptrs(tensors))
+                self.readable = (*self.readable[:2], self._table(tensors))
             return self.readable[2]
-        return _ptrs(tensors)
+        return self._table(tensors)
 
     def remember(self, grads: Sequence[Tensor], readable: Sequence[Tensor]) -> None:
         """This call's gradients (as given, and as the kernel reads them): their pointers are read once."""
         self.readable = (grads, readable, None)
 
-    readable: tuple[Sequence[Tensor], Sequence[Tensor], array.array | None] | None = None
+    readable: tuple[Sequence[Tensor], Sequence[Tensor], array.array | Tensor | None] | None = None
 
     def _options(self, b: _Struct, *options: tuple[str, str, float | None]) -> None:
         for flag, name, value in options:
@@ -178,7 +230,7 @@ class KernelBucket:
         if pipe.clipvalue is not None and pipe.clip_factors is not None:
             raise ValueError("GradientPipeline: give `clipvalue` or `clip_factors`, not both.")
         if pipe.clip_factors is not None:
-            factors = pipe.clip_factors.to(torch.float32).expand(self.n).contiguous()
+            factors = pipe.clip_factors.to(torch.float32).expand(self.slots).contiguous()
             keep.append(factors)
             b.flags |= self.flags["F_CLIP_FACTORS"]
             b.clip_factors = factors.data_ptr()
@@ -196,7 +248,7 @@ class KernelBucket:
     ) -> TrustStats:
         """One LAMB update of the bucket (host scalars only); ``mirrors``: the low-precision copies of
         float32 master ``params``, rounded from them in pass 2."""
-        s, n = scalars, self.n
+        s, n = scalars, self.slots
         b, keep = self._struct(params, grads)
         if mirrors:
             keep.append(mirror_ptrs := self._pointers(mirrors))
@@ -237,10 +289,10 @@ class KernelBucket:
         """Per tensor, the sum of squares (float64) of the gradients ``pipeline`` forms, before clipping."""
         b, keep = self._struct(None, grads)
         self._pipeline(b, keep, GradientPipeline(pipeline.loss_scale, pipeline.accumulation_steps))
-        sums = torch.empty(2 * self.n, dtype=torch.float64)
+        sums = torch.empty(2 * self.slots, dtype=torch.float64)
         b.sums = sums.data_ptr()
         _run("lamb_grad_sums", b)
-        return sums[: self.n]
+        return sums[: self.slots]
 
     def accumulate(self, grads: Sequence[Tensor], loss_scale: float | None) -> None:
         """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
@@ -252,10 +304,10 @@ class KernelBucket:
     def count_bad(self, grads: Sequence[Tensor], limit: float) -> Tensor:
         """Per tensor, the number of gradient elements that are NaN or at least ``limit`` in magnitude."""
         b, _keep = self._struct(None, grads)
-        sums = torch.empty(2 * self.n, dtype=torch.float64)
+        sums = torch.empty(2 * self.slots, dtype=torch.float64)
         b.sums, b.limit = sums.data_ptr(), limit
         _run("lamb_count_bad", b)
-        return sums[: self.n]
+        return sums[: self.slots]
 
     def ema(self, params: Sequence[Tensor], weight: float) -> None:
         """``avg = lerp(avg, p, weight)`` over the bucket's averages, in one pass."""
@@ -307,11 +359,12 @@ class CpuKernelBackend:
         for what, tensors in (("parameter", bucket.weights), ("parameter", bucket.mirrors)):
             if tensors and dtype_code(tensors[0].dtype) is None:
                 return f"the CPU kernel has no {tensors[0].dtype} {what}s (float16 needs a compiler with _Float16)"
-        if not all(t.is_contiguous() for t in bucket.written()):
-            if bucket.splits is not None and all(t.is_contiguous() for t in bucket.bases):
-                return ("the CPU kernel needs contiguous tensors, and trust-ratio slices along a dim after the "
-                        "first are strided views (slice along dim 0, or leave it to the foreach backend)")
+        if not all(t.is_contiguous() for t in bucket.bases):
             return "the CPU kernel needs contiguous parameters and state"
+        strided = [t for t in bucket.written() if not t.is_contiguous()]  # trust-ratio slices after dim 0
+        if strided and (any(_runs(t) is None for t in bucket.momentums)
+                        or any(w.stride() != m.stride() for w, m in zip(bucket.weights, bucket.momentums))):
+            return "the CPU kernel cannot split these trust-ratio slices into contiguous runs"
         if any(w.numel() != m.numel() for w, m in zip(bucket.weights, bucket.momentums)):
             return "a parameter and its state differ in size"
         return None
@@ -334,7 +387,12 @@ class CpuKernelBackend:
             return bucket.handle.readable[1]
         dtype = bucket.mirrors[0].dtype if bucket.mirrors else bucket.weights[0].dtype
         readable = grads
-        if not all([g.is_contiguous() and g.dtype is dtype for g in grads]):
+        strides = bucket.handle.strides
+        if strides is not None:  # strided trust-ratio slices: each gradient must share its moment's strides
+            if not all([g.stride() == st and g.dtype is dtype for g, st in zip(grads, strides)]):
+                readable = [g if g.stride() == st and g.dtype is dtype else
+                            torch.empty_strided(g.shape, st, dtype=dtype).copy_(g) for g, st in zip(grads, strides)]
+        elif not all([g.is_contiguous() and g.dtype is dtype for g in grads]):
             readable = [g.to(dtype, memory_format=torch.contiguous_format) for g in grads]
         bucket.handle.remember(grads, readable)
         return readable

@@ -52,6 +52,8 @@ class Bucket(ctypes.Structure):
         ("mirror", ctypes.c_void_p),
         *[(name, ctypes.c_int64) for name in ("p_dtype", "g_dtype", "mirror_dtype")],
         ("limit", ctypes.c_float),
+        ("group", ctypes.c_void_p),  # run -> slot, for strided trust-ratio slices (NULL: none)
+        ("slots", ctypes.c_int64),
     ]
 
 

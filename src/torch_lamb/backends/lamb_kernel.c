@@ -18,6 +18,10 @@
  *     p = w' - ratio_i * lr * u;   avg = lerp(avg, p, ema_weight)   (F_EMA)
  *
  * with ratio_i = ||w'|| / ||u|| (1 if either is 0; optional bounds; 1 where adapt_mask is 0).
+ * With `group`, the n tensors are runs (contiguous pieces) of `slots` ratio units: run i belongs to
+ * slot group[i] (the runs of a slot are consecutive), which has one ratio, one decay and adaptation
+ * flag, one clip factor and one entry in sums, ratios and scale (a trust-ratio slice along a dim after
+ * the first is strided: one run per outer index). Without it, each tensor is its own slot.
  * The norms need the whole tensor before p moves, so each tensor takes two passes: pass 1 updates
  * m, v and sums w'^2 and u^2 (in double, per block); pass 2 recomputes u and writes p.
  *
@@ -65,7 +69,7 @@ typedef struct {
     const uint8_t *adapt_mask;   /* 1: the tensor takes the trust ratio (NULL: all do) */
     const float *clip_factors;   /* per-tensor gradient multipliers (F_CLIP_FACTORS) */
     const float *scale;          /* lamb_pass2: per-tensor ratio * lr */
-    double *sums;                /* out: [0, n) sum w'^2, [n, 2n) sum u^2 (lamb_grad_sums: sum t^2) */
+    double *sums;                /* out, per slot: [0, S) sum w'^2, [S, 2S) sum u^2 (lamb_grad_sums: sum t^2) */
     float *ratios;               /* out (lamb_fused): trust ratios */
     int64_t flags;
     int64_t nthreads;
@@ -78,7 +82,12 @@ typedef struct {
     void **mirror;               /* F_MIRROR: low-precision parameters copied from the float32 p */
     int64_t p_dtype, g_dtype, mirror_dtype;
     float limit;                 /* lamb_count_bad: a gradient element counts as bad unless |g| < limit */
+    const int64_t *group;        /* run -> slot (NULL: each tensor is its own slot) */
+    int64_t slots;               /* with group: the number of slots */
 } Bucket;
+
+#define SLOT(b, i) ((b)->group ? (b)->group[i] : (i))
+#define SLOTS(b) ((b)->group ? (b)->slots : (b)->n)
 
 /* ---------------------------------------------------------------- ABI */
 
@@ -86,7 +95,8 @@ typedef struct {
     X(n) X(p) X(g) X(m) X(v) X(acc) X(avg) X(sizes) X(decay_mask) X(adapt_mask) X(clip_factors)     \
     X(scale) X(sums) X(ratios) X(flags) X(nthreads) X(segment) X(beta_1c) X(beta_2c) X(bc1) X(bc2)   \
     X(eps) X(decay) X(adaptive_decay) X(lr) X(min_ratio) X(max_ratio) X(loss_scale)                 \
-    X(accumulation_steps) X(clipvalue) X(ema_weight) X(mirror) X(p_dtype) X(g_dtype) X(mirror_dtype) X(limit)
+    X(accumulation_steps) X(clipvalue) X(ema_weight) X(mirror) X(p_dtype) X(g_dtype) X(mirror_dtype) X(limit) \
+    X(group) X(slots)
 #define FLAG_NAMES(X)                                                                               \
     X(F_DECAY) X(F_ADAPTIVE_DECAY) X(F_MIN_RATIO) X(F_MAX_RATIO) X(F_LOSS_SCALE) X(F_ACCUMULATE)     \
     X(F_CLIPVALUE) X(F_CLIP_FACTORS) X(F_EMA) X(F_MIRROR) X(DT_F32) X(DT_BF16)
@@ -253,10 +263,10 @@ typedef struct {
 INLINE void pass1_impl(const Bucket *b, Run r, double *ws, double *us, int gflags, int adaptive) {
     const float *restrict pp = r.p, *restrict gp = r.g;
     float *restrict ap = r.acc, *restrict mp = r.m, *restrict vp = r.v;
-    const int dec = b->decay_mask[r.i];
+    const int dec = b->decay_mask[SLOT(b, r.i)];
     const float df = ((b->flags & F_DECAY) && dec) ? b->decay : 1.0f;
     const float aw = b->adaptive_decay;
-    const float factor = (gflags & F_CLIP_FACTORS) ? b->clip_factors[r.i] : 1.0f;
+    const float factor = (gflags & F_CLIP_FACTORS) ? b->clip_factors[SLOT(b, r.i)] : 1.0f;
     const Lerp l1 = lerp_weight(b->beta_1c), l2 = lerp_weight(b->beta_2c);
     const float eps = b->eps;
     const float ibc1 = 1.0f / b->bc1, ibc2 = 1.0f / b->bc2;
@@ -289,7 +299,7 @@ INLINE void pass1_impl(const Bucket *b, Run r, double *ws, double *us, int gflag
         break;
 
 static void pass1_run(const Bucket *b, Run r, double *ws, double *us) {
-    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && b->decay_mask[r.i];
+    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && b->decay_mask[SLOT(b, r.i)];
     switch (b->flags & GRAD_FLAGS) {
         PASS1_CASE(0)
         PASS1_CASE(F_LOSS_SCALE)
@@ -348,7 +358,7 @@ INLINE void pass2_impl(const Bucket *b, Run r, float scale, int adaptive, int em
     float *restrict pp = r.p;
     const float *restrict mp = r.m, *restrict vp = r.v;
     float *restrict avp = r.avg;
-    const int dec = b->decay_mask[r.i];
+    const int dec = b->decay_mask[SLOT(b, r.i)];
     const float df = ((b->flags & F_DECAY) && dec) ? b->decay : 1.0f;
     const float aw = b->adaptive_decay, eps = b->eps;
     const Lerp le = lerp_weight(b->ema_weight);
@@ -371,7 +381,7 @@ static void ema_run(const Bucket *b, float *restrict avp, const float *restrict 
 }
 
 static void pass2_run(const Bucket *b, Run r, float scale, int ema) {
-    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && b->decay_mask[r.i];
+    const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && b->decay_mask[SLOT(b, r.i)];
     if (ema) {
         if (adaptive) pass2_impl(b, r, scale, 1, 1); else pass2_impl(b, r, scale, 0, 1);
     } else {
@@ -401,7 +411,7 @@ static void pass2_block(const Bucket *b, Span s, float scale) {
     }
 }
 
-/* The trust ratio of tensor i from its summed squares; the same float32 steps as
+/* The trust ratio of slot i from its summed squares; the same float32 steps as
  * torch_lamb.functional.trust_ratio, in double where a sum exceeds float32's range. */
 static float ratio_of(const Bucket *b, int64_t i, double wsum, double usum) {
     float r;
@@ -424,11 +434,11 @@ static float ratio_of(const Bucket *b, int64_t i, double wsum, double usum) {
  * came out inf is summed again here, serially, squaring in double (rare: huge or non-finite values). */
 enum { RESCUE_NONE = 0, RESCUE_PASS1 = 1, RESCUE_GRADS = 2 };
 
-static void rescue_sums(const Bucket *b, int64_t i, int kind) {
+static void rescue_sums(const Bucket *b, int64_t i, int kind, double *ws_out, double *us_out) {
     double ws = 0.0, us = 0.0;
     float pbuf[CHUNK], gbuf[CHUNK];
     const Span whole = {i, 0, b->sizes[i]};
-    const int dec = b->decay_mask[i];
+    const int dec = b->decay_mask[SLOT(b, i)];
     const float df = ((b->flags & F_DECAY) && dec) ? b->decay : 1.0f;
     const int adaptive = (b->flags & F_ADAPTIVE_DECAY) && dec;
     const float ibc1 = 1.0f / b->bc1, ibc2 = 1.0f / b->bc2;
@@ -449,22 +459,35 @@ static void rescue_sums(const Bucket *b, int64_t i, int kind) {
             }
         }
     }
-    b->sums[i] = ws;
-    if (kind == RESCUE_PASS1) b->sums[b->n + i] = us;
+    *ws_out += ws;
+    *us_out += us;
 }
 
-/* Sum the block partials of tensors [t0, t1) into b->sums (rescuing overflowed sums of `kind`). */
+/* Sum the block partials of tensors [t0, t1) into the sums of their slots (rescuing overflowed sums of
+ * `kind`: the slot is summed again, run by run). The runs of a slot lie in one [t0, t1). */
 static void gather_sums(const Bucket *b, const int64_t *starts, const double *part, int64_t t0, int64_t t1,
                         int kind) {
+    const int64_t S = SLOTS(b);
     for (int64_t i = t0; i < t1; i++) {
+        const int64_t slot = SLOT(b, i);
+        if (i == t0 || SLOT(b, i - 1) != slot) b->sums[slot] = b->sums[S + slot] = 0.0;
         double ws = 0.0, us = 0.0;
         for (int64_t k = starts[i]; k < starts[i + 1]; k++) {
             ws += part[2 * k];
             us += part[2 * k + 1];
         }
-        b->sums[i] = ws;
-        b->sums[b->n + i] = us;
-        if (kind != RESCUE_NONE && (isinf(ws) || (kind == RESCUE_PASS1 && isinf(us)))) rescue_sums(b, i, kind);
+        b->sums[slot] += ws;
+        b->sums[S + slot] += us;
+    }
+    if (kind == RESCUE_NONE) return;
+    for (int64_t i = t0; i < t1; i++) {
+        const int64_t slot = SLOT(b, i);
+        if (i > t0 && SLOT(b, i - 1) == slot) continue; /* the slot's first run rescues the slot */
+        if (!(isinf(b->sums[slot]) || (kind == RESCUE_PASS1 && isinf(b->sums[S + slot])))) continue;
+        double ws = 0.0, us = 0.0;
+        for (int64_t j = i; j < t1 && SLOT(b, j) == slot; j++) rescue_sums(b, j, kind, &ws, &us);
+        b->sums[slot] = ws;
+        if (kind == RESCUE_PASS1) b->sums[S + slot] = us;
     }
 }
 
@@ -492,11 +515,11 @@ static void stream2_block(const Bucket *b, Span s, float scale) {
 }
 #define PASS1_BLOCK(b, s, out) (stream ? stream1_block(b, s, out) : pass1_block(b, s, out))
 #define PASS2_BLOCK(b, s, i) (stream ? stream2_block(b, s, b->ratios[i]) : pass2_block(b, s, b->ratios[i] * b->lr))
-#define RATIO_OF(b, i) (stream ? 0.0f : ratio_of(b, i, b->sums[i], b->sums[b->n + i]))
+#define RATIO_OF(b, i) (stream ? 0.0f : ratio_of(b, i, b->sums[i], b->sums[SLOTS(b) + i]))
 #else
 #define PASS1_BLOCK(b, s, out) pass1_block(b, s, out)
 #define PASS2_BLOCK(b, s, i) pass2_block(b, s, b->ratios[i] * b->lr)
-#define RATIO_OF(b, i) ratio_of(b, i, b->sums[i], b->sums[b->n + i])
+#define RATIO_OF(b, i) ratio_of(b, i, b->sums[i], b->sums[SLOTS(b) + i])
 #endif
 
 /* Both passes segment by segment (see the header); `stream` runs the floor's bodies instead. */
@@ -512,8 +535,8 @@ static int run_segments(const Bucket *b, int stream) {
     }
     int64_t nseg = 0, filled = 0;
     segs[0] = 0;
-    for (int64_t i = 0; i < b->n; i++) { /* consecutive tensors, about `segment` elements each */
-        if (filled > 0 && filled + b->sizes[i] > b->segment) {
+    for (int64_t i = 0; i < b->n; i++) { /* consecutive tensors, about `segment` elements each, whole slots */
+        if (filled > 0 && filled + b->sizes[i] > b->segment && SLOT(b, i) != SLOT(b, i - 1)) {
             segs[++nseg] = i;
             filled = 0;
         }
@@ -532,13 +555,13 @@ static int run_segments(const Bucket *b, int stream) {
 #pragma omp single
         {
             gather_sums(b, starts, part, t0, t1, stream ? RESCUE_NONE : RESCUE_PASS1);
-            for (int64_t i = t0; i < t1; i++)
+            for (int64_t i = SLOT(b, t0); i <= SLOT(b, t1 - 1); i++)
                 b->ratios[i] = RATIO_OF(b, i);
         }
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t k = starts[t0]; k < starts[t1]; k++) { /* backwards: the last blocks are still cached */
             const Span s = block_span(b, starts, starts[t1] - 1 - (k - starts[t0]));
-            PASS2_BLOCK(b, s, s.i);
+            PASS2_BLOCK(b, s, SLOT(b, s.i));
         }
     }
     free(segs);
@@ -576,7 +599,7 @@ static int run_blocks(const Bucket *b, BlockFn fn, int sums) {
 
 static void scaled_pass2_block(const Bucket *b, Span s, double *out) {
     (void)out;
-    pass2_block(b, s, b->scale[s.i]);
+    pass2_block(b, s, b->scale[SLOT(b, s.i)]);
 }
 
 INLINE void grad_sum_impl(const Bucket *b, Run r, double *total, int gflags) {
