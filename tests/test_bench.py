@@ -97,3 +97,50 @@ def test_bench_quick_picks_small_cases_and_few_rounds(monkeypatch: pytest.Monkey
     assert bench.main(["--quick", "--json"]) == 0
     capsys.readouterr()
     assert seen == [("small-many", bench.QUICK_ROUNDS, None), ("bert-base", bench.QUICK_ROUNDS, bench.QUICK_ROWS)]
+
+
+def test_bench_moe_case_shapes() -> None:
+    shapes = bench.CASES["moe"]()
+    numel = sum(bench.torch.Size(s).numel() for s in shapes)
+    assert 60e6 < numel < 70e6  # near BERT-base, for small machines
+    assert [s for s in shapes if len(s) == 3] == [(64, 512, 1024), (64, 1024, 512)]  # the two expert banks
+    assert (64, 512) in shapes and shapes.count((512, 512)) == 2  # router and the two dense projections
+    assert [s for s in bench.CASES["moe-large"]() if len(s) == 3] == [(64, 1024, 4096), (64, 4096, 1024)]
+    assert bench.CASE_ROWS["moe-large"][:2] == ["lamb-fused", "lamb-fused-sliced"]
+    assert bench.DEFAULT_ROWS[:2] == ["lamb-fused", "lamb-fused-sliced"]  # timed one right after the other
+
+
+def test_bench_sliced_row_gives_each_expert_a_trust_ratio(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(bench.CASES, "moe", lambda: bench._moe(4, 8, 16))  # the moe case's layout, tiny
+    assert bench.main(["--case", "moe", "--rounds", "3", "--threads", "1", "--no-progress", "--json",
+                       "--rows", "lamb-fused,lamb-fused-sliced,lamb-foreach,adamw-fused"]) == 0
+    (case,) = json.loads(capsys.readouterr().out)["cases"]
+    assert case["tensors"] == 10 and case["params"] == 4 * 8 + 4 + 2 * (64 + 8) + 2 * 8 + 2 * 4 * 8 * 16
+    rows = {r["name"]: r for r in case["rows"]}
+    assert list(rows) == ["lamb-fused", "lamb-fused-sliced", "lamb-foreach", "adamw-fused"]
+    # per tensor: one ratio per tensor; sliced: the 8 other tensors, and 4 experts in each of the 2 banks
+    assert rows["lamb-fused"]["trust_ratios"] == rows["lamb-foreach"]["trust_ratios"] == 10
+    assert rows["lamb-fused-sliced"]["trust_ratios"] == 8 + 2 * 4
+    assert rows["adamw-fused"]["trust_ratios"] is None
+    assert rows["lamb-fused-sliced"]["state_mb"] == rows["lamb-fused"]["state_mb"] > 0  # same m and v
+    cost = case["sliced_vs_per_tensor"]
+    assert cost["row"] == "lamb-fused-sliced" and cost["vs"] == "lamb-fused"
+    assert cost["ratio"] == pytest.approx(rows["lamb-fused-sliced"]["median_ms"] / rows["lamb-fused"]["median_ms"])
+    low, mid, high = cost["ratio_spread"]
+    assert 0 < low <= mid <= high
+    bench._print(case)
+    printed = capsys.readouterr().out
+    assert f"lamb-fused-sliced vs lamb-fused (per-slice vs per-tensor trust ratios): {cost['ratio']:.3f}x" in printed
+    table = {line.split()[0]: line.split()[-1] for line in printed.splitlines()
+             if line.startswith("lamb-") and " vs " not in line}
+    assert table == {"lamb-fused": "10", "lamb-fused-sliced": "16", "lamb-foreach": "10"}  # the ratios column
+
+
+def test_bench_skips_the_sliced_row_without_expert_banks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--case", "tiny", "--rounds", "1", "--threads", "1", "--no-progress", "--json",
+                       "--rows", "lamb-fused,lamb-fused-sliced,adamw-fused"]) == 0
+    (case,) = json.loads(capsys.readouterr().out)["cases"]
+    assert [r["name"] for r in case["rows"]] == ["lamb-fused", "adamw-fused"]  # tiny has no 3-D parameter
+    assert case["sliced_vs_per_tensor"] is None
+    assert case["rows"][0]["trust_ratios"] == 3

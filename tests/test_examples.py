@@ -100,3 +100,39 @@ def test_torch_lamb_imports_without_transformers() -> None:
     code = "import sys; sys.modules['transformers'] = None; import torch_lamb.integrations.huggingface"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode != 0 and "pip install transformers" in res.stderr
+
+
+def test_moe_experts_learns_with_one_trust_ratio_per_expert(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _load("moe_experts").main(["--experts", "4", "--dim", "8", "--hidden", "16", "--steps", "120"])
+    assert out["last"] < 0.1 * out["first"]  # the loss fell by more than 10x (about 50x with seed 0)
+    ratios = out["ratios"]
+    for bank in ("w_in", "w_out"):  # one ratio per expert per bank, nothing for the bank as a whole
+        assert [n for n in ratios if n.startswith(f"experts.{bank}")] == [f"experts.{bank}[{k}]" for k in range(4)]
+        per_expert = [ratios[f"experts.{bank}[{k}]"] for k in range(4)]
+        assert all(r > 0 for r in per_expert)
+        assert max(per_expert) > 1.1 * min(per_expert)  # the experts got different step sizes
+    assert set(ratios) == {"router.weight", "router.bias"} | {f"experts.{b}[{k}]" for b in ("w_in", "w_out")
+                                                               for k in range(4)}
+    assert sum(out["load"]) == 256 * 2  # top-2: every token of the last batch went to two experts
+    printed = capsys.readouterr().out
+    assert "trust ratios of the last step, per expert" in printed and "x lower" in printed
+
+
+def test_moe_experts_grouped_forward_matches_a_loop_over_experts() -> None:
+    import torch
+
+    module = _load("moe_experts")
+    torch.manual_seed(0)
+    for top_k in (1, 2):
+        moe = module.MoE(experts=5, dim=6, hidden=7, top_k=top_k)
+        x = torch.randn(40, 6)
+        out, load = moe(x)
+        gates, chosen = moe.router(x).softmax(-1).topk(top_k, dim=-1)
+        gates = gates / gates.sum(-1, keepdim=True)
+        want = torch.zeros_like(x)
+        for n in range(x.shape[0]):
+            for g, e in zip(gates[n], chosen[n]):
+                hidden = torch.nn.functional.gelu(x[n] @ moe.experts["w_in"][e])
+                want[n] += g * (hidden @ moe.experts["w_out"][e])
+        torch.testing.assert_close(out, want)
+        assert load.tolist() == torch.bincount(chosen.reshape(-1), minlength=5).tolist()

@@ -6,10 +6,15 @@ machine noise hits them alike; the table gives the median step, the ratio to tor
 the implied bandwidth (nominal bytes per parameter, :func:`nominal_bytes`: in float32, 40 for
 LAMB's two passes, 28 for AdamW's one, 88 for every feature), the time against the floor's rate
 for the row's bytes, the optimizer state, the largest transient allocation of a step (peak RSS
-during the step minus RSS before it) and the first step.
+during the step minus RSS before it), the first step and, for the LAMB rows, the trust ratios of
+one update (``ratios``: counted after the timed rounds, in one more step with telemetry on).
 
-Rows: ``lamb-fused`` (torch-lamb's default), ``lamb-fused-skip`` (the default with
-``skip_nonfinite=True``), ``lamb-fused-master`` (``master_weights=True``; with
+Rows: ``lamb-fused`` (torch-lamb's default), ``lamb-fused-sliced`` (the default with one trust ratio
+per index along dim 0 of every 3-D parameter, an MoE expert bank ``[experts, in, out]``:
+``set_trust_ratio_slices(dim=0)``; only for cases that have such a parameter, ``moe`` and
+``moe-large``; the report gives its per-round ratio to ``lamb-fused``, the cost of per-expert ratios
+over per-tensor ones), ``lamb-fused-skip`` (the default with ``skip_nonfinite=True``),
+``lamb-fused-master`` (``master_weights=True``; with
 ``--dtype bfloat16/float16`` only), ``lamb-foreach``, the fused and foreach steps with every Keras
 feature on (``-all``: gradient accumulation over 2 micro-steps, global-norm clipping, EMA; one
 "step" is the 2 calls that make one update), torch's AdamW (fused, foreach), timm's Lamb (when
@@ -17,6 +22,12 @@ timm is installed; loaded from its file without timm's package), and ``floor`` (
 LAMB's two passes over the same tensors, in the fused kernel's blocks and segments, with the
 arithmetic taken out (the least time LAMB's 40 bytes per parameter take here; without the kernel,
 a scaled torch copy).
+
+Cases: ``bert-base``, ``bert-large``, ``small-many`` (2000 small vectors), ``huge`` (one 64M vector),
+``moe`` (64 experts, each a 512 -> 1024 -> 512 FFN, in two banks ``[64, 512, 1024]`` and
+``[64, 1024, 512]``, plus a router and two 512x512 projections: 67.7M parameters, near BERT-base),
+``moe-large`` (the full-size 64 experts of 1024 -> 4096 -> 1024: 539M parameters, about 20 GiB with
+its rows) and ``tiny`` (for tests).
 """
 
 from __future__ import annotations
@@ -60,17 +71,25 @@ def _small_many(n: int = 2000, lo: int = 1000, hi: int = 5000) -> list[tuple[int
     return [(int(x),) for x in torch.randint(lo, hi + 1, (n,), generator=g)]
 
 
+def _moe(experts: int, d: int, h: int) -> list[tuple[int, ...]]:
+    """An MoE block: a router, two dense d x d projections, a LayerNorm and two expert banks."""
+    return [(experts, d), (experts,), (d, d), (d,), (d, d), (d,), (d,), (d,), (experts, d, h), (experts, h, d)]
+
+
 CASES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "bert-base": lambda: _bert(768, 3072, 12),
     "bert-large": lambda: _bert(1024, 4096, 24),
     "small-many": _small_many,
     "huge": lambda: [(64 * 1024 * 1024,)],
+    "moe": lambda: _moe(64, 512, 1024),
+    "moe-large": lambda: _moe(64, 1024, 4096),
     "tiny": lambda: [(64, 64), (64,), (1000,)],
 }
-DEFAULT_ROWS = ["lamb-fused", "lamb-fused-skip", "lamb-fused-master", "lamb-foreach", "lamb-fused-all",
-                "lamb-foreach-all", "adamw-fused",
-                "adamw-foreach", "timm-lamb", "floor"]
+DEFAULT_ROWS = ["lamb-fused", "lamb-fused-sliced", "lamb-fused-skip", "lamb-fused-master", "lamb-foreach",
+                "lamb-fused-all", "lamb-foreach-all", "adamw-fused", "adamw-foreach", "timm-lamb", "floor"]
 LARGE_ROWS = ["lamb-fused", "lamb-foreach", "adamw-fused", "floor"]  # bert-large: fits in 24 GiB
+CASE_ROWS = {"bert-large": LARGE_ROWS, "moe-large": ["lamb-fused", "lamb-fused-sliced", "adamw-fused", "floor"]}
+SLICED, PER_TENSOR = "lamb-fused-sliced", "lamb-fused"  # the report gives the cost of the one over the other
 QUICK_CASES = ["small-many", "bert-base"]  # --quick: these cases, 3 rounds, QUICK_ROWS for bert-base
 QUICK_ROWS = ["lamb-fused", "lamb-fused-all", "adamw-fused", "floor"]
 QUICK_ROUNDS = 3
@@ -92,7 +111,7 @@ def memory_estimate(numel: int, rows: list[str], dtype: torch.dtype = torch.floa
     scratch 2e.
     """
     e = torch.tensor([], dtype=dtype).element_size()
-    per = {"lamb-fused": 8, "lamb-fused-master": 12, "lamb-foreach": 16, "lamb-fused-all": 16,
+    per = {"lamb-fused": 8, "lamb-fused-sliced": 8, "lamb-fused-master": 12, "lamb-foreach": 16, "lamb-fused-all": 16,
            "lamb-foreach-all": 24, "adamw-fused": 2 * e, "adamw-foreach": 2 * e, "timm-lamb": 2 * e + 4,
            "floor": 2 * e}
     return numel * (2 * e + sum(per.get(r, 8) for r in rows))
@@ -141,8 +160,11 @@ def load_timm_lamb() -> type | None:
 
 
 class _Row:
-    def __init__(self, name: str, step: Callable[[], Any], bpp: int, state: Callable[[], int]) -> None:
+    def __init__(self, name: str, step: Callable[[], Any], bpp: int, state: Callable[[], int],
+                 opt: torch.optim.Optimizer | None = None) -> None:
         self.name, self.step, self.bpp, self.state_bytes = name, step, bpp, state
+        self.lamb = opt  # a Lamb row: after the timed rounds, one more step counts its trust ratios
+        self.trust_ratios: int | None = None
         self.times: list[float] = []
         self.transient_mb = 0.0
         self.first_s = float("nan")
@@ -196,14 +218,19 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
                 if dtype == torch.float32:
                     continue  # master weights are for float16/bfloat16 parameters
                 kw = {"master_weights": True}
+            banks = [p for p in params if p.dim() == 3]  # expert banks [experts, in, out]
+            if name.endswith("-sliced") and not banks:
+                continue  # nothing to slice in this case
             opt = Lamb(params, learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD,
                        implementation=impl, **kw)
+            if name.endswith("-sliced"):
+                opt.set_trust_ratio_slices(var_list=banks, dim=0)  # one trust ratio per expert
 
             def step(opt: Lamb = opt, calls: int = calls) -> None:
                 for _ in range(calls):
                     opt.step()
 
-            rows.append(_Row(name, step, nominal_bytes(name, dtype), _state_bytes(opt)))
+            rows.append(_Row(name, step, nominal_bytes(name, dtype), _state_bytes(opt), opt))
         elif name.startswith("adamw-"):
             flag = {"fused": True} if name == "adamw-fused" else {"foreach": True}
             opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **flag)
@@ -274,7 +301,7 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
 
     shapes = CASES[case]()
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
-    names = rows or (LARGE_ROWS if case == "bert-large" else DEFAULT_ROWS)
+    names = rows or CASE_ROWS.get(case, DEFAULT_ROWS)
     progress(f"case {case}: {len(shapes)} tensors, {numel / 1e6:.1f}M {str(dtype).removeprefix('torch.')} params, "
              f"{len(names)} rows, {rounds} rounds; needs about {memory_estimate(numel, names, dtype) / 2**30:.1f} GiB")
     g = torch.Generator().manual_seed(0)
@@ -309,6 +336,12 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
                 row.transient_mb = max(row.transient_mb, _rss_mb("VmHWM") - before)
         progress(f"  {case} round {i + 1}/{rounds}: "
                  + ", ".join(f"{r.name} {r.times[-1] * 1e3:.1f} ms" for r in table))
+    for row in table:  # untimed: one more step with telemetry on, to count the trust ratios of an update
+        if row.lamb is not None:
+            row.lamb.track_trust_ratios(True)
+            row.step()
+            row.trust_ratios = len(row.lamb.last_trust_ratios())
+            row.lamb.track_trust_ratios(False)
     ref = next((r for r in table if r.name == "adamw-fused"), None)
     ref_ms = statistics.median(ref.times) * 1e3 if ref else None
     floor = next((r for r in table if r.name == "floor"), None)
@@ -330,7 +363,16 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
             "state_mb": row.state_bytes() / 2**20,
             "transient_mb": row.transient_mb,
             "first_step_ms": row.first_s * 1e3,
+            "trust_ratios": row.trust_ratios,
         })
+    by_name = {r.name: r for r in table}
+    sliced_cost = None
+    if SLICED in by_name and PER_TENSOR in by_name:  # timed in the same rounds, one right after the other
+        sliced, per_tensor = by_name[SLICED].times, by_name[PER_TENSOR].times
+        per_round = [a / b for a, b in zip(sliced, per_tensor)]
+        sliced_cost = {"row": SLICED, "vs": PER_TENSOR,
+                       "ratio": statistics.median(sliced) / statistics.median(per_tensor),
+                       "ratio_spread": [min(per_round), statistics.median(per_round), max(per_round)]}
     return {
         "case": case,
         "dtype": str(dtype).removeprefix("torch."),
@@ -342,6 +384,7 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
         "rss_base_mb": rss_base,
         "peak_rss_mb": max(peak, _rss_mb("VmHWM")),
         "rows": out_rows,
+        "sliced_vs_per_tensor": sliced_cost,
     }
 
 
@@ -350,18 +393,24 @@ def _print(result: dict[str, Any]) -> None:
           f"{result['params'] / 1e6:.2f}M {result['dtype']} params, "
           f"{result['rounds']} rounds, fused kernel {'on' if result['fused_kernel'] else 'OFF (fallback)'}")
     print(f"{'row':<18}{'median ms':>11}{'vs AdamW':>10}{'per round':>14}{'GB/s':>8}{'B/param':>9}{'vs floor':>10}"
-          f"{'state MB':>10}{'transient MB':>14}{'first ms':>10}")
+          f"{'state MB':>10}{'transient MB':>14}{'first ms':>10}{'ratios':>8}")
     wide = []
     for r in result["rows"]:
         ratio = f"{r['ratio_vs_adamw_fused']:.2f}x" if r["ratio_vs_adamw_fused"] else "-"
         floor = f"{r['ratio_vs_floor']:.2f}x" if r["ratio_vs_floor"] else "-"
         spread = r.get("ratio_spread")
         rounds = f"{spread[0]:.2f}-{spread[2]:.2f}" if spread else "-"
+        count = r.get("trust_ratios")
         if spread and spread[2] - spread[0] > SPREAD_WARNING * spread[1]:
             wide.append(r["name"])
         print(f"{r['name']:<18}{r['median_ms']:>11.1f}{ratio:>10}{rounds:>14}{r['gb_per_s']:>8.1f}"
               f"{r['bytes_per_param']:>9}{floor:>10}{r['state_mb']:>10.0f}{r['transient_mb']:>14.1f}"
-              f"{r['first_step_ms']:>10.1f}")
+              f"{r['first_step_ms']:>10.1f}{count if count is not None else '-':>8}")
+    cost = result.get("sliced_vs_per_tensor")
+    if cost:
+        low, mid, high = cost["ratio_spread"]
+        print(f"{cost['row']} vs {cost['vs']} (per-slice vs per-tensor trust ratios): {cost['ratio']:.3f}x "
+              f"(per round {low:.3f}-{high:.3f}, median {mid:.3f})")
     print(f"RSS: {result['rss_base_mb']:.0f} MB with params+grads, "
           f"peak {result['peak_rss_mb']:.0f} MB (all rows)")
     if wide:
