@@ -181,3 +181,40 @@ def test_an_abi_mismatch_is_refused() -> None:
         kernel_build.check_abi(text, Wrong)
     with pytest.raises(kernel_build.KernelError, match="unknown to python"):
         kernel_build.check_abi(text + ";extra=4:8")
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
+def test_state_given_new_storage_through_a_held_reference_never_crashes(sliced: bool) -> None:
+    """``m.data = ...`` on a reference kept across steps, without reading ``optimizer.state``: the kernel's
+    cached pointers hold the old storage alive (it used to write freed memory and abort the process). The
+    new storage is taken once ``optimizer.state`` is read; replaced and deleted slots are followed."""
+    run_case(f"""
+        p = torch.nn.Parameter(torch.randn(64, 33))
+        opt = Lamb([("bank", p)], learning_rate=0.01)
+        if {sliced}:
+            opt.set_trust_ratio_slices(var_names=["bank"], dim=0)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        m = opt.state[p]["momentum"]
+        p.grad = torch.ones_like(p)
+        opt.step()
+        m.data = torch.zeros(64, 33)  # the old storage is now referenced only by the optimizer's views
+        for _ in range(20):
+            junk = [torch.full((64, 33), 7.0) for _ in range(50)]  # reuse freed blocks: a stale write hits them
+            p.grad = torch.ones_like(p)
+            opt.step()
+            assert all(bool((j == 7.0).all()) for j in junk)
+        opt.state[p]["momentum"].data = torch.zeros(64, 33)  # through optimizer.state: followed
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert abs(float(dict.__getitem__(opt.state, p)["momentum"].mean()) - 0.1) < 1e-6
+        opt.state[p]["velocity"] = torch.zeros(64, 33)  # a replaced slot: followed
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert abs(float(dict.__getitem__(opt.state, p)["velocity"].mean()) - 0.001) < 1e-6
+        del opt.state[p]  # a deleted state starts the parameter afresh
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert abs(float(dict.__getitem__(opt.state, p)["momentum"].mean()) - 0.1) < 1e-6
+        print("OK")
+    """)

@@ -73,6 +73,7 @@ class Bucket:
     splits: list[tuple[int, list[int]] | None] | None = None  # per tensor, (dim, entry lengths); None: none sliced
     entry_tensor: Tensor | None = None  # with splits: each entry's tensor index (int64, on the bucket's device)
     bases: list[Tensor] = field(default_factory=list)  # every tensor written, whole (their pointers are checked)
+    slots: list[tuple[Tensor, str, Tensor]] = field(default_factory=list)  # (parameter, state key, slot) used
 
     @property
     def device(self) -> torch.device:
@@ -180,6 +181,7 @@ class Layout:
     state_reads: int | None = -1  # optimizer.state's read count when the state slots' pointers were checked
     grad_spec: GradSpec | None = None  # what the gradients of the parameters that have one must match
     grad_params: list[Tensor] = field(default_factory=list)  # those parameters
+    slots: list[tuple[Tensor, str, Tensor]] = field(default_factory=list)  # every state slot the buckets use
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -222,7 +224,7 @@ class LayoutCache:
             layout is not None and not layout.rebuild_every_step and layout.key == key
             and all(map(operator.is_, layout.params, params))
             and _pointers(layout.params_written) == layout.param_pointers
-            and ((reads is not None and reads == layout.state_reads) or _pointers(layout.written) == layout.pointers)
+            and ((reads is not None and reads == layout.state_reads) or self.state_unchanged(opt, layout))
             and not self.stale_masters(opt, params)
         ):
             layout.grad_spec.check(layout.grad_params, present)
@@ -238,6 +240,15 @@ class LayoutCache:
         layout.grad_spec, layout.grad_params = spec, with_grads
         layout.state_reads = getattr(opt.state, "reads", None)
         return layout
+
+    @staticmethod
+    def state_unchanged(opt: Lamb, layout: Layout) -> bool:
+        """After a read of ``optimizer.state``: every slot is still the tensor the layout uses (not replaced,
+        not deleted) and keeps its storage."""
+        state = opt.state
+        return all(
+            dict.get(dict.get(state, p, {}), key) is slot for p, key, slot in layout.slots
+        ) and _pointers(layout.written) == layout.pointers
 
     # ------------------------------------------------------------------ master weights
 
@@ -333,7 +344,8 @@ class LayoutCache:
         owned = {id(local(p)) for p in params}
         params_written = [t for t in written if id(t) in owned]
         return Layout(key, params, list(active.values()), list(idle.values()), _pointers(written),
-                      any(b.dtensor for b in buckets), written, params_written, _pointers(params_written))
+                      any(b.dtensor for b in buckets), written, params_written, _pointers(params_written),
+                      slots=[s for b in buckets for s in b.slots])
 
 
 def _add_tensor(
@@ -350,6 +362,7 @@ def _add_tensor(
         ("averages", local(state[AVERAGE]) if AVERAGE in state else None),
     ]
     count = 1 if sliced is None else len(sliced.lengths)
+    b.slots.extend((p, key, state[key]) for key in (MASTER, MOMENTUM, VELOCITY, ACCUMULATOR, AVERAGE) if key in state)
     for attr, t in slots:
         if t is None:
             continue

@@ -153,6 +153,10 @@ class KernelBucket:
         # re-checks every one of them before each step (other lists passed to a call are read then).
         self._known = {id(ts): self._table(ts) for ts in (weights, mirrors) if ts}
         self.tensors += (weights, mirrors)
+        # The storages behind every cached pointer, held: a slot given new storage through a reference kept
+        # across steps (`m.data = ...` without reading `optimizer.state`) leaves these pointers stale but
+        # valid, so the kernel can never write freed memory.
+        self.storages = [t.untyped_storage() for ts in self.tensors if ts for t in ts]
         self.strides = [m.stride() for m in momentums] if self.runs is not None else None
 
     def _plan_runs(self, momentums: Sequence[Tensor]) -> None:
