@@ -234,7 +234,7 @@ def test_a_group_option_equals_the_method_and_dim_none_undoes_it() -> None:
         bank.grad, dense.grad = g.clone(), g[0, :3, :4].clone()
         opt.step()
     assert torch.equal(bank.detach(), ref_bank.detach())
-    assert opt.param_groups[0]["trust_ratio_slices"] == [{"dim": 0, "sizes": [1, 2, 1], "labels": ["a", "b", "c"]}]
+    assert opt.param_groups[0]["trust_ratio_slices"] == [(0, (1, 2, 1), ("a", "b", "c"))]
     assert opt.param_groups[1]["trust_ratio_slices"] == [None]
     opt.set_trust_ratio_slices([bank], dim=None)
     assert opt.param_groups[0]["trust_ratio_slices"] == [None]
@@ -262,7 +262,7 @@ def test_state_dict_and_pickle_keep_the_slices_and_resume_exactly() -> None:
             o.step()
     assert torch.equal(twin_bank.detach(), bank.detach())
     assert torch.equal(pickled_bank.detach(), bank.detach())
-    assert pickled.param_groups[0]["trust_ratio_slices"][0]["labels"] == ["a", "b", "c"]
+    assert pickled.param_groups[0]["trust_ratio_slices"][0][2] == ("a", "b", "c")
 
 
 BAD_SLICES = [
@@ -343,3 +343,58 @@ def test_huge_slices_are_summed_again_in_double(implementation, split) -> None:
         assert 1e29 < got_ratios["experts[0]"] < 1e31
     scale = want.abs().amax(dim=(1, 2), keepdim=True)  # per expert: elements near 0 cancel at 1e30
     torch.testing.assert_close(got / scale, want / scale, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_without_slices_keep_the_live_ones_and_group_specs_are_normalised() -> None:
+    bank, dense, opt = _train_sliced("auto", "per_index_dim0", {}, steps=1)
+    sd = copy.deepcopy(opt.state_dict())
+    live = opt.param_groups[0]["trust_ratio_slices"]
+    del sd["param_groups"][0]["trust_ratio_slices"]  # saved before trust-ratio slices existed
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["trust_ratio_slices"] == live == [(0, None, None), None]
+    sd["param_groups"][0]["trust_ratio_slices"] = {"dim": 1}  # a group-level spec: one per parameter, checked
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["trust_ratio_slices"] == [(1, None, None), (1, None, None)]
+    opt.track_trust_ratios(True)
+    bank.grad, dense.grad = torch.ones_like(bank), torch.ones_like(dense)
+    opt.step()
+    assert sorted(opt.last_trust_ratios()) == sorted([f"experts[{k}]" for k in range(ROWS)]
+                                                     + [f"dense[{k}]" for k in range(4)])
+    saved = opt.state_dict()["param_groups"][0]["trust_ratio_slices"]
+    saved[0] = None  # the state dict holds copies
+    assert opt.param_groups[0]["trust_ratio_slices"][0] == (1, None, None)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (5, "`dim` must be in \\[-3, 3\\) for parameter 'experts'"),
+    ([0], "lists 1 specs for 2 parameters"),
+    ([0, 0, 0], "lists 3 specs for 2 parameters"),
+    ([{"dim": 0, "sizes": [3]}, None], "`sizes` must sum to the size of dim 0 of parameter 'experts'"),
+])
+def test_an_edited_group_is_checked_at_the_next_step_before_any_change(edit, message) -> None:
+    bank, dense, opt = _train_sliced("auto", "per_index_dim0", {}, steps=1)
+    before = [bank.detach().clone(), opt.state[bank]["momentum"].clone()]
+    opt.param_groups[0]["trust_ratio_slices"] = edit
+    bank.grad, dense.grad = torch.ones_like(bank), torch.ones_like(dense)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert torch.equal(bank.detach(), before[0]) and torch.equal(opt.state[bank]["momentum"], before[1])
+    assert opt.iterations == 1
+
+
+def test_labels_and_sizes_must_be_lists_not_strings() -> None:
+    _, _, opt = _train_sliced("auto", "per_index_dim0", {}, steps=0)
+    with pytest.raises(ValueError, match="`labels` must be a list of non-empty strings"):
+        opt.set_trust_ratio_slices(var_names=["experts"], dim=0, sizes=[2, 2], labels="ab")
+
+
+def test_slices_the_kernel_refuses_do_not_take_other_tensors_with_them(monkeypatch) -> None:
+    """Slices one element wide go to foreach in a bucket of their own: the dense tensor stays in the kernel."""
+    if "fused" not in impls.available():
+        pytest.skip("no CPU kernel")
+    ran: list[tuple[str, int]] = []
+    real = cpu_kernel._run
+    monkeypatch.setattr(cpu_kernel, "_run",
+                        lambda name, b, kernel=None: (ran.append((name, b.n)), real(name, b, kernel)))
+    _train_sliced("auto", "per_index_dim2", {}, steps=2)
+    assert ran == [("lamb_fused", 1)] * 2  # the dense tensor alone

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .distributed import Reducer, is_dtensor, local, reducer_for, reducer_key
 from .functional import LOW_PRECISION
-from .slices import SLICES, LocalSlices, local_slices, normalize
+from .slices import SLICES, LocalSlices, group_slices, local_slices
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -310,7 +310,7 @@ class LayoutCache:
         position = -1
         for gi, group in enumerate(opt.param_groups):
             fixed = [not group["layer_adaptation"] or e for e in group[ADAPT_EXCLUDED]]  # ratio 1
-            specs = group.get(SLICES) or [None] * len(group["params"])
+            specs = group_slices(group, group["params"], gi)  # checked again: the group may have been edited
             for i, p in enumerate(group["params"]):
                 position += 1
                 state = opt.state[p]
@@ -318,11 +318,12 @@ class LayoutCache:
                 if not has_grad and AVERAGE not in state and ACCUMULATOR not in state:
                     continue  # nothing to do for it this call
                 master = MASTER in state
-                spec = normalize(specs[i], p.shape, f"parameter {names[id(p)]!r}")  # the group may have been edited
-                sliced = local_slices(p, spec, names[id(p)]) if spec is not None else None
+                sliced = local_slices(p, specs[i], names[id(p)]) if specs[i] is not None else None
                 tensor_key = reducer_key(p)
                 entry_key = sliced.reduce if sliced is not None else tensor_key
-                bkey = (gi, p.device, p.dtype, entry_key, tensor_key, master)
+                # slices one element wide go apart: a backend that cannot take them must not take the bucket
+                scattered = sliced is not None and sliced.scattered
+                bkey = (gi, p.device, p.dtype, is_dtensor(p), entry_key, tensor_key, master, scattered)
                 buckets = active if has_grad else idle
                 b = buckets.get(bkey)
                 if b is None:

@@ -41,7 +41,7 @@ from .layout import (
 from .nonfinite import NonfiniteGuard
 from .plan import WEIGHT_DECAY_MODES, StepPlan, plan_step
 from .schedules import LearningRateSchedule
-from .slices import SLICES, normalize
+from .slices import SLICES, group_slices, normalize
 from .telemetry import TrustRatioTelemetry
 
 __all__ = ["Lamb"]
@@ -270,7 +270,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if len({id(p) for p in tensors}) != len(tensors):
             raise ValueError("A param group lists the same parameter twice; each tensor may appear once.")
         _check_keys(group, self.defaults)
-        group[SLICES] = _group_slices(group, tensors, len(self.param_groups))
+        group[SLICES] = group_slices(group, params, len(self.param_groups))
         sources = {}
         for key in ("beta_1", "beta_2"):  # callables stay out of checkpoints: the group holds their value
             value = group.get(key, self.defaults.get(key))
@@ -384,8 +384,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if not var_list and not var_names:
             raise ValueError("set_trust_ratio_slices: give the parameters to slice (`var_list` and/or `var_names`).")
         ids, pattern = self._exclusion(var_list, var_names)
-        spec = None if dim is None else {"dim": dim, "sizes": None if sizes is None else list(sizes),
-                                         "labels": None if labels is None else list(labels)}
+        spec = None if dim is None else {"dim": dim, "sizes": sizes, "labels": labels}
         if dim is None and (sizes is not None or labels is not None):
             raise ValueError("set_trust_ratio_slices: `sizes` and `labels` need a `dim`.")
         updated = []
@@ -581,6 +580,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         for group in sd["param_groups"]:
             group["iterations"] = self._iterations
             group.update(counters)
+            for key in (SLICES, DECAY_EXCLUDED, ADAPT_EXCLUDED):  # copies: editing the dict must not edit us
+                if isinstance(group.get(key), list):
+                    group[key] = list(group[key])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -594,6 +596,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 f"The state dict has {len(groups)} param groups; this optimizer has {len(self.param_groups)}."
             )
         ids_to_params: dict[Any, Tensor] = {}
+        loaded_slices: list[list[Any]] = []
         for index, saved in enumerate(groups):
             needed = ("params", "beta_1", "beta_2", "epsilon")
             missing = [k for k in needed if not isinstance(saved, dict) or k not in saved]
@@ -608,8 +611,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                     f"A param group of the state dict has {len(saved['params'])} parameters; "
                     f"the matching group here has {len(live['params'])}."
                 )
-            if saved.get(SLICES) is not None:
-                _group_slices({**live, SLICES: saved[SLICES]}, live["params"], gi)  # raises on a bad spec
+            if SLICES in saved:  # raises on a bad spec; the checked form is what the group keeps
+                loaded_slices.append(group_slices({**live, SLICES: saved[SLICES]}, live["params"], gi))
+            else:  # a checkpoint from before trust-ratio slices: the live ones stay
+                loaded_slices.append(list(live[SLICES]))
             ids_to_params.update(zip(saved["params"], live["params"]))
         required = self._required_state_keys()
         for pid, value in saved_state.items():
@@ -653,10 +658,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             group.pop("iterations", None)
             for key in NonfiniteGuard.COUNTERS:
                 group.pop(key, None)
+        for group, specs in zip(self.param_groups, loaded_slices):
+            group[SLICES] = specs
         for group, flags in zip(self.param_groups, adapt_excluded):  # checkpoints from before the variants
             group.setdefault(ADAPT_EXCLUDED, flags)
-            if group.get(SLICES) is None:  # checkpoints from before trust-ratio slices
-                group[SLICES] = [None] * len(group["params"])
             for key in _VARIANT_KEYS:
                 group.setdefault(key, self.defaults[key])
             group.setdefault("betas", (group["beta_1"], group["beta_2"]))
@@ -754,24 +759,6 @@ _KNOWN_GROUP_KEYS = {"params", "param_names", "betas", "eps", "initial_lr", "max
 def _param_name(group: dict[str, Any], group_index: int, i: int) -> str:
     names = group.get("param_names")
     return names[i] if names else f"{group_index}.{i}"
-
-
-def _group_slices(group: dict[str, Any], params: Sequence[Any], group_index: int) -> list[dict[str, Any] | None]:
-    """A group's ``trust_ratio_slices`` as one normalised spec per parameter: a spec (a dim or a dict) given
-    for the group applies to each parameter; a list (as state dicts save it) gives one per parameter."""
-    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
-    given = group.get(SLICES)
-    if isinstance(given, list):
-        if len(given) != len(tensors):
-            raise ValueError(
-                f"`trust_ratio_slices` of param group {group_index} lists {len(given)} specs for "
-                f"{len(tensors)} parameters (a list gives one spec per parameter; a dim or a dict applies to all)."
-            )
-        specs = given
-    else:
-        specs = [given] * len(tensors)
-    names = [p[0] if isinstance(p, tuple) else _param_name(group, group_index, i) for i, p in enumerate(params)]
-    return [normalize(spec, p.shape, f"parameter {name!r}") for p, spec, name in zip(tensors, specs, names)]
 
 
 def _check_keys(group: dict[str, Any], defaults: dict[str, Any]) -> None:

@@ -34,18 +34,24 @@ from torch import Tensor
 
 from .distributed import ReducerKey, is_dtensor, reducer_key
 
-__all__ = ["SLICES", "LocalSlices", "local_slices", "normalize"]
+__all__ = ["SLICES", "LocalSlices", "SliceSpec", "group_slices", "local_slices", "normalize"]
 
 SLICES = "trust_ratio_slices"  # param-group key: per parameter, a normalised spec or None
 
+SliceSpec = tuple[int, tuple[int, ...] | None, tuple[str, ...] | None]
+"""A normalised spec as param groups and checkpoints keep it: ``(dim, sizes, labels)``, plain tuples (immutable,
+loadable with ``torch.load(weights_only=True)``, and one leaf for ``torch.distributed.checkpoint``)."""
 
-def normalize(spec: Any, shape: Sequence[int], where: str) -> dict[str, Any] | None:
-    """``spec`` checked against a parameter of (global) ``shape``: ``{"dim", "sizes", "labels"}`` with a
-    non-negative dim, or None. ``spec`` may be None, a dim (int) or a dict with ``dim`` and optionally
-    ``sizes`` and ``labels``. Errors name ``where`` (the parameter) and the accepted values."""
+
+def normalize(spec: Any, shape: Sequence[int], where: str) -> SliceSpec | None:
+    """``spec`` checked against a parameter of (global) ``shape``: ``(dim, sizes, labels)`` with a non-negative
+    dim, or None. ``spec`` may be None, a dim (int), a dict with ``dim`` and optionally ``sizes`` and
+    ``labels``, or the normalised tuple. Errors name ``where`` (the parameter) and the accepted values."""
     if spec is None:
         return None
-    if isinstance(spec, dict):
+    if isinstance(spec, tuple) and len(spec) == 3:
+        dim, sizes, labels = spec
+    elif isinstance(spec, dict):
         unknown = set(spec) - {"dim", "sizes", "labels"}
         if unknown or "dim" not in spec:
             raise ValueError(
@@ -75,7 +81,7 @@ def normalize(spec: Any, shape: Sequence[int], where: str) -> dict[str, Any] | N
                 f"`sizes` must sum to the size of dim {dim} of {where} ({extent}, shape {tuple(shape)}); "
                 f"received sizes={list(sizes)!r}, which sum to {sum(sizes)}."
             )
-        sizes = [int(s) for s in sizes]
+        sizes = tuple(int(s) for s in sizes)
     elif extent == 0:
         raise ValueError(f"dim {dim} of {where} has size 0 (shape {tuple(shape)}): there is nothing to slice.")
     count = len(sizes) if sizes is not None else extent
@@ -88,24 +94,46 @@ def normalize(spec: Any, shape: Sequence[int], where: str) -> dict[str, Any] | N
             raise ValueError(
                 f"`labels` must name each of the {count} slices of {where} once; received labels={list(labels)!r}."
             )
-        labels = list(labels)
-    return {"dim": dim, "sizes": sizes, "labels": labels}
+        labels = tuple(labels)
+    return (dim, sizes, labels)
+
+
+def group_slices(group: dict[str, Any], params: Sequence[Any], group_index: int) -> list[SliceSpec | None]:
+    """A group's ``trust_ratio_slices`` as one normalised spec per parameter (checked): a spec (a dim, a dict
+    or a normalised tuple) given for the group applies to each parameter; a list gives one per parameter."""
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    given = group.get(SLICES)
+    if isinstance(given, list):
+        if len(given) != len(tensors):
+            raise ValueError(
+                f"`trust_ratio_slices` of param group {group_index} lists {len(given)} specs for "
+                f"{len(tensors)} parameters (a list gives one spec per parameter; a dim or a dict applies to all)."
+            )
+        specs = given
+    else:
+        specs = [given] * len(tensors)
+    given_names = group.get("param_names")
+    names = [p[0] if isinstance(p, tuple) else given_names[i] if given_names else f"{group_index}.{i}"
+             for i, p in enumerate(params)]
+    return [normalize(spec, p.shape, f"parameter {name!r}") for p, spec, name in zip(tensors, specs, names)]
 
 
 @dataclass(frozen=True)
 class LocalSlices:
     """A sliced tensor as this rank's entries: their extents along ``dim`` in the local tensor (they tile
     it), their names (None: a placeholder for a shard that holds no whole slice), and the mesh dims over
-    which their squared sums are summed (``reduce``; None: no collective)."""
+    which their squared sums are summed (``reduce``; None: no collective). ``scattered``: the slices are
+    along the last dim (of size > 1) with rows before it, so no two of a slice's elements are adjacent."""
 
     dim: int
     lengths: list[int]
     names: list[str | None]
     reduce: ReducerKey | None
+    scattered: bool = False
 
 
-def _bounds(spec: dict[str, Any], extent: int) -> list[int]:
-    sizes = spec["sizes"] or [1] * extent
+def _bounds(spec: SliceSpec, extent: int) -> list[int]:
+    sizes = spec[1] or [1] * extent
     out = [0]
     for s in sizes:
         out.append(out[-1] + s)
@@ -118,15 +146,17 @@ def _chunks(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
     return [(min(lo + i * size, hi), min(lo + (i + 1) * size, hi)) for i in range(parts)]
 
 
-def local_slices(p: Tensor, spec: dict[str, Any], name: str) -> LocalSlices:
+def local_slices(p: Tensor, spec: SliceSpec, name: str) -> LocalSlices:
     """This rank's entries of parameter ``p`` (named ``name``) sliced by the normalised ``spec``."""
-    dim = spec["dim"]
+    dim = spec[0]
     extent = int(p.shape[dim])
     bounds = _bounds(spec, extent)
-    labels = spec["labels"]
+    labels = spec[2]
     names = [f"{name}.{x}" for x in labels] if labels else [f"{name}[{k}]" for k in range(len(bounds) - 1)]
+    shape = p.to_local().shape if is_dtensor(p) else p.shape
+    scattered = math.prod(shape[dim + 1:]) == 1 and math.prod(shape[:dim]) > 1
     if not is_dtensor(p):
-        return LocalSlices(dim, [b - a for a, b in itertools.pairwise(bounds)], list(names), None)
+        return LocalSlices(dim, [b - a for a, b in itertools.pairwise(bounds)], list(names), None, scattered)
     key = reducer_key(p)  # validates the placements (Shard and Replicate only)
     along, other = [], []
     for mesh_dim, placement in enumerate(p.placements):
@@ -169,4 +199,4 @@ def local_slices(p: Tensor, spec: dict[str, Any], name: str) -> LocalSlices:
         lengths = [max(0, min(b, hi) - max(a, lo)) for a, b in itertools.pairwise(bounds)]
         entry_names = list(names)
         dims = tuple(sorted(other + along))
-    return LocalSlices(dim, lengths, entry_names, (mesh, dims) if dims else None)
+    return LocalSlices(dim, lengths, entry_names, (mesh, dims) if dims else None, scattered)
