@@ -373,3 +373,40 @@ def test_skip_nonfinite_runs_in_the_kernel_on_the_cpu(monkeypatch) -> None:
     want, _ = _run_optimizer("fused", {"weight_decay": 0.05, "use_ema": True})
     for x, y in zip(got, want, strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["finite_sums", "overflowed_sums"])
+def test_two_threads_give_the_bits_of_one_through_segments_slots_and_re_sums(monkeypatch, huge) -> None:
+    """The suite runs one thread; here two share every segment (small segments, many of them), with per-expert
+    slots along dim 0 and strided slots along dim 1, and (``huge``) sums that overflow float32 and are summed
+    again by one thread: each thread forms the ratios itself, so the bits must not depend on the count."""
+    monkeypatch.setattr(cpu_kernel, "SEGMENT_BYTES", 1 << 18)
+    monkeypatch.setattr(cpu_kernel, "MIN_PER_THREAD", 1 << 10)
+
+    def train(threads: int) -> list[torch.Tensor]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            g = torch.Generator().manual_seed(0)
+            scale = 1e30 if huge else 1.0
+            bank = torch.nn.Parameter(torch.randn(8, 64, 96, generator=g) * scale)
+            qkv = torch.nn.Parameter(torch.randn(96, 3 * 96, generator=g))
+            dense = torch.nn.Parameter(torch.randn(300_000, generator=g))
+            opt = Lamb([("bank", bank), ("qkv", qkv), ("dense", dense)], learning_rate=0.01, weight_decay=0.01,
+                       use_ema=True, implementation="fused")
+            opt.set_trust_ratio_slices([bank], dim=0)
+            opt.set_trust_ratio_slices([qkv], dim=1, sizes=[96, 96, 96])
+            opt.track_trust_ratios(True)
+            for _ in range(3):
+                for p in (bank, qkv, dense):
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            ratios = torch.stack([r.ratio for r in opt.last_trust_ratios().values()])
+            return [bank.detach().clone(), qkv.detach().clone(), dense.detach().clone(), ratios]
+        finally:
+            torch.set_num_threads(previous)
+
+    one, two = train(1), train(2)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+    assert torch.isfinite(one[3]).all() and one[3].numel() == 8 + 3 + 1

@@ -45,6 +45,7 @@
  * master and pass 2 also writes its low-precision copy (`mirror`).
  */
 #include <math.h>
+#include <omp.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdint.h>
@@ -514,15 +515,42 @@ static void stream2_block(const Bucket *b, Span s, float scale) {
     for (int64_t j = 0; j < s.len; j++) pp[j] = pp[j] + scale * (mp[j] + vp[j]);
 }
 #define PASS1_BLOCK(b, s, out) (stream ? stream1_block(b, s, out) : pass1_block(b, s, out))
-#define PASS2_BLOCK(b, s, i) (stream ? stream2_block(b, s, b->ratios[i]) : pass2_block(b, s, b->ratios[i] * b->lr))
-#define RATIO_OF(b, i) (stream ? 0.0f : ratio_of(b, i, b->sums[i], b->sums[SLOTS(b) + i]))
+#define PASS2_BLOCK(b, s, r) (stream ? stream2_block(b, s, r) : pass2_block(b, s, (r) * b->lr))
+#define RATIO_OF(b, i, ws, us) (stream ? 0.0f : ratio_of(b, i, ws, us))
 #else
 #define PASS1_BLOCK(b, s, out) pass1_block(b, s, out)
-#define PASS2_BLOCK(b, s, i) pass2_block(b, s, b->ratios[i] * b->lr)
-#define RATIO_OF(b, i) ratio_of(b, i, b->sums[i], b->sums[SLOTS(b) + i])
+#define PASS2_BLOCK(b, s, r) pass2_block(b, s, (r) * b->lr)
+#define RATIO_OF(b, i, ws, us) ratio_of(b, i, ws, us)
 #endif
 
-/* Both passes segment by segment (see the header); `stream` runs the floor's bodies instead. */
+/* The slot sums of runs [t0, t1) from their block partials, into sums[0, 2 * slots) for slots from
+ * SLOT(t0), in gather_sums's order (so the same bits); returns whether one overflowed. */
+static int segment_sums(const Bucket *b, const int64_t *starts, const double *part, int64_t t0, int64_t t1,
+                        double *sums, int64_t slots) {
+    const int64_t s0 = SLOT(b, t0);
+    for (int64_t k = 0; k < 2 * slots; k++) sums[k] = 0.0;
+    int overflow = 0;
+    for (int64_t i = t0; i < t1; i++) {
+        double ws = 0.0, us = 0.0;
+        for (int64_t k = starts[i]; k < starts[i + 1]; k++) {
+            ws += part[2 * k];
+            us += part[2 * k + 1];
+        }
+        const int64_t at = SLOT(b, i) - s0;
+        sums[at] += ws;
+        sums[slots + at] += us;
+    }
+    for (int64_t k = 0; k < 2 * slots; k++) overflow |= isinf(sums[k]);
+    return overflow;
+}
+
+/* Both passes segment by segment (see the header); `stream` runs the floor's bodies instead.
+ *
+ * One barrier per segment (the end of its pass 1): then every thread forms the segment's ratios itself,
+ * from the shared block partials, in the same order (so the same bits), and thread 0 also writes them
+ * out; a barrier costs a scheduler time slice whenever a thread is descheduled, so a step pays for as
+ * few as the passes need. A segment whose sums overflowed float32 is summed again once, by one thread
+ * (a second barrier, before pass 2 writes p). */
 static int run_segments(const Bucket *b, int stream) {
     (void)stream; /* used only in the floor's build */
     int64_t *starts = build_blocks(b);
@@ -543,27 +571,63 @@ static int run_segments(const Bucket *b, int stream) {
         filled += b->sizes[i];
     }
     segs[++nseg] = b->n;
-
-#pragma omp parallel num_threads(b->nthreads)
+    int64_t width = 1; /* the most slots in one segment */
     for (int64_t sg = 0; sg < nseg; sg++) {
-        const int64_t t0 = segs[sg], t1 = segs[sg + 1];
+        const int64_t w = SLOT(b, segs[sg + 1] - 1) - SLOT(b, segs[sg]) + 1;
+        width = w > width ? w : width;
+    }
+    const int nthreads = b->nthreads > 0 ? (int)b->nthreads : 1;
+    double *own = malloc(sizeof(double) * 2 * width * nthreads); /* per thread: the segment's slot sums */
+    float *own_ratios = malloc(sizeof(float) * width * nthreads);
+    if (!own || !own_ratios) {
+        free(own_ratios);
+        free(own);
+        free(segs);
+        free(part);
+        free(starts);
+        return -1;
+    }
+
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int me = omp_get_thread_num();
+        double *sums = own + 2 * width * me;
+        float *ratios = own_ratios + width * me;
+        for (int64_t sg = 0; sg < nseg; sg++) {
+            const int64_t t0 = segs[sg], t1 = segs[sg + 1];
+            const int64_t s0 = SLOT(b, t0), slots = SLOT(b, t1 - 1) - s0 + 1;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t blk = starts[t0]; blk < starts[t1]; blk++) {
-            const Span s = block_span(b, starts, blk);
-            PASS1_BLOCK(b, s, part + 2 * blk);
-        }
+            for (int64_t blk = starts[t0]; blk < starts[t1]; blk++) {
+                const Span s = block_span(b, starts, blk);
+                PASS1_BLOCK(b, s, part + 2 * blk);
+            }
+            if (segment_sums(b, starts, part, t0, t1, sums, slots) && !stream) { /* the same on every thread */
 #pragma omp single
-        {
-            gather_sums(b, starts, part, t0, t1, stream ? RESCUE_NONE : RESCUE_PASS1);
-            for (int64_t i = SLOT(b, t0); i <= SLOT(b, t1 - 1); i++)
-                b->ratios[i] = RATIO_OF(b, i);
-        }
+                {
+                    gather_sums(b, starts, part, t0, t1, RESCUE_PASS1);
+                    for (int64_t i = s0; i < s0 + slots; i++)
+                        b->ratios[i] = RATIO_OF(b, i, b->sums[i], b->sums[SLOTS(b) + i]);
+                }
+                for (int64_t i = 0; i < slots; i++) ratios[i] = b->ratios[s0 + i];
+            } else {
+                for (int64_t i = 0; i < slots; i++) ratios[i] = RATIO_OF(b, s0 + i, sums[i], sums[slots + i]);
+                if (me == 0) {
+                    for (int64_t i = 0; i < slots; i++) {
+                        b->sums[s0 + i] = sums[i];
+                        b->sums[SLOTS(b) + s0 + i] = sums[slots + i];
+                        b->ratios[s0 + i] = ratios[i];
+                    }
+                }
+            }
 #pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t k = starts[t0]; k < starts[t1]; k++) { /* backwards: the last blocks are still cached */
-            const Span s = block_span(b, starts, starts[t1] - 1 - (k - starts[t0]));
-            PASS2_BLOCK(b, s, SLOT(b, s.i));
+            for (int64_t k = starts[t0]; k < starts[t1]; k++) { /* backwards: the last blocks are still cached */
+                const Span s = block_span(b, starts, starts[t1] - 1 - (k - starts[t0]));
+                PASS2_BLOCK(b, s, ratios[SLOT(b, s.i) - s0]);
+            }
         }
     }
+    free(own_ratios);
+    free(own);
     free(segs);
     free(part);
     free(starts);
