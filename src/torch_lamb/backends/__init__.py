@@ -5,7 +5,8 @@ EMA, master copy), reading every scalar from the call's :class:`~torch_lamb.plan
 
 * ``reference``: Keras's literal per-tensor form, the spec every other backend is tested against;
 * ``foreach``: the same pipeline in ``torch._foreach_*`` ops (any device, no host sync);
-* ``fused``: the CPU kernel (``lamb_kernel.c``), which folds the pipeline into its two passes.
+* ``fused``: the CPU kernel (``lamb_kernel.c``), which folds the pipeline into its two passes;
+* ``compiled``: the reference math as two bucket functions under ``torch.compile`` (opt-in).
 
 ``implementation="auto"`` takes the first of :data:`AUTO_ORDER` that accepts a bucket; an explicit
 choice that a bucket cannot take raises a ``ValueError`` naming the parameters, device, dtype and
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor
 
 from ..functional import TrustStats
-from . import cpu_kernel, foreach, reference
+from . import compiled, cpu_kernel, foreach, reference
 
 if TYPE_CHECKING:
     from ..layout import Bucket
@@ -63,6 +64,7 @@ BACKENDS: dict[str, Backend] = {
     "reference": reference.ReferenceBackend(),
     "foreach": foreach.ForeachBackend(),
     "fused": cpu_kernel.CpuKernelBackend(),
+    "compiled": compiled.CompiledBackend(),
 }
 IMPLEMENTATIONS = ("auto", *BACKENDS)
 AUTO_ORDER = ("fused", "foreach")

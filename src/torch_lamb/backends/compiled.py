@@ -1,0 +1,312 @@
+"""The ``compiled`` backend: the reference math as two pure bucket functions under ``torch.compile``.
+
+* **Phase 1** forms each gradient (unscale, accumulate, clip), updates m and v and returns the packed
+  squared sums ``[||w'||², ..., ||u||², ...]`` (summed in float64, so finite inputs never overflow).
+* ``bucket.reduce`` sums them across shards, eagerly, between the phases (DTensor).
+* **Phase 2** forms the trust ratios on the device, re-forms u from the new moments and writes p, its
+  low-precision copy and the moving average.
+
+Every per-step scalar (lr, the betas' complements, the bias corrections, decay, loss scale, 1/N, the
+EMA weight...) reaches the graphs in one small float32 vector on the bucket's device, so a new
+learning rate never recompiles; what is static (the feature set, the masks, dtypes and shapes) is
+compiled in, ``fullgraph=True, dynamic=False``, lazily at a bucket's first update. Each (phase,
+features, shapes, dtypes, device) gets a function of its own (a fresh code object, shared by the
+buckets that match it), so that a model's buckets never share dynamo's per-function recompile limit.
+On a GPU inductor lowers the phases to fused Triton kernels; on the CPU to C++.
+
+It is opt-in (``implementation="compiled"``): the first update of each bucket compiles (seconds on a
+CPU), and on the CPU the C kernel is faster.
+"""
+
+from __future__ import annotations
+
+import array
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..distributed import host_reads_allowed
+from ..functional import LOW_PRECISION, TrustStats
+from .common import TorchOpsBackend, state_grads
+from .foreach import ForeachBackend
+
+if TYPE_CHECKING:
+    from ..layout import Bucket
+    from ..optimizer import Lamb
+    from ..plan import StepPlan
+
+__all__ = ["CompiledBackend", "unavailable"]
+
+# the per-step scalars, by position in the vector
+LR, B1C, B2C, BC1, BC2, EPS, DECAY, AWD, EMA, LOSS, ACC, CLIP, LOW, HIGH = range(14)
+_NAMES = ("lr", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_1", "bias_correction_2", "epsilon",
+          "decay_factor", "adaptive_weight_decay", "ema_weight", "loss_scale", "accumulation", "clipvalue",
+          "min_trust_ratio", "max_trust_ratio")
+
+
+def unavailable() -> str | None:
+    """Why ``torch.compile`` cannot be used here (None when it can)."""
+    try:
+        import torch._dynamo
+        import torch._inductor  # noqa: F401
+    except Exception as err:  # pragma: no cover - a torch build without the compiler stack
+        return f"torch.compile is unavailable ({type(err).__name__}: {err})"
+    return None
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a bucket's graphs compile in (a change compiles new graphs)."""
+
+    loss_scale: bool
+    accumulate: bool
+    clip: str | None  # "value", "factors" or None
+    decay: tuple[bool, ...]  # decoupled decay, per entry
+    adaptive: tuple[bool, ...]  # adaptive decay (u + wd * w), per entry
+    adapt: tuple[bool, ...]  # takes the trust ratio, per entry
+    low: bool  # (low-precision) is (updated in float32)
+    bounds: tuple[bool, bool]  # min / max trust ratio
+    ema: bool
+    mirror: bool
+
+
+def _formed(f: Features, grads: Sequence[Tensor], accs: Sequence[Tensor], factors: Tensor | None, s: Tensor,
+            dtype: torch.dtype, *, consume: bool, clip: bool) -> list[Tensor]:
+    """The gradients the update uses: unscaled, accumulated (the accumulators zeroed when ``consume``), clipped."""
+    out = []
+    for i, g in enumerate(grads):
+        t = g.to(dtype)
+        if f.loss_scale:
+            t = t / s[LOSS].to(dtype)
+        if f.accumulate:
+            t = (accs[i] + t) / s[ACC].to(dtype)
+            if consume:
+                accs[i].zero_()
+        if clip and f.clip == "value":
+            t = torch.clamp(t, -s[CLIP].to(dtype), s[CLIP].to(dtype))
+        elif clip and f.clip == "factors":
+            t = t * factors[i].to(dtype)
+        out.append(t)
+    return out
+
+
+def _update(f: Features, w: Tensor, m: Tensor, v: Tensor, i: int, s: Tensor) -> tuple[Tensor, Tensor]:
+    """``w' = w * decay`` and ``u = m_hat / (sqrt(v_hat) + eps)`` (+ ``wd * w'``) of entry ``i``."""
+    dtype = m.dtype
+    if f.decay[i]:
+        w = w * s[DECAY].to(dtype)
+    u = (m / s[BC1].to(dtype)) / (torch.sqrt(v / s[BC2].to(dtype)) + s[EPS].to(dtype))
+    if f.adaptive[i]:
+        u = u + s[AWD].to(dtype) * w
+    return w, u
+
+
+def phase1(f: Features, weights: list[Tensor], grads: list[Tensor], momentums: list[Tensor], velocities: list[Tensor],
+           accumulators: list[Tensor], factors: Tensor | None, s: Tensor) -> Tensor:
+    """The pipeline, the moments, and the packed squared sums (float64) of w' and u."""
+    dtype = momentums[0].dtype
+    formed = _formed(f, grads, accumulators, factors, s, dtype, consume=True, clip=True)
+    w_sums, u_sums = [], []
+    for i, (p, t, m, v) in enumerate(zip(weights, formed, momentums, velocities)):
+        m.copy_(m + (t - m) * s[B1C].to(dtype))  # Keras's forms: the bits of the reference backend
+        v.copy_(v + (torch.square(t) - v) * s[B2C].to(dtype))
+        w, u = _update(f, p.to(dtype) if f.low else p, m, v, i, s)
+        w_sums.append(torch.sum(torch.square(w.to(torch.float64))))
+        u_sums.append(torch.sum(torch.square(u.to(torch.float64))))
+    return torch.stack(w_sums + u_sums)
+
+
+def phase2(f: Features, weights: list[Tensor], momentums: list[Tensor], velocities: list[Tensor],
+           averages: list[Tensor], mirrors: list[Tensor], sums: Tensor, s: Tensor) -> list[Tensor]:
+    """The trust ratios, then ``p = w' - ratio * lr * u``, the low-precision copy and the average; returns
+    ``[||w'||, ||u||, ratio]`` (float32 unless a norm overflows it)."""
+    n = len(weights)
+    # the float32 steps of functional.trust_ratio (and of the C kernel), in double where a sum overflows float32
+    narrow = sums.to(torch.float32)
+    overflow = torch.isinf(narrow).any() & ~torch.isinf(sums).any()
+    wide_norms, narrow_norms = torch.sqrt(sums), torch.sqrt(narrow)
+    norms = torch.where(overflow, wide_norms, narrow_norms.to(torch.float64))
+    ratios = []
+    for wn, un in ((narrow_norms[:n], narrow_norms[n:]), (wide_norms[:n], wide_norms[n:])):
+        ratios.append(torch.where((wn > 0) & (un > 0), wn / un, torch.ones_like(wn)).to(torch.float32))
+    ratio = torch.where(overflow, ratios[1], ratios[0])
+    weight_norm, update_norm = norms[:n], norms[n:]
+    if f.bounds[0]:
+        ratio = torch.maximum(ratio, s[LOW])
+    if f.bounds[1]:
+        ratio = torch.minimum(ratio, s[HIGH])
+    if not all(f.adapt):
+        ratio = torch.where(torch.tensor(f.adapt, device=ratio.device), ratio, torch.ones_like(ratio))
+    scale = ratio * s[LR]
+    dtype = momentums[0].dtype
+    for i, (p, m, v) in enumerate(zip(weights, momentums, velocities)):
+        w, u = _update(f, p.to(dtype) if f.low else p, m, v, i, s)
+        new = w - scale[i].to(dtype) * u
+        p.copy_(new)
+        if f.mirror:
+            mirrors[i].copy_(new)
+        if f.ema:
+            avg = averages[i]
+            avg.copy_(_lerp(avg, p.to(avg.dtype) if f.low else new, s[EMA].to(avg.dtype)))
+    return [weight_norm, update_norm, ratio]
+
+
+def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
+    """torch's lerp formula (inductor has no fma, so the last bit may differ from eager's)."""
+    return torch.where(weight.abs() < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+
+
+def grad_squares(f: Features, grads: list[Tensor], accumulators: list[Tensor], s: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per entry, the squared sum (float64) of the gradient the update uses, before clipping."""
+    formed = _formed(f, grads, accumulators, None, s, dtype, consume=False, clip=False)
+    return torch.stack([torch.sum(torch.square(t.to(torch.float64))) for t in formed])
+
+
+def _template() -> Callable[..., Any]:
+    body: Any = None
+    features: Any = None
+
+    def call(*args: Any) -> Any:
+        return body(features, *args)
+
+    return call
+
+
+_CALL = _template()
+
+
+def _own_function(body: Callable[..., Any], features: Features, tag: str) -> Callable[..., Any]:
+    """``body(features, *args)`` as a function with a code object of its own: dynamo keeps graphs (and its
+    recompile limit) per code object, and a ``functools.partial`` would share torch's wrapper's."""
+    code = _CALL.__code__.replace(co_name=f"lamb_{body.__name__}_{tag}")
+    cells = {"body": body, "features": features}
+    closure = tuple(types.CellType(cells[name]) for name in code.co_freevars)
+    return types.FunctionType(code, _CALL.__globals__, code.co_name, None, closure)
+
+
+_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
+# inductor would otherwise fold a float32 -> bfloat16 -> float32 round trip away: the EMA of a low-precision
+# parameter must follow the rounded value, as on every other backend
+_OPTIONS = {"emulate_precision_casts": True}
+
+
+def _compiled(fn: Callable[..., Any], features: Features, signature: tuple[Any, ...]) -> Callable[..., Any]:
+    """The compiled ``fn`` for these features and input shapes/dtypes/device (made once per process)."""
+    key = (fn.__name__, features, signature)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        body = _own_function(fn, features, str(len(_COMPILED)))
+        compiled = _COMPILED[key] = torch.compile(body, fullgraph=True, dynamic=False, options=_OPTIONS)
+    return compiled
+
+
+def _signature(*lists: Sequence[Tensor]) -> tuple[Any, ...]:
+    return tuple((t.shape, t.dtype, t.device, t.stride()) for ts in lists for t in ts)
+
+
+class _Graphs:
+    """One bucket's compiled phases (found once per feature set) and its scalar vector."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple[str, Features], Callable[..., Any]] = {}
+        self.host = array.array("f", [0.0] * len(_NAMES))  # refilled each step: a CPU tensor over it
+        self.host_tensor = torch.frombuffer(self.host, dtype=torch.float32)
+        self.device: Tensor | None = None
+
+    def graph(self, fn: Callable[..., Any], features: Features, *lists: Sequence[Tensor]) -> Callable[..., Any]:
+        key = (fn.__name__, features)
+        compiled = self.graphs.get(key)
+        if compiled is None:
+            compiled = self.graphs[key] = _compiled(fn, features, _signature(*lists))
+        return compiled
+
+    def scalars(self, values: dict[str, float | Tensor | None], device: torch.device) -> Tensor:
+        """The step's scalars as one float32 vector on ``device`` (host values: no device sync; device values
+        of a device-side guard are gathered on the device)."""
+        tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+        for i, k in enumerate(_NAMES):
+            v = values.get(k)
+            self.host[i] = 0.0 if v is None or isinstance(v, Tensor) else float(v)
+        if device.type == "cpu" and not tensors:
+            return self.host_tensor  # CPU graphs run before the call returns, so before the next refill
+        if self.device is None or self.device.device != device:
+            self.device = torch.empty(len(_NAMES), dtype=torch.float32, device=device)
+        self.device.copy_(self.host_tensor, non_blocking=True)
+        for k, v in tensors.items():
+            self.device[_NAMES.index(k)] = v.to(device, torch.float32).reshape(())
+        return self.device
+
+
+_FOREACH = ForeachBackend()
+
+
+class CompiledBackend(TorchOpsBackend):
+    """Any device and dtype (float32 state for low precision); 0-dim device scalars (``capturable``) too."""
+
+    name = "compiled"
+
+    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+        return unavailable()
+
+    def prepare(self, bucket: Bucket) -> _Graphs:
+        return _Graphs()
+
+    def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
+        _FOREACH.accumulate(bucket, grads, plan)  # one add per micro-step: no graph needed
+
+    @staticmethod
+    def _features(bucket: Bucket, plan: StepPlan, clip_factors: Tensor | None) -> Features:
+        s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
+        n = len(bucket.weights)
+        decay = tuple(bucket.decay_mask)
+        return Features(
+            loss_scale=plan.loss_scale is not None, accumulate=plan.accumulation is not None,
+            clip="value" if plan.clip.kind == "value" else ("factors" if clip_factors is not None else None),
+            decay=decay if s is not None and s.decay_factor is not None else (False,) * n,
+            adaptive=decay if s is not None and s.adaptive_weight_decay is not None else (False,) * n,
+            adapt=tuple(bucket.adapt_mask) if bucket.adapt_mask is not None else (True,) * n,
+            low=bucket.weights[0].dtype in LOW_PRECISION,
+            bounds=(s is not None and s.min_trust_ratio is not None, s is not None and s.max_trust_ratio is not None),
+            ema=plan.ema_weight is not None, mirror=bool(bucket.mirrors),
+        )
+
+    @staticmethod
+    def _values(bucket: Bucket, plan: StepPlan) -> dict[str, float | Tensor | None]:
+        values: dict[str, float | Tensor | None] = {}
+        if plan.scalars is not None:
+            s = plan.scalars[bucket.group_index]
+            values.update({k: getattr(s, k) for k in _NAMES[:8]})
+            values.update(min_trust_ratio=s.min_trust_ratio, max_trust_ratio=s.max_trust_ratio)
+        values.update(ema_weight=plan.ema_weight, loss_scale=plan.loss_scale, accumulation=plan.accumulation,
+                      clipvalue=plan.clip.value if plan.clip.kind == "value" else None)
+        return values
+
+    def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
+        graphs: _Graphs = bucket.handle
+        features = self._features(bucket, plan, None)
+        s = graphs.scalars(self._values(bucket, plan), bucket.device)
+        grads, _ = state_grads(bucket, grads)
+        fn = graphs.graph(grad_squares, features, bucket.momentums, bucket.accumulators)
+        sums = fn(grads, bucket.accumulators, s, bucket.momentums[0].dtype)
+        if sums.is_cpu and host_reads_allowed():  # float32 unless that overflows, as the other backends give
+            narrow = sums.to(torch.float32)
+            return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
+        return sums
+
+    def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
+        graphs: _Graphs = bucket.handle
+        features = self._features(bucket, plan, clip_factors)
+        s = graphs.scalars(self._values(bucket, plan), bucket.device)
+        factors = clip_factors.to(bucket.device, torch.float32) if clip_factors is not None else None
+        sums = graphs.graph(phase1, features, bucket.weights, bucket.momentums, bucket.accumulators)(
+            bucket.weights, grads, bucket.momentums, bucket.velocities, bucket.accumulators, factors, s)
+        if bucket.reduce is not None:
+            sums = bucket.reduce(sums)
+        weight_norm, update_norm, ratio = graphs.graph(phase2, features, bucket.weights, bucket.momentums,
+                                                       bucket.averages, bucket.mirrors)(
+            bucket.weights, bucket.momentums, bucket.velocities, bucket.averages, bucket.mirrors, sums, s)
+        return TrustStats(weight_norm, update_norm, ratio)
