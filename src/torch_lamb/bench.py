@@ -11,17 +11,17 @@ one update (``ratios``: counted after the timed rounds, in one more step with te
 
 Rows: ``lamb-fused`` (torch-lamb's default), ``lamb-fused-sliced`` (the default with one trust ratio
 per index along dim 0 of every 3-D parameter, an MoE expert bank ``[experts, in, out]``:
-``set_trust_ratio_slices(dim=0)``; only for cases that have such a parameter, ``moe`` and
-``moe-large``; the report gives its per-round ratio to ``lamb-fused``, the cost of per-expert ratios
-over per-tensor ones), ``lamb-fused-skip`` (the default with ``skip_nonfinite=True``),
-``lamb-fused-master`` (``master_weights=True``; with
-``--dtype bfloat16/float16`` only), ``lamb-foreach``, the fused and foreach steps with every Keras
-feature on (``-all``: gradient accumulation over 2 micro-steps, global-norm clipping, EMA; one
-"step" is the 2 calls that make one update), torch's AdamW (fused, foreach), timm's Lamb (when
-timm is installed; loaded from its file without timm's package), and ``floor`` (float32 only):
-LAMB's two passes over the same tensors, in the fused kernel's blocks and segments, with the
-arithmetic taken out (the least time LAMB's 40 bytes per parameter take here; without the kernel,
-a scaled torch copy).
+``set_trust_ratio_slices(dim=0)``; only for cases that have such a parameter, ``moe`` and ``moe-
+large``; the report gives its per-round ratio to ``lamb-fused``, the cost of per-expert ratios over
+per-tensor ones), ``lamb-fused-skip`` (the default with ``skip_nonfinite=True``), ``lamb-fused-
+master`` (``master_weights=True``; with ``--dtype bfloat16/float16`` only), ``lamb-foreach``,
+``lamb-compiled`` (the ``compiled`` backend: its first step, in the ``first ms`` column, is the cold
+compile; ``lamb-compiled-all`` on request), the fused and foreach steps with every Keras feature on
+(``-all``: gradient accumulation over 2 micro-steps, global-norm clipping, EMA; one "step" is the 2
+calls that make one update), torch's AdamW (fused, foreach), timm's Lamb (when timm is installed;
+loaded from its file without timm's package), and ``floor`` (float32 only): LAMB's two passes over
+the same tensors, in the fused kernel's blocks and segments, with the arithmetic taken out (the
+least time LAMB's 40 bytes per parameter take here; without the kernel, a scaled torch copy).
 
 Cases: ``bert-base``, ``bert-large``, ``small-many`` (2000 small vectors), ``huge`` (one 64M vector),
 ``moe`` (64 experts, each a 512 -> 1024 -> 512 FFN, in two banks ``[64, 512, 1024]`` and
@@ -86,7 +86,8 @@ CASES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "tiny": lambda: [(64, 64), (64,), (1000,)],
 }
 DEFAULT_ROWS = ["lamb-fused", "lamb-fused-sliced", "lamb-fused-skip", "lamb-fused-master", "lamb-foreach",
-                "lamb-fused-all", "lamb-foreach-all", "adamw-fused", "adamw-foreach", "timm-lamb", "floor"]
+                "lamb-compiled", "lamb-fused-all", "lamb-foreach-all", "adamw-fused", "adamw-foreach", "timm-lamb",
+                "floor"]
 LARGE_ROWS = ["lamb-fused", "lamb-foreach", "adamw-fused", "floor"]  # bert-large: fits in 24 GiB
 CASE_ROWS = {"bert-large": LARGE_ROWS, "moe-large": ["lamb-fused", "lamb-fused-sliced", "adamw-fused", "floor"]}
 SLICED, PER_TENSOR = "lamb-fused-sliced", "lamb-fused"  # the report gives the cost of the one over the other
@@ -111,7 +112,8 @@ def memory_estimate(numel: int, rows: list[str], dtype: torch.dtype = torch.floa
     scratch 2e.
     """
     e = torch.tensor([], dtype=dtype).element_size()
-    per = {"lamb-fused": 8, "lamb-fused-sliced": 8, "lamb-fused-master": 12, "lamb-foreach": 16, "lamb-fused-all": 16,
+    per = {"lamb-fused": 8, "lamb-fused-sliced": 8, "lamb-compiled": 8, "lamb-fused-master": 12, "lamb-foreach": 16,
+           "lamb-fused-all": 16,
            "lamb-foreach-all": 24, "adamw-fused": 2 * e, "adamw-foreach": 2 * e, "timm-lamb": 2 * e + 4,
            "floor": 2 * e}
     return numel * (2 * e + sum(per.get(r, 8) for r in rows))
