@@ -87,3 +87,61 @@ def test_a_torch_scheduler_changing_lr_every_step_does_not_recompile():
     assert 1 <= graphs <= 2, graphs
     for a, b in zip(compiled[0], eager[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+def _steps(implementation: str, config: dict, compile_options: dict | None, steps: int = 9,
+           graphs_after: list[int] | None = None):
+    """``steps`` calls of ``opt.step`` (compiled with ``compile_options``, or eager) on fixed gradients;
+    ``graphs_after`` gets dynamo's graph count after each call."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in ((20, 3), (7,), (4, 5, 6))]
+    opt = Lamb(ps, implementation=implementation, **config)
+    opt.set_trust_ratio_slices([ps[2]], dim=0)
+    step = torch.compile(opt.step, **compile_options) if compile_options is not None else opt.step
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) * 0.1
+        step()
+        if graphs_after is not None:
+            graphs_after.append(counters["stats"]["unique_graphs"])
+    return [p.detach().clone() for p in ps] + [t.clone() for p in ps for t in opt.state[p].values()], opt.iterations
+
+
+@pytest.mark.parametrize("implementation", ["auto", "foreach", "compiled", "reference"])
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_fullgraph_compiled_step_equals_eager(implementation, feature):
+    """torch.compile(opt.step, fullgraph=True): no graph break on any backend (the step is one op of the graph),
+    the eager bits, the same iterations."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = FEATURES[feature]
+    graphs: list[int] = []
+    got = _steps(implementation, cfg, {"fullgraph": True}, graphs_after=graphs)
+    assert sum(counters["graph_break"].values()) == 0
+    # one graph for the step (the compiled backend adds its phases' graphs at their first use), and no
+    # graph after the first update's calls, whatever the schedule or the accumulation window
+    warm = 1 + cfg.get("gradient_accumulation_steps", 1)
+    assert graphs[-1] == graphs[warm - 1], graphs
+    assert implementation == "compiled" or graphs[-1] == 1, graphs
+    want = _steps(implementation, cfg, None)
+    assert got[1] == want[1] == 9 // cfg.get("gradient_accumulation_steps", 1)
+    for a, b in zip(got[0], want[0], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_pickled_optimizer_compiles_its_own_step():
+    import copy
+
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = Lamb([p], learning_rate=0.01)
+    twin_p, twin = copy.deepcopy((p, opt))
+    for param, o in ((p, opt), (twin_p, twin)):
+        param.grad = torch.ones(10)
+        torch.compile(o.step, fullgraph=True)()
+    assert opt.iterations == twin.iterations == 1 and torch.equal(p.detach(), twin_p.detach())

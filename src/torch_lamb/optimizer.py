@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _validation as check
+from . import compiled_step
 from .backends import IMPLEMENTATIONS
 from .backends.common import overwrite_with_averages, reset_accumulators
 from .clipping import clip_factors
@@ -111,7 +112,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         name: a label (auto-named ``lamb``, ``lamb_1``, ... when None).
         lr, betas, eps: PyTorch-style aliases of ``learning_rate``, ``(beta_1, beta_2)``, ``epsilon``.
         implementation: ``"auto"`` (default, also for None): the CPU kernel (``"fused"``) where it applies,
-            ``"foreach"`` elsewhere; or one of ``"fused"``, ``"foreach"``, ``"reference"`` (one tensor at a
+            ``"foreach"`` elsewhere; or one of ``"fused"``, ``"foreach"``, ``"compiled"`` (two phases under
+            ``torch.compile``, compiled at a bucket's first update), ``"reference"`` (one tensor at a
             time, the spec), which raises if some parameter cannot take it.
         foreach, fused: torch's spellings of the same choice (``fused=True`` is ``"fused"``,
             ``foreach=True`` is ``"foreach"``, ``foreach=False`` is ``"reference"``).
@@ -203,6 +205,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._iterations = 0
         self._state_complete = False
         self._layouts = LayoutCache()
+        self._compile_key = compiled_step.register(self)
+        self._graph_params: list[Tensor] = []  # the parameters a compiled step declares it writes
         self.name = name if name is not None else _auto_name()
 
         initial_lr = float(learning_rate) if not callable(learning_rate) else 0.0
@@ -218,6 +222,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         }
         super().__init__(params, defaults)
         self.state = TrackedState(dict, self.state)
+        self._graph_params = self._all_params()
         if callable(learning_rate):
             self._refresh_learning_rates()
         # Build the slots now: torch.distributed.checkpoint then never needs its dummy zero-lr step
@@ -291,6 +296,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self._refresh_learning_rates()
         if hasattr(self, "_learning_rate") and hasattr(self, "name"):  # added after construction
             self._ensure_state(with_masters=False)
+            self._graph_params = self._all_params()
 
     # ------------------------------------------------------------------ public Keras API
 
@@ -469,8 +475,14 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         """Apply the gradients in ``p.grad``: one Keras ``apply`` call.
 
         Reading the gradients, planning and laying out only check (a call that raises changes
-        nothing); then the backends run the plan, phase by phase.
+        nothing); then the backends run the plan, phase by phase. Under ``torch.compile`` (also with
+        ``fullgraph=True``) the step is one op of the graph that runs this eager step
+        (:mod:`torch_lamb.compiled_step`); with a closure it is a graph break instead.
         """
+        if closure is None and torch.compiler.is_compiling():
+            # a list kept eagerly: iterating param_groups here would guard the graph on every group value
+            compiled_step.run_in_graph(self, self._graph_params)
+            return None
         return self._step(closure)
 
     @torch.compiler.disable
@@ -481,7 +493,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self._all_params()
+        params = self._graph_params = self._all_params()
         grads, missing = read_grads(params)
         if all(missing):  # torch.optim's convention: a call without gradients is a no-op
             return loss
@@ -703,6 +715,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self.state = TrackedState(dict, self.state)
         if not hasattr(self, "_layouts"):  # unpickling (not a load_state_dict)
             self._layouts = LayoutCache()
+        if not hasattr(self, "_compile_key"):  # a new object: its own key for compiled steps
+            self._compile_key = compiled_step.register(self)
+        self._graph_params = self._all_params()
         if not hasattr(self, "_guard"):
             self._guard = NonfiniteGuard() if self.skip_nonfinite else None
             if self._guard is not None:
