@@ -38,7 +38,20 @@ IMPLS = (
 def _skip_reason(impl: Impl) -> str | None:
     if impl.needs_kernel and not kernel_status().available:
         return f"{impl.name}: no CPU kernel ({kernel_status().reason})"
+    if impl.name == "compiled":
+        from torch_lamb.backends.compiled import unavailable
+
+        reason = unavailable("cpu")
+        return f"compiled: {reason}" if reason else None
     return None
+
+
+def skip_unless(name: str) -> None:
+    """Skip the calling test, with the reason, where backend ``name`` cannot run here ("auto" always can)."""
+    impl = next((i for i in IMPLS if i.name == name), None)
+    reason = _skip_reason(impl) if impl is not None else None
+    if reason:
+        pytest.skip(reason)
 
 
 def refusal(name: str, dtype: torch.dtype) -> str | None:

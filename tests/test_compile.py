@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import impls
 import pytest
 import torch
 
@@ -117,6 +118,7 @@ def test_fullgraph_compiled_step_equals_eager(implementation, feature):
     the eager bits, the same iterations."""
     from torch._dynamo.utils import counters
 
+    impls.skip_unless(implementation)
     torch._dynamo.reset()
     counters.clear()
     cfg = FEATURES[feature]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+import impls
 import pytest
 import torch
 
@@ -16,6 +17,11 @@ from torch_lamb import Lamb
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_cpu_kernel import PIPELINE_CONFIGS, _close, _run_optimizer
+
+
+@pytest.fixture(autouse=True)
+def _needs_compiler() -> None:
+    impls.skip_unless("compiled")
 
 
 @pytest.mark.parametrize("config", sorted(PIPELINE_CONFIGS))

@@ -21,6 +21,8 @@ CPU), and on the CPU the C kernel is faster.
 from __future__ import annotations
 
 import array
+import os
+import shutil
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,14 +50,22 @@ _NAMES = ("lr", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_1", "bi
           "min_trust_ratio", "max_trust_ratio")
 
 
-def unavailable() -> str | None:
-    """Why ``torch.compile`` cannot be used here (None when it can)."""
+def unavailable(device_type: str = "cpu") -> str | None:
+    """Why ``torch.compile`` cannot lower the phases for ``device_type`` here (None when it can): inductor
+    needs a C++ compiler for CPU tensors and Triton for GPU ones."""
     try:
         import torch._dynamo
         import torch._inductor  # noqa: F401
     except Exception as err:  # pragma: no cover - a torch build without the compiler stack
         return f"torch.compile is unavailable ({type(err).__name__}: {err})"
-    return None
+    if device_type == "cpu":
+        cxx = os.environ.get("CXX")
+        if not any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"]):
+            return "inductor needs a C++ compiler for CPU tensors ($CXX, g++, c++ or clang++); none was found"
+        return None
+    from torch.utils._triton import has_triton
+
+    return None if has_triton() else f"inductor needs Triton for {device_type} tensors; it is not installed"
 
 
 @dataclass(frozen=True)
@@ -250,7 +260,7 @@ class CompiledBackend(TorchOpsBackend):
     name = "compiled"
 
     def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
-        return unavailable()
+        return unavailable(bucket.device.type)
 
     def prepare(self, bucket: Bucket) -> _Graphs:
         return _Graphs()
