@@ -22,8 +22,9 @@ def model() -> nn.Module:
     return m
 
 
-def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
+def batch(step: int, rank: int, world: int, seed: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s share of step ``step``'s batch of 8 (the whole batch with ``world=1``)."""
+    g = torch.Generator().manual_seed(seed + step)
     x, y = torch.randn(8, 5, generator=g), torch.randn(8, 1, generator=g)
     k = 8 // world
     return x[k * rank : k * rank + k], y[k * rank : k * rank + k]

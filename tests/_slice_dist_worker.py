@@ -14,6 +14,7 @@ import datetime
 import os
 from collections.abc import Iterator
 
+import _dist_worker
 import torch
 import torch.distributed as dist
 from _dist_worker import dcp_load, dcp_save, full
@@ -96,10 +97,7 @@ class Net(nn.Module):
 
 
 def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(200 + step)
-    x, y = torch.randn(8, 5, generator=g), torch.randn(8, 1, generator=g)
-    k = 8 // world
-    return x[k * rank : k * rank + k], y[k * rank : k * rank + k]
+    return _dist_worker.batch(step, rank, world, seed=200)
 
 
 FSDP_CONFIGS = [
@@ -462,17 +460,16 @@ def resume_worker(rank: int, world: int, init_method: str, ok: str, tmp: str) ->
     mesh = init_device_mesh("cpu", (world,))
     m = DcpNet()
     fully_shard(m, mesh=mesh)
-    opt = dcp_opt(m, OTHER_SLICES)
-    path = os.path.join(tmp, "four")
-    saved = torch.load(path + ".slices.pt")
-    assert opt.param_groups[0]["trust_ratio_slices"] != saved
-    dcp_load(m, opt, path)
-    check_resumed(m, opt, saved)
+    resume_from_four(m, tmp)
     finish(rank, ok)
 
 
 def resume_single(tmp: str) -> None:
-    m = DcpNet()
+    resume_from_four(DcpNet(), tmp)
+
+
+def resume_from_four(m: nn.Module, tmp: str) -> None:
+    """Load the 4-rank checkpoint into an optimizer given other slices (the checkpoint's win), and finish."""
     opt = dcp_opt(m, OTHER_SLICES)
     path = os.path.join(tmp, "four")
     saved = torch.load(path + ".slices.pt")
