@@ -144,3 +144,24 @@ def test_bench_skips_the_sliced_row_without_expert_banks(capsys: pytest.CaptureF
     assert [r["name"] for r in case["rows"]] == ["lamb-fused", "adamw-fused"]  # tiny has no 3-D parameter
     assert case["sliced_vs_per_tensor"] is None
     assert case["rows"][0]["trust_ratios"] == 3
+
+
+def test_gpu_check_script_runs_on_the_cpu() -> None:
+    """benchmarks/gpu_check.py stays runnable without a GPU: the same code on CPU tensors, a tiny case."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rows = "adamw-fused,adamw-foreach,lamb-foreach,lamb-foreach-capturable"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--case", "tiny", "--dtype",
+         "float32", "--dtype", "bfloat16", "--rounds", "2", "--rows", rows],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(root / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "device copy" in out and out.count("case tiny") == 2
+    for row in rows.split(","):
+        assert out.count(f"\n{row} ") == 2, (row, out)
+    assert "1.00x" in out  # fused AdamW, the reference row

@@ -204,13 +204,20 @@ _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _OPTIONS = {"emulate_precision_casts": True}
 
 
+def _options() -> dict[str, Any]:
+    """Inductor options this torch knows (an older one may lack ``emulate_precision_casts``)."""
+    import torch._inductor.config as inductor_config
+
+    return {k: v for k, v in _OPTIONS.items() if hasattr(inductor_config, k)}
+
+
 def _compiled(fn: Callable[..., Any], features: Features, signature: tuple[Any, ...]) -> Callable[..., Any]:
     """The compiled ``fn`` for these features and input shapes/dtypes/device (made once per process)."""
     key = (fn.__name__, features, signature)
     compiled = _COMPILED.get(key)
     if compiled is None:
         body = _own_function(fn, features, str(len(_COMPILED)))
-        compiled = _COMPILED[key] = torch.compile(body, fullgraph=True, dynamic=False, options=_OPTIONS)
+        compiled = _COMPILED[key] = torch.compile(body, fullgraph=True, dynamic=False, options=_options())
     return compiled
 
 

@@ -1,0 +1,85 @@
+"""GPU checks (skipped without CUDA; benchmarks/gpu_check.sh runs them on a lent GPU machine).
+
+Every backend that takes CUDA tensors against the CPU reference, for the Keras features; capturable steps
+with no host sync; the fullgraph compiled step; bfloat16 with master weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_lamb import Lamb
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+CONFIGS = {
+    "plain": {},
+    "decay_ema_accumulation": {"weight_decay": 0.05, "use_ema": True, "gradient_accumulation_steps": 2},
+    "global_clip_loss_scale": {"global_clipnorm": 0.5, "loss_scale_factor": 8.0},
+    "adaptive_bounds_clipnorm": {"weight_decay": 0.1, "weight_decay_mode": "adaptive", "max_trust_ratio": 2.0,
+                                 "clipnorm": 0.1},
+}
+SHAPES = [(300, 7), (5,), (64, 64), (4, 8, 8)]
+
+
+def _run(device: str, impl: str, cfg: dict, dtype=torch.float32, steps: int = 6, **kw):
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(device, dtype)) for s in SHAPES]
+    opt = Lamb(ps, learning_rate=0.01, implementation=impl, **cfg, **kw)
+    opt.set_trust_ratio_slices([ps[3]], dim=0)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=g) * 0.1).to(device, dtype)
+        opt.step()
+    return [p.detach().float().cpu() for p in ps], opt
+
+
+@pytest.mark.parametrize("impl", ["foreach", "compiled", "reference"])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_cuda_matches_the_cpu_reference(impl, config):
+    got, _ = _run("cuda", impl, CONFIGS[config])
+    want, _ = _run("cpu", "reference", CONFIGS[config])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+def test_capturable_skip_nonfinite_never_syncs(impl):
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000, generator=g).cuda())
+    opt = Lamb([p], learning_rate=0.01, use_ema=True, skip_nonfinite=True, capturable=True, implementation=impl)
+    p.grad = torch.randn_like(p)
+    opt.step()  # the first step builds the layout (and compiles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(opt.skipped_steps) == 0
+
+
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+def test_fullgraph_compiled_step_on_cuda_equals_eager(impl):
+    results = []
+    for compiled in (False, True):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(500, generator=g).cuda())
+        opt = Lamb([p], learning_rate=0.01, weight_decay=0.01, implementation=impl)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for _ in range(4):
+            p.grad = torch.randn(500, generator=g).cuda()
+            step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+def test_bfloat16_with_master_weights_matches_the_cpu_kernel_path(impl):
+    got, _ = _run("cuda", impl, {"weight_decay": 0.05}, dtype=torch.bfloat16, master_weights=True)
+    want, _ = _run("cpu", "foreach", {"weight_decay": 0.05}, dtype=torch.bfloat16, master_weights=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-2)
