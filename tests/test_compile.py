@@ -147,3 +147,43 @@ def test_a_pickled_optimizer_compiles_its_own_step():
         param.grad = torch.ones(10)
         torch.compile(o.step, fullgraph=True)()
     assert opt.iterations == twin.iterations == 1 and torch.equal(p.detach(), twin_p.detach())
+
+
+def _clip_then_step(compiled: bool, dtype: torch.dtype = torch.float32, master: bool = False):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).to(dtype)
+    opt = Lamb(model.parameters(), learning_rate=0.1, master_weights=master, implementation="foreach")
+
+    def train_step(x: torch.Tensor) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # edits the gradients in the same graph
+        opt.step()
+
+    step = torch.compile(train_step, fullgraph=True) if compiled else train_step
+    for _ in range(6):
+        model.zero_grad()
+        model(torch.ones(2, 4, dtype=dtype)).sum().backward()
+        step(torch.ones(1))
+    state = opt.state[model.weight]
+    return [model.weight.detach().clone(), state["momentum"].clone()] + (
+        [state["master_weight"].clone()] if master else [])
+
+
+def test_gradient_edits_earlier_in_the_graph_reach_the_step():
+    """clip_grad_norm_ then step in one fullgraph function: the step sees the clipped gradients (the op takes
+    them as inputs), as eager does."""
+    torch._dynamo.reset()
+    for a, b in zip(_clip_then_step(True), _clip_then_step(False), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_master_weights_keep_their_precision_under_a_compiled_step():
+    """The graph's runtime bumps the parameters' versions after the op: that is no write, so the float32
+    masters are not re-made from the bfloat16 parameters (they were, losing their precision every step)."""
+    torch._dynamo.reset()
+    got, want = _clip_then_step(True, torch.bfloat16, True), _clip_then_step(False, torch.bfloat16, True)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_step_op_is_never_recorded_into_a_cuda_graph():
+    assert torch.Tag.cudagraph_unsafe in torch.ops.torch_lamb.step.default.tags

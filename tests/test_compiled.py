@@ -120,3 +120,32 @@ def test_fsdp2_with_the_compiled_backend_matches_single_process(tmp_path) -> Non
     from test_slices_distributed import spawn
 
     spawn(w.fsdp_worker, 2, str(tmp_path / "ok"), "compiled", True)
+
+
+def test_a_compile_that_fails_changes_nothing(monkeypatch) -> None:
+    """Every graph of an update compiles (on scratch zeros) before any bucket is written: an interrupt during
+    the seconds-long first compile leaves the moments, accumulators and weights as they were."""
+    from torch_lamb.backends import compiled
+
+    ps = [torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(9).bfloat16())]
+    opt = Lamb(ps, learning_rate=0.01, implementation="compiled", gradient_accumulation_steps=2)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()  # a micro-step: accumulates
+    before = [t.clone() for p in ps for t in opt.state[p].values()] + [p.detach().clone() for p in ps]
+    real = compiled._compiled
+
+    def interrupted(fn, features, signature):
+        if fn.__name__ == "phase2":
+            raise KeyboardInterrupt
+        return real(fn, features, signature)
+
+    monkeypatch.setattr(compiled, "_compiled", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    after = [t.clone() for p in ps for t in opt.state[p].values()] + [p.detach().clone() for p in ps]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)) and opt.iterations == 0
+    monkeypatch.setattr(compiled, "_compiled", real)
+    opt.step()  # the retry applies the window once
+    assert opt.iterations == 1
+    assert torch.equal(opt.state[ps[0]]["gradient_accumulator"], torch.zeros(7, 3))

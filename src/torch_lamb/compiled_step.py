@@ -4,9 +4,16 @@ Dynamo drops Python attribute stores made in a traced frame (a traced ``step()``
 ``iterations``, a schedule or the accumulation window), and the step is host logic anyway: the plan,
 the cached layout, pointer checks, the C kernel. So under ``torch.compile`` :meth:`Lamb.step` records a
 call to the custom op ``torch_lamb::step``. The op declares that it mutates the parameters it is given
-(what the step writes that a graph can read), has no fake work, and at run time looks the optimizer up
-by its key and runs its eager step. So the graph never breaks, a new learning rate is never traced into
-it (no recompile), and the result is the eager one, bit for bit.
+(what the step writes that a graph can read) and reads the gradients it is given (so gradient edits made
+earlier in the same graph, such as ``clip_grad_norm_``, reach it), has no fake work, and at run time looks
+the optimizer up by its key and runs its eager step on those gradients. So the graph never breaks, a new
+learning rate is never traced into it (no recompile), and the result is the eager one, bit for bit.
+
+The graph's runtime may bump the version counter of the parameters the op declares it writes; with
+master weights, a parameter's version change otherwise means "the user wrote it". The op therefore
+takes such a bump as no write wherever the parameter still holds its master's rounding. It is tagged
+``cudagraph_unsafe``, so a CUDA-graph mode never records one step's kernels and replays them. DTensor
+parameters keep the plain graph break (the op has no sharding rule).
 """
 
 from __future__ import annotations
@@ -34,19 +41,31 @@ def register(opt: Lamb) -> int:
     return key
 
 
-@torch.library.custom_op("torch_lamb::step", mutates_args=("params",))
-def _step_op(params: list[Tensor], key: int) -> None:
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("torch_lamb::step", mutates_args=("params",), tags=_TAGS)
+def _step_op(params: list[Tensor], grads: list[Tensor | None], key: int) -> None:
     opt = _OPTIMIZERS[key]()
     if opt is None:  # pragma: no cover - a graph that outlived its optimizer
         raise RuntimeError("torch_lamb: the optimizer of this compiled step no longer exists.")
-    opt._step(None)
+    mine = opt._graph_params
+    # The graph normally hands over the parameters themselves; where it hands copies, they carry the
+    # graph's view of the parameters in and the step's result out.
+    copies = [(a, p) for a, p in zip(params, mine) if a.data_ptr() != p.data_ptr()]
+    if copies:
+        torch._foreach_copy_([p for _, p in copies], [a for a, _ in copies])
+    opt._layouts.absorb_version_bumps(opt, mine)
+    opt._step(None, list(grads))
+    if copies:
+        torch._foreach_copy_([a for a, _ in copies], [p for _, p in copies])
 
 
 @_step_op.register_fake
-def _(params: list[Tensor], key: int) -> None:
+def _(params: list[Tensor], grads: list[Tensor | None], key: int) -> None:
     return None
 
 
 def run_in_graph(opt: Lamb, params: list[Tensor]) -> None:
     """Inside a traced frame: record the optimizer's step as one op of the graph."""
-    _step_op(params, opt._compile_key)
+    _step_op(params, [p.grad for p in params], opt._compile_key)

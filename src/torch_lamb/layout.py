@@ -259,6 +259,25 @@ class LayoutCache:
             id(p): _signature(local(p)) for p in params if MASTER in dict.get(state, p, ())
         }
 
+    def absorb_version_bumps(self, opt: Lamb, params: Sequence[Tensor]) -> None:
+        """A compiled graph's runtime bumps the version of the parameters the step op declares it writes: for
+        a parameter with a master whose only change is its version, keep the master wherever the parameter
+        still holds the master's rounding (elsewhere it was written: it is the truth there)."""
+        marks = self._marks
+        if not marks:
+            return
+        for p in params:
+            mark = marks.get(id(p))
+            if mark is None:
+                continue
+            lp = local(p)
+            sig = _signature(lp)
+            if sig == mark or (sig[0], sig[2], sig[3]) != (mark[0], mark[2], mark[3]):
+                continue
+            master = local(dict.__getitem__(opt.state, p)[MASTER])
+            torch.where(lp == master.to(lp.dtype), master, lp.to(master.dtype), out=master)
+            marks[id(p)] = sig
+
     def stale_masters(self, opt: Lamb, params: Sequence[Tensor]) -> bool:
         marks = self._marks
         if not marks:

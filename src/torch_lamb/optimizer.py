@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from . import compiled_step
 from .backends import IMPLEMENTATIONS
 from .backends.common import overwrite_with_averages, reset_accumulators
 from .clipping import clip_factors
-from .distributed import local, no_host_reads
+from .distributed import is_dtensor, local, no_host_reads
 from .functional import LOW_PRECISION, TrustStats
 from .layout import (
     ACCUMULATOR,
@@ -207,6 +208,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._layouts = LayoutCache()
         self._compile_key = compiled_step.register(self)
         self._graph_params: list[Tensor] = []  # the parameters a compiled step declares it writes
+        self._graph_dtensor = False  # a DTensor among them: a compiled step keeps its graph break
         self.name = name if name is not None else _auto_name()
 
         initial_lr = float(learning_rate) if not callable(learning_rate) else 0.0
@@ -222,7 +224,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         }
         super().__init__(params, defaults)
         self.state = TrackedState(dict, self.state)
-        self._graph_params = self._all_params()
+        self._note_graph_params(self._all_params())
         if callable(learning_rate):
             self._refresh_learning_rates()
         # Build the slots now: torch.distributed.checkpoint then never needs its dummy zero-lr step
@@ -296,7 +298,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self._refresh_learning_rates()
         if hasattr(self, "_learning_rate") and hasattr(self, "name"):  # added after construction
             self._ensure_state(with_masters=False)
-            self._graph_params = self._all_params()
+            self._note_graph_params(self._all_params())
 
     # ------------------------------------------------------------------ public Keras API
 
@@ -479,22 +481,27 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         ``fullgraph=True``) the step is one op of the graph that runs this eager step
         (:mod:`torch_lamb.compiled_step`); with a closure it is a graph break instead.
         """
-        if closure is None and torch.compiler.is_compiling():
+        if closure is None and torch.compiler.is_compiling() and not self._graph_dtensor:
             # a list kept eagerly: iterating param_groups here would guard the graph on every group value
             compiled_step.run_in_graph(self, self._graph_params)
             return None
         return self._step(closure)
 
     @torch.compiler.disable
-    def _step(self, closure: Callable[[], Any] | None) -> Any:
+    def _step(self, closure: Callable[[], Any] | None, given_grads: list[Tensor | None] | None = None) -> Any:
         """The step, always run eagerly: under ``torch.compile`` dynamo would drop the counters' updates
-        (Python attribute stores in a traced frame), so a compiled step is this eager one."""
+        (Python attribute stores in a traced frame), so a compiled step is this eager one.
+        ``given_grads``: the gradients a compiled graph hands over (else ``p.grad`` is read)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self._graph_params = self._all_params()
-        grads, missing = read_grads(params)
+        params = self._all_params()
+        self._note_graph_params(params)
+        if given_grads is not None and len(given_grads) == len(params):
+            grads, missing = given_grads, tuple([g is None for g in given_grads])
+        else:
+            grads, missing = read_grads(params)
         if all(missing):  # torch.optim's convention: a call without gradients is a no-op
             return loss
         plan = plan_step(self)
@@ -516,7 +523,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     def _run(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> None:
         """The phases of one call; each backend call covers one bucket."""
         if plan.updating:
-            factors = clip_factors(layout.active, grads, plan)
+            factors = clip_factors(layout.active, grads, plan)  # reads only
+            for bucket, bucket_grads, factor in zip(layout.active, grads, factors):
+                ready = getattr(bucket.backend, "ready", None)  # compiles before anything is written
+                if ready is not None:
+                    ready(bucket, bucket_grads, plan, factor)
             for bucket, bucket_grads, factor in zip(layout.active, grads, factors):
                 self._update_stats(bucket, bucket.backend.update(bucket, bucket_grads, plan, factor))
         else:
@@ -550,6 +561,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+    def _note_graph_params(self, params: list[Tensor]) -> None:
+        """Kept eagerly for a compiled step: the parameters, and whether one is a DTensor."""
+        known = getattr(self, "_graph_params", [])
+        if len(params) != len(known) or not all(map(operator.is_, params, known)):
+            self._graph_params = params
+            self._graph_dtensor = any(is_dtensor(p) for p in params)
 
     def _ensure_state(self, with_masters: bool = True, recheck: bool = False) -> None:
         """Create the slots of every parameter (Keras builds them all on the first apply); ``recheck``
@@ -717,7 +735,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self._layouts = LayoutCache()
         if not hasattr(self, "_compile_key"):  # a new object: its own key for compiled steps
             self._compile_key = compiled_step.register(self)
-        self._graph_params = self._all_params()
+        self._note_graph_params(self._all_params())
         if not hasattr(self, "_guard"):
             self._guard = NonfiniteGuard() if self.skip_nonfinite else None
             if self._guard is not None:

@@ -55,6 +55,9 @@ class Backend(Protocol):
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         """Move the averages toward the weights (a call that does not update this bucket)."""
 
+    # Optional: ``ready(bucket, grads, plan, clip_factors)``, called for every bucket before any update of
+    # the call, for work that may fail and must change nothing (the compiled backend compiles there).
+
     def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
         """A 0-dim float count of local tensors holding NaN or a value of magnitude >= ``limit``
         (``skip_nonfinite``'s check; reading it is the guard's business)."""

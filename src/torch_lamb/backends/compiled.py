@@ -230,6 +230,7 @@ class _Graphs:
 
     def __init__(self) -> None:
         self.graphs: dict[tuple[str, Features], Callable[..., Any]] = {}
+        self.warm: set[Features] = set()  # feature sets whose update graphs have run (so are compiled)
         self.host = array.array("f", [0.0] * len(_NAMES))  # refilled each step: a CPU tensor over it
         self.host_tensor = torch.frombuffer(self.host, dtype=torch.float32)
         self.device: Tensor | None = None
@@ -259,6 +260,32 @@ class _Graphs:
 
 
 _FOREACH = ForeachBackend()
+
+
+def _scratch(*lists: Sequence[Tensor]) -> list[list[Tensor]]:
+    """Zeros laid out as ``lists`` are (same sizes and strides; views of one base are views of one scratch
+    base of its shape, as AOTAutograd lifts aliased inputs to their base; a Parameter stays one), so that a
+    graph run on them is the graph the real tensors will run."""
+    bases: dict[int, Tensor] = {}
+
+    def zeros_like(t: Tensor) -> Tensor:
+        return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).zero_()
+
+    out = []
+    for ts in lists:
+        row = []
+        for t in ts:
+            base = t._base
+            if base is None:
+                view = zeros_like(t)
+            else:
+                if id(base) not in bases:
+                    bases[id(base)] = zeros_like(base)
+                view = bases[id(base)].as_strided(t.size(), t.stride(), t.storage_offset())
+            row.append(torch.nn.Parameter(view, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter)
+                       else view)
+        out.append(row)
+    return out
 
 
 class CompiledBackend(TorchOpsBackend):
@@ -313,6 +340,23 @@ class CompiledBackend(TorchOpsBackend):
             narrow = sums.to(torch.float32)
             return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
         return sums
+
+    def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> None:
+        """Compile this update's graphs before any bucket is written: each new one runs once on scratch zeros
+        laid out as the bucket is. A compile that fails (or is interrupted) then leaves everything as it was."""
+        graphs: _Graphs = bucket.handle
+        features = self._features(bucket, plan, clip_factors)
+        if features in graphs.warm:
+            return
+        w, g, m, v, acc, avg, mirrors = _scratch(bucket.weights, grads, bucket.momentums, bucket.velocities,
+                                                 bucket.accumulators, bucket.averages, bucket.mirrors)
+        s = graphs.scalars(self._values(bucket, plan), bucket.device).clone()
+        factors = clip_factors.to(bucket.device, torch.float32).clone() if clip_factors is not None else None
+        sums = graphs.graph(phase1, features, bucket.weights, bucket.momentums, bucket.accumulators)(
+            w, g, m, v, acc, factors, s)
+        graphs.graph(phase2, features, bucket.weights, bucket.momentums, bucket.averages, bucket.mirrors)(
+            w, m, v, avg, mirrors, sums, s)
+        graphs.warm.add(features)
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         graphs: _Graphs = bucket.handle
