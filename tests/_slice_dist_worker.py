@@ -153,7 +153,7 @@ def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
 def fsdp_worker(rank: int, world: int, init_method: str, ok: str, implementation: str = "auto",
                 quick: bool = False) -> None:
     """``implementation`` runs the sharded optimizer (the single-process one runs "auto"); ``quick``: one
-    model size and the first two configs (a backend that compiles per bucket shape)."""
+    model size, the first two configs (a backend that compiles per bucket shape) and ``torch.compile(opt.step)``."""
     init(rank, world, init_method)
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -170,6 +170,8 @@ def fsdp_worker(rank: int, world: int, init_method: str, ok: str, implementation
 
             m = fsdp_model(experts, d, mesh)
             opt = make_opt(m, cfg, d, implementation=implementation)
+            if quick:  # also through torch.compile: DTensor parameters keep the graph break to the eager step
+                opt.step = torch.compile(opt.step)
             with counting_all_reduce() as calls:
                 per_step = train(m, opt, rank, world, calls)
             assert all(size == world for size in calls), calls
