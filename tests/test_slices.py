@@ -398,3 +398,15 @@ def test_slices_the_kernel_refuses_do_not_take_other_tensors_with_them(monkeypat
                         lambda name, b, kernel=None: (ran.append((name, b.n)), real(name, b, kernel)))
     _train_sliced("auto", "per_index_dim2", {}, steps=2)
     assert ran == [("lamb_fused", 1)] * 2  # the dense tensor alone
+
+
+def test_a_checkpoint_with_slices_loads_with_weights_only(tmp_path) -> None:
+    """The specs are plain tuples: torch.load(weights_only=True) takes them, and they come back as saved."""
+    bank, dense, opt = _train_sliced("auto", "sizes_dim0", {}, steps=1)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert loaded["param_groups"][0]["trust_ratio_slices"] == [(0, (1, 2, 1), ("a", "b", "c")), None]
+    twin = Lamb([("experts", torch.nn.Parameter(bank.detach().clone())),
+                 ("dense", torch.nn.Parameter(dense.detach().clone()))], learning_rate=0.01)
+    twin.load_state_dict(loaded)
+    assert twin.param_groups[0]["trust_ratio_slices"] == opt.param_groups[0]["trust_ratio_slices"]
