@@ -151,21 +151,23 @@ def _base_lrs(text: str) -> dict[str, float]:
     return out
 
 
-def _fraction(text: str) -> float:
+def _parsed(text: str, kind: type, what: str) -> Any:
+    """``kind(text)``, or argparse's error naming what was expected."""
     try:
-        v = float(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _fraction(text: str) -> float:
+    v = _parsed(text, float, "a number")
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"{v} is outside [0, 1)")
     return v
 
 
 def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    v = _parsed(text, int, "an integer")
     if v < 1:
         raise argparse.ArgumentTypeError(f"{v} must be >= 1")
     return v

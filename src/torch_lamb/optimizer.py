@@ -209,6 +209,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._compile_key = compiled_step.register(self)
         self._graph_params: list[Tensor] = []  # the parameters a compiled step declares it writes
         self._graph_dtensor = False  # a DTensor among them: a compiled step keeps its graph break
+        self._layout_params: list[Tensor] | None = None  # the layout's list when they were last noted
         self.name = name if name is not None else _auto_name()
 
         initial_lr = float(learning_rate) if not callable(learning_rate) else 0.0
@@ -497,7 +498,6 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._all_params()
-        self._note_graph_params(params)
         if given_grads is not None and len(given_grads) == len(params):
             grads, missing = given_grads, tuple([g is None for g in given_grads])
         else:
@@ -506,6 +506,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             return loss
         plan = plan_step(self)
         layout = self._layouts.get(self, params, grads, missing)
+        if layout.params is not self._layout_params:  # a rebuilt layout: the one time to look at the list
+            self._layout_params = layout.params
+            self._note_graph_params(layout.params)
         plan.write_back(self)
         bucket_grads = [b.grads(grads) for b in layout.active]
         with no_host_reads() if self.capturable else contextlib.nullcontext():
@@ -563,7 +566,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _note_graph_params(self, params: list[Tensor]) -> None:
-        """Kept eagerly for a compiled step: the parameters, and whether one is a DTensor."""
+        """Kept eagerly for a compiled step: the parameters, and whether one is a DTensor. The list object
+        stays while its tensors do (a compiled graph guards on it)."""
         known = getattr(self, "_graph_params", [])
         if len(params) != len(known) or not all(map(operator.is_, params, known)):
             self._graph_params = params
@@ -735,6 +739,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self._layouts = LayoutCache()
         if not hasattr(self, "_compile_key"):  # a new object: its own key for compiled steps
             self._compile_key = compiled_step.register(self)
+        self._layout_params = None
         self._note_graph_params(self._all_params())
         if not hasattr(self, "_guard"):
             self._guard = NonfiniteGuard() if self.skip_nonfinite else None

@@ -229,17 +229,18 @@ class _Graphs:
     """One bucket's compiled phases (found once per feature set) and its scalar vector."""
 
     def __init__(self) -> None:
-        self.graphs: dict[tuple[str, Features], Callable[..., Any]] = {}
-        self.warm: set[Features] = set()  # feature sets whose update graphs have run (so are compiled)
+        self.graphs: dict[tuple[str, tuple[Any, ...]], Callable[..., Any]] = {}  # by (phase, call flags)
+        self.features: dict[tuple[Any, ...], Features] = {}  # by call flags: the bucket's masks are fixed
+        self.warm: set[tuple[Any, ...]] = set()  # call flags whose update graphs have run (so are compiled)
         self.host = array.array("f", [0.0] * len(_NAMES))  # refilled each step: a CPU tensor over it
         self.host_tensor = torch.frombuffer(self.host, dtype=torch.float32)
         self.device: Tensor | None = None
 
-    def graph(self, fn: Callable[..., Any], features: Features, *lists: Sequence[Tensor]) -> Callable[..., Any]:
-        key = (fn.__name__, features)
+    def graph(self, fn: Callable[..., Any], flags: tuple[Any, ...], *lists: Sequence[Tensor]) -> Callable[..., Any]:
+        key = (fn.__name__, flags)
         compiled = self.graphs.get(key)
         if compiled is None:
-            compiled = self.graphs[key] = _compiled(fn, features, _signature(*lists))
+            compiled = self.graphs[key] = _compiled(fn, self.features[flags], _signature(*lists))
         return compiled
 
     def scalars(self, values: dict[str, float | Tensor | None], device: torch.device) -> Tensor:
@@ -303,20 +304,29 @@ class CompiledBackend(TorchOpsBackend):
         _FOREACH.accumulate(bucket, grads, plan)  # one add per micro-step: no graph needed
 
     @staticmethod
-    def _features(bucket: Bucket, plan: StepPlan, clip_factors: Tensor | None) -> Features:
+    def _flags(bucket: Bucket, plan: StepPlan, clip_factors: Tensor | None) -> tuple[Any, ...]:
+        """What of this call decides the graphs (a few bools), with its :class:`Features` made once per bucket
+        (the masks are fixed while the layout holds, so a step never rebuilds or hashes them)."""
         s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
-        n = len(bucket.weights)
-        decay = tuple(bucket.decay_mask)
-        return Features(
-            loss_scale=plan.loss_scale is not None, accumulate=plan.accumulation is not None,
-            clip="value" if plan.clip.kind == "value" else ("factors" if clip_factors is not None else None),
-            decay=decay if s is not None and s.decay_factor is not None else (False,) * n,
-            adaptive=decay if s is not None and s.adaptive_weight_decay is not None else (False,) * n,
-            adapt=tuple(bucket.adapt_mask) if bucket.adapt_mask is not None else (True,) * n,
-            low=bucket.weights[0].dtype in LOW_PRECISION,
-            bounds=(s is not None and s.min_trust_ratio is not None, s is not None and s.max_trust_ratio is not None),
-            ema=plan.ema_weight is not None, mirror=bool(bucket.mirrors),
+        flags = (
+            plan.loss_scale is not None, plan.accumulation is not None,
+            "value" if plan.clip.kind == "value" else ("factors" if clip_factors is not None else None),
+            s is not None and s.decay_factor is not None, s is not None and s.adaptive_weight_decay is not None,
+            s is not None and s.min_trust_ratio is not None, s is not None and s.max_trust_ratio is not None,
+            plan.ema_weight is not None,
         )
+        graphs: _Graphs = bucket.handle
+        if flags not in graphs.features:
+            n = len(bucket.weights)
+            decay, off = tuple(bucket.decay_mask), (False,) * n
+            graphs.features[flags] = Features(
+                loss_scale=flags[0], accumulate=flags[1], clip=flags[2],
+                decay=decay if flags[3] else off, adaptive=decay if flags[4] else off,
+                adapt=tuple(bucket.adapt_mask) if bucket.adapt_mask is not None else (True,) * n,
+                low=bucket.weights[0].dtype in LOW_PRECISION, bounds=(flags[5], flags[6]), ema=flags[7],
+                mirror=bool(bucket.mirrors),
+            )
+        return flags
 
     @staticmethod
     def _values(bucket: Bucket, plan: StepPlan) -> dict[str, float | Tensor | None]:
@@ -331,10 +341,10 @@ class CompiledBackend(TorchOpsBackend):
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         graphs: _Graphs = bucket.handle
-        features = self._features(bucket, plan, None)
+        flags = self._flags(bucket, plan, None)
         s = graphs.scalars(self._values(bucket, plan), bucket.device)
         grads, _ = state_grads(bucket, grads)
-        fn = graphs.graph(grad_squares, features, bucket.momentums, bucket.accumulators)
+        fn = graphs.graph(grad_squares, flags, bucket.momentums, bucket.accumulators)
         sums = fn(grads, bucket.accumulators, s, bucket.momentums[0].dtype)
         if sums.is_cpu and host_reads_allowed():  # float32 unless that overflows, as the other backends give
             narrow = sums.to(torch.float32)
@@ -345,29 +355,29 @@ class CompiledBackend(TorchOpsBackend):
         """Compile this update's graphs before any bucket is written: each new one runs once on scratch zeros
         laid out as the bucket is. A compile that fails (or is interrupted) then leaves everything as it was."""
         graphs: _Graphs = bucket.handle
-        features = self._features(bucket, plan, clip_factors)
-        if features in graphs.warm:
+        flags = self._flags(bucket, plan, clip_factors)
+        if flags in graphs.warm:
             return
         w, g, m, v, acc, avg, mirrors = _scratch(bucket.weights, grads, bucket.momentums, bucket.velocities,
                                                  bucket.accumulators, bucket.averages, bucket.mirrors)
         s = graphs.scalars(self._values(bucket, plan), bucket.device).clone()
         factors = clip_factors.to(bucket.device, torch.float32).clone() if clip_factors is not None else None
-        sums = graphs.graph(phase1, features, bucket.weights, bucket.momentums, bucket.accumulators)(
+        sums = graphs.graph(phase1, flags, bucket.weights, bucket.momentums, bucket.accumulators)(
             w, g, m, v, acc, factors, s)
-        graphs.graph(phase2, features, bucket.weights, bucket.momentums, bucket.averages, bucket.mirrors)(
+        graphs.graph(phase2, flags, bucket.weights, bucket.momentums, bucket.averages, bucket.mirrors)(
             w, m, v, avg, mirrors, sums, s)
-        graphs.warm.add(features)
+        graphs.warm.add(flags)
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         graphs: _Graphs = bucket.handle
-        features = self._features(bucket, plan, clip_factors)
+        flags = self._flags(bucket, plan, clip_factors)
         s = graphs.scalars(self._values(bucket, plan), bucket.device)
         factors = clip_factors.to(bucket.device, torch.float32) if clip_factors is not None else None
-        sums = graphs.graph(phase1, features, bucket.weights, bucket.momentums, bucket.accumulators)(
+        sums = graphs.graph(phase1, flags, bucket.weights, bucket.momentums, bucket.accumulators)(
             bucket.weights, grads, bucket.momentums, bucket.velocities, bucket.accumulators, factors, s)
         if bucket.reduce is not None:
             sums = bucket.reduce(sums)
-        weight_norm, update_norm, ratio = graphs.graph(phase2, features, bucket.weights, bucket.momentums,
+        weight_norm, update_norm, ratio = graphs.graph(phase2, flags, bucket.weights, bucket.momentums,
                                                        bucket.averages, bucket.mirrors)(
             bucket.weights, bucket.momentums, bucket.velocities, bucket.averages, bucket.mirrors, sums, s)
         return TrustStats(weight_norm, update_norm, ratio)
