@@ -350,7 +350,7 @@ class LayoutCache:
                         gi, adapt_mask=[] if any(fixed) else None, reduce=reducer_for(entry_key),
                         tensor_reduce=reducer_for(tensor_key), dtensor=is_dtensor(p),
                     )
-                _add_tensor(b, opt, p, state, master, sliced, names[id(p)], position,
+                _add_tensor(b, p, state, master, sliced, names[id(p)], position,
                             decay=group["weight_decay"] is not None and not group[DECAY_EXCLUDED][i],
                             adapt=None if b.adapt_mask is None else not fixed[i])
         buckets = [*active.values(), *idle.values()]
@@ -369,7 +369,7 @@ class LayoutCache:
 
 
 def _add_tensor(
-    b: Bucket, opt: Lamb, p: Tensor, state: dict[str, Tensor], master: bool, sliced: LocalSlices | None,
+    b: Bucket, p: Tensor, state: dict[str, Tensor], master: bool, sliced: LocalSlices | None,
     name: str, position: int, *, decay: bool, adapt: bool | None,
 ) -> None:
     """Append parameter ``p`` to bucket ``b``: its whole tensors to ``bases``, its entries to the lists."""
