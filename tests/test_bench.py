@@ -97,6 +97,9 @@ def test_bench_quick_picks_small_cases_and_few_rounds(monkeypatch: pytest.Monkey
     assert bench.main(["--quick", "--json"]) == 0
     capsys.readouterr()
     assert seen == [("small-many", bench.QUICK_ROUNDS, None), ("bert-base", bench.QUICK_ROUNDS, bench.QUICK_ROWS)]
+    # small-many runs its case rows: never the compiled backend, whose compile of 2,000 tensors takes minutes
+    assert "lamb-compiled" in bench.DEFAULT_ROWS and "lamb-compiled" not in bench.CASE_ROWS["small-many"]
+    assert "lamb-compiled" not in bench.QUICK_ROWS
 
 
 def test_bench_moe_case_shapes() -> None:
