@@ -41,11 +41,11 @@ if TYPE_CHECKING:
     from ..optimizer import Lamb
     from ..plan import StepPlan
 
-__all__ = ["CompiledBackend", "unavailable"]
+__all__ = ["SCALARS", "CompiledBackend", "ScalarVector", "scalar_values", "trust_ratios", "unavailable"]
 
 # the per-step scalars, by position in the vector
 LR, B1C, B2C, BC1, BC2, EPS, DECAY, AWD, EMA, LOSS, ACC, CLIP, LOW, HIGH = range(14)
-_NAMES = ("lr", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_1", "bias_correction_2", "epsilon",
+SCALARS = ("lr", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_1", "bias_correction_2", "epsilon",
           "decay_factor", "adaptive_weight_decay", "ema_weight", "loss_scale", "accumulation", "clipvalue",
           "min_trust_ratio", "max_trust_ratio")
 
@@ -130,12 +130,11 @@ def phase1(f: Features, weights: list[Tensor], grads: list[Tensor], momentums: l
     return torch.stack(w_sums + u_sums)
 
 
-def phase2(f: Features, weights: list[Tensor], momentums: list[Tensor], velocities: list[Tensor],
-           averages: list[Tensor], mirrors: list[Tensor], sums: Tensor, s: Tensor) -> list[Tensor]:
-    """The trust ratios, then ``p = w' - ratio * lr * u``, the low-precision copy and the average; returns
-    ``[||w'||, ||u||, ratio]`` (float32 unless a norm overflows it)."""
-    n = len(weights)
-    # the float32 steps of functional.trust_ratio (and of the C kernel), in double where a sum overflows float32
+def trust_ratios(sums: Tensor, n: int, bounds: tuple[bool, bool], adapt: Sequence[bool] | Tensor | None,
+                 s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(||w'||, ||u||, ratio)`` per entry from the packed squared sums (float64) ``[w'², ..., u², ...]``: the
+    float32 steps of :func:`~torch_lamb.functional.trust_ratio` (and of the C kernel), in float64 where a sum
+    overflows float32; ``adapt``: the entries that take the ratio (a bool tuple, a bool tensor, or None: all)."""
     narrow = sums.to(torch.float32)
     overflow = torch.isinf(narrow).any() & ~torch.isinf(sums).any()
     wide_norms, narrow_norms = torch.sqrt(sums), torch.sqrt(narrow)
@@ -144,13 +143,22 @@ def phase2(f: Features, weights: list[Tensor], momentums: list[Tensor], velociti
     for wn, un in ((narrow_norms[:n], narrow_norms[n:]), (wide_norms[:n], wide_norms[n:])):
         ratios.append(torch.where((wn > 0) & (un > 0), wn / un, torch.ones_like(wn)).to(torch.float32))
     ratio = torch.where(overflow, ratios[1], ratios[0])
-    weight_norm, update_norm = norms[:n], norms[n:]
-    if f.bounds[0]:
+    if bounds[0]:
         ratio = torch.maximum(ratio, s[LOW])
-    if f.bounds[1]:
+    if bounds[1]:
         ratio = torch.minimum(ratio, s[HIGH])
-    if not all(f.adapt):
-        ratio = torch.where(torch.tensor(f.adapt, device=ratio.device), ratio, torch.ones_like(ratio))
+    if isinstance(adapt, Tensor):
+        ratio = torch.where(adapt, ratio, torch.ones_like(ratio))
+    elif adapt is not None and not all(adapt):
+        ratio = torch.where(torch.tensor(adapt, device=ratio.device), ratio, torch.ones_like(ratio))
+    return norms[:n], norms[n:], ratio
+
+
+def phase2(f: Features, weights: list[Tensor], momentums: list[Tensor], velocities: list[Tensor],
+           averages: list[Tensor], mirrors: list[Tensor], sums: Tensor, s: Tensor) -> list[Tensor]:
+    """The trust ratios, then ``p = w' - ratio * lr * u``, the low-precision copy and the average; returns
+    ``[||w'||, ||u||, ratio]`` (float32 unless a norm overflows it)."""
+    weight_norm, update_norm, ratio = trust_ratios(sums, len(weights), f.bounds, f.adapt, s)
     scale = ratio * s[LR]
     dtype = momentums[0].dtype
     for i, (p, m, v) in enumerate(zip(weights, momentums, velocities)):
@@ -225,6 +233,32 @@ def _signature(*lists: Sequence[Tensor]) -> tuple[Any, ...]:
     return tuple((t.shape, t.dtype, t.device, t.stride()) for ts in lists for t in ts)
 
 
+class ScalarVector:
+    """A bucket's per-step scalars (:data:`SCALARS`, by position) as one float32 vector on its device, so that
+    kernels and graphs take every scalar as data: a new learning rate neither recompiles nor relaunches."""
+
+    def __init__(self) -> None:
+        self.host = array.array("f", [0.0] * len(SCALARS))  # refilled each step: a CPU tensor over it
+        self.host_tensor = torch.frombuffer(self.host, dtype=torch.float32)
+        self.device: Tensor | None = None
+
+    def fill(self, values: dict[str, float | Tensor | None], device: torch.device) -> Tensor:
+        """The step's scalars as one float32 vector on ``device`` (host values: no device sync; device values
+        of a device-side guard are gathered on the device)."""
+        tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+        for i, k in enumerate(SCALARS):
+            v = values.get(k)
+            self.host[i] = 0.0 if v is None or isinstance(v, Tensor) else float(v)
+        if device.type == "cpu" and not tensors:
+            return self.host_tensor  # CPU graphs run before the call returns, so before the next refill
+        if self.device is None or self.device.device != device:
+            self.device = torch.empty(len(SCALARS), dtype=torch.float32, device=device)
+        self.device.copy_(self.host_tensor, non_blocking=True)
+        for k, v in tensors.items():
+            self.device[SCALARS.index(k)] = v.to(device, torch.float32).reshape(())
+        return self.device
+
+
 class _Graphs:
     """One bucket's compiled phases (found once per feature set) and its scalar vector."""
 
@@ -232,9 +266,7 @@ class _Graphs:
         self.graphs: dict[tuple[str, tuple[Any, ...]], Callable[..., Any]] = {}  # by (phase, call flags)
         self.features: dict[tuple[Any, ...], Features] = {}  # by call flags: the bucket's masks are fixed
         self.warm: set[tuple[Any, ...]] = set()  # call flags whose update graphs have run (so are compiled)
-        self.host = array.array("f", [0.0] * len(_NAMES))  # refilled each step: a CPU tensor over it
-        self.host_tensor = torch.frombuffer(self.host, dtype=torch.float32)
-        self.device: Tensor | None = None
+        self.vector = ScalarVector()
 
     def graph(self, fn: Callable[..., Any], flags: tuple[Any, ...], *lists: Sequence[Tensor]) -> Callable[..., Any]:
         key = (fn.__name__, flags)
@@ -244,20 +276,7 @@ class _Graphs:
         return compiled
 
     def scalars(self, values: dict[str, float | Tensor | None], device: torch.device) -> Tensor:
-        """The step's scalars as one float32 vector on ``device`` (host values: no device sync; device values
-        of a device-side guard are gathered on the device)."""
-        tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
-        for i, k in enumerate(_NAMES):
-            v = values.get(k)
-            self.host[i] = 0.0 if v is None or isinstance(v, Tensor) else float(v)
-        if device.type == "cpu" and not tensors:
-            return self.host_tensor  # CPU graphs run before the call returns, so before the next refill
-        if self.device is None or self.device.device != device:
-            self.device = torch.empty(len(_NAMES), dtype=torch.float32, device=device)
-        self.device.copy_(self.host_tensor, non_blocking=True)
-        for k, v in tensors.items():
-            self.device[_NAMES.index(k)] = v.to(device, torch.float32).reshape(())
-        return self.device
+        return self.vector.fill(values, device)
 
 
 _FOREACH = ForeachBackend()
@@ -287,6 +306,18 @@ def _scratch(*lists: Sequence[Tensor]) -> list[list[Tensor]]:
                        else view)
         out.append(row)
     return out
+
+
+def scalar_values(bucket: Bucket, plan: StepPlan) -> dict[str, float | Tensor | None]:
+    """This call's scalars of ``bucket``, by :data:`SCALARS` name (None: the feature is off)."""
+    values: dict[str, float | Tensor | None] = {}
+    if plan.scalars is not None:
+        s = plan.scalars[bucket.group_index]
+        values.update({k: getattr(s, k) for k in SCALARS[:8]})
+        values.update(min_trust_ratio=s.min_trust_ratio, max_trust_ratio=s.max_trust_ratio)
+    values.update(ema_weight=plan.ema_weight, loss_scale=plan.loss_scale, accumulation=plan.accumulation,
+                  clipvalue=plan.clip.value if plan.clip.kind == "value" else None)
+    return values
 
 
 class CompiledBackend(TorchOpsBackend):
@@ -328,21 +359,10 @@ class CompiledBackend(TorchOpsBackend):
             )
         return flags
 
-    @staticmethod
-    def _values(bucket: Bucket, plan: StepPlan) -> dict[str, float | Tensor | None]:
-        values: dict[str, float | Tensor | None] = {}
-        if plan.scalars is not None:
-            s = plan.scalars[bucket.group_index]
-            values.update({k: getattr(s, k) for k in _NAMES[:8]})
-            values.update(min_trust_ratio=s.min_trust_ratio, max_trust_ratio=s.max_trust_ratio)
-        values.update(ema_weight=plan.ema_weight, loss_scale=plan.loss_scale, accumulation=plan.accumulation,
-                      clipvalue=plan.clip.value if plan.clip.kind == "value" else None)
-        return values
-
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         graphs: _Graphs = bucket.handle
         flags = self._flags(bucket, plan, None)
-        s = graphs.scalars(self._values(bucket, plan), bucket.device)
+        s = graphs.scalars(scalar_values(bucket, plan), bucket.device)
         grads, _ = state_grads(bucket, grads)
         fn = graphs.graph(grad_squares, flags, bucket.momentums, bucket.accumulators)
         sums = fn(grads, bucket.accumulators, s, bucket.momentums[0].dtype)
@@ -360,7 +380,7 @@ class CompiledBackend(TorchOpsBackend):
             return
         w, g, m, v, acc, avg, mirrors = _scratch(bucket.weights, grads, bucket.momentums, bucket.velocities,
                                                  bucket.accumulators, bucket.averages, bucket.mirrors)
-        s = graphs.scalars(self._values(bucket, plan), bucket.device).clone()
+        s = graphs.scalars(scalar_values(bucket, plan), bucket.device).clone()
         factors = clip_factors.to(bucket.device, torch.float32).clone() if clip_factors is not None else None
         sums = graphs.graph(phase1, flags, bucket.weights, bucket.momentums, bucket.accumulators)(
             w, g, m, v, acc, factors, s)
@@ -371,7 +391,7 @@ class CompiledBackend(TorchOpsBackend):
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         graphs: _Graphs = bucket.handle
         flags = self._flags(bucket, plan, clip_factors)
-        s = graphs.scalars(self._values(bucket, plan), bucket.device)
+        s = graphs.scalars(scalar_values(bucket, plan), bucket.device)
         factors = clip_factors.to(bucket.device, torch.float32) if clip_factors is not None else None
         sums = graphs.graph(phase1, flags, bucket.weights, bucket.momentums, bucket.accumulators)(
             bucket.weights, grads, bucket.momentums, bucket.velocities, bucket.accumulators, factors, s)
