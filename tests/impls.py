@@ -32,6 +32,7 @@ IMPLS = (
     Impl("fused", needs_kernel=True, capturable=False, ulps=4,
          dtypes=(torch.float32, torch.bfloat16, torch.float16)),  # float16 where the compiler has _Float16
     Impl("compiled", ulps=8, fixture=False),  # norms summed in float64, u in another order: a few ulps
+    Impl("triton", ulps=8, fixture=False),  # the interpreter here (slow), as "compiled" is: its own matrix
 )
 
 
@@ -43,6 +44,11 @@ def _skip_reason(impl: Impl) -> str | None:
 
         reason = unavailable("cpu")
         return f"compiled: {reason}" if reason else None
+    if impl.name == "triton":
+        from torch_lamb.backends.triton import unavailable as triton_unavailable
+
+        reason = triton_unavailable("cpu")
+        return f"triton: {reason}" if reason else None
     return None
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor
 
 from ..functional import TrustStats
-from . import compiled, cpu_kernel, foreach, reference
+from . import compiled, cpu_kernel, foreach, reference, triton
 
 if TYPE_CHECKING:
     from ..layout import Bucket
@@ -68,6 +68,7 @@ BACKENDS: dict[str, Backend] = {
     "foreach": foreach.ForeachBackend(),
     "fused": cpu_kernel.CpuKernelBackend(),
     "compiled": compiled.CompiledBackend(),
+    "triton": triton.TritonBackend(),
 }
 IMPLEMENTATIONS = ("auto", *BACKENDS)
 AUTO_ORDER = ("fused", "foreach")

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..optimizer import Lamb
     from ..plan import StepPlan
 
-__all__ = ["SCALARS", "CompiledBackend", "ScalarVector", "scalar_values", "trust_ratios", "unavailable"]
+__all__ = ["SCALARS", "CompiledBackend", "ScalarVector", "narrowed", "scalar_values", "trust_ratios", "unavailable"]
 
 # the per-step scalars, by position in the vector
 LR, B1C, B2C, BC1, BC2, EPS, DECAY, AWD, EMA, LOSS, ACC, CLIP, LOW, HIGH = range(14)
@@ -233,6 +233,15 @@ def _signature(*lists: Sequence[Tensor]) -> tuple[Any, ...]:
     return tuple((t.shape, t.dtype, t.device, t.stride()) for ts in lists for t in ts)
 
 
+def narrowed(sums: Tensor) -> Tensor:
+    """Squared sums summed in float64, as the other backends give them on the CPU: float32 unless that
+    overflows (on another device, or without host reads, they stay float64: no sync)."""
+    if sums.is_cpu and host_reads_allowed():
+        narrow = sums.to(torch.float32)
+        return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
+    return sums
+
+
 class ScalarVector:
     """A bucket's per-step scalars (:data:`SCALARS`, by position) as one float32 vector on its device, so that
     kernels and graphs take every scalar as data: a new learning rate neither recompiles nor relaunches."""
@@ -366,10 +375,7 @@ class CompiledBackend(TorchOpsBackend):
         grads, _ = state_grads(bucket, grads)
         fn = graphs.graph(grad_squares, flags, bucket.momentums, bucket.accumulators)
         sums = fn(grads, bucket.accumulators, s, bucket.momentums[0].dtype)
-        if sums.is_cpu and host_reads_allowed():  # float32 unless that overflows, as the other backends give
-            narrow = sums.to(torch.float32)
-            return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
-        return sums
+        return narrowed(sums)
 
     def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> None:
         """Compile this update's graphs before any bucket is written: each new one runs once on scratch zeros

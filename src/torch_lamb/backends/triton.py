@@ -1,0 +1,295 @@
+"""The ``triton`` backend: the C kernel's two passes as Triton kernels over a multi-tensor chunk table.
+
+A bucket's entries are cut once per layout into chunks of :data:`CHUNK` elements; the chunk table
+(each chunk's entry and start) and a pointer table per role (weights, moments, accumulators,
+averages, low-precision copies) live on the device, so one launch covers every tensor of a bucket:
+
+* **Pass 1** forms each gradient (unscale, accumulate, clip), updates m and v, and writes each
+  chunk's partial sums of ``w'²`` and ``u²``, squared and summed in float64 so that finite values
+  never overflow (the C kernel's float32 overflow care, with no re-sum needed).
+* A small kernel adds the partials up per entry, in chunk order (deterministic, no atomics).
+* ``bucket.reduce`` sums them across shards (DTensor), then the trust ratios are formed on the
+  device (:func:`~torch_lamb.backends.compiled.trust_ratios`: float32 unless a norm overflows it).
+* **Pass 2** re-forms u from the new moments and writes p, its low-precision copy and the average.
+
+Every per-step scalar arrives in the bucket's float32 vector (:class:`ScalarVector`), so a new
+learning rate relaunches the same compiled kernel. The feature set, the dtypes and the block sizes
+are compile-time constants. Division and square root are IEEE-rounded (``div_rn``, ``sqrt_rn``),
+floating-point contraction is off, and float32 becomes bfloat16 by round-to-nearest-even in the
+kernel's own bit arithmetic, so that the results do not depend on the compiler (or on Triton's CPU
+interpreter, whose bfloat16 cast truncates).
+
+Triton runs CUDA (and ROCm) tensors; CPU tensors only under its interpreter (``TRITON_INTERPRET=1``),
+which is how the tests run it on a machine without a GPU. It is opt-in (``implementation="triton"``):
+``"auto"`` takes it once it is measured faster than ``"compiled"`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..functional import LOW_PRECISION, TrustStats
+from .common import TorchOpsBackend
+from .compiled import LR, SCALARS, ScalarVector, narrowed, scalar_values, trust_ratios
+from .foreach import ForeachBackend
+
+if TYPE_CHECKING:
+    from ..layout import Bucket
+    from ..optimizer import Lamb
+    from ..plan import StepPlan
+
+__all__ = ["TritonBackend", "interpreted", "unavailable"]
+
+# Elements per program, and per inner step of a program: on a GPU, chunks long enough that the table
+# stays small (BERT-large: about 10,000 chunks); under the interpreter, short ones, so that the tests'
+# small tensors still span several chunks and blocks.
+CHUNK, BLOCK, WARPS = 32768, 2048, 8
+INTERPRETED_CHUNK, INTERPRETED_BLOCK = 2048, 1024
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CLIP_CODES = {None: 0, "value": 1, "factors": 2}
+
+
+def tl_float32() -> Any:
+    return kernels().TYPES[torch.float32]
+
+
+def interpreted() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): kernels run CPU tensors, slowly."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable(device_type: str = "cuda") -> str | None:
+    """Why the Triton kernels cannot run ``device_type`` tensors here (None when they can)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as err:
+        return f"Triton is not installed ({type(err).__name__}: {err}); pip install 'torch-lamb[triton]'"
+    if device_type == "cpu":
+        return None if interpreted() else "Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
+    if device_type != "cuda":
+        return f"Triton does not take {device_type} tensors"
+    return None
+
+
+@functools.cache
+def kernels() -> Any:
+    """The kernels, defined at first use: ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates."""
+    from . import _triton_kernels
+
+    return _triton_kernels
+
+
+class TritonBucket:
+    """One bucket's chunk table, pointer tables and scalar vector, built once per layout."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        device = bucket.device
+        self.interpreted = device.type == "cpu"
+        self.chunk = INTERPRETED_CHUNK if self.interpreted else CHUNK
+        self.block = INTERPRETED_BLOCK if self.interpreted else BLOCK
+        numels = [m.numel() for m in bucket.momentums]
+        entries, starts = [], []
+        for e, n in enumerate(numels):
+            count = -(-n // self.chunk)
+            entries += [e] * count
+            starts += range(0, count * self.chunk, self.chunk)
+        first = [0]
+        for n in numels:
+            first.append(first[-1] + -(-n // self.chunk))
+        self.chunks = len(entries)
+        self.chunk_entry = torch.tensor(entries, dtype=torch.int32, device=device)
+        self.chunk_start = torch.tensor(starts, dtype=torch.int64, device=device)
+        self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
+        self.first_chunk = torch.tensor(first, dtype=torch.int64, device=device)
+        self.decay = torch.tensor(bucket.decay_mask, dtype=torch.int8, device=device)
+        self.adapt = (torch.tensor(bucket.adapt_mask, dtype=torch.bool, device=device)
+                      if bucket.adapt_mask is not None and not all(bucket.adapt_mask) else None)
+        self.tables = {role: _table(ts, device) for role, ts in (
+            ("weights", bucket.weights), ("momentums", bucket.momentums), ("velocities", bucket.velocities),
+            ("accumulators", bucket.accumulators), ("averages", bucket.averages), ("mirrors", bucket.mirrors))}
+        # Held: a slot given new storage through a reference kept across steps leaves its pointer stale but
+        # valid until the layout notices, so a kernel never writes freed memory.
+        self.storages = [t.untyped_storage() for t in bucket.written()]
+        self.partials = torch.empty(2 * max(self.chunks, 1), dtype=torch.float64, device=device)
+        self.sums = torch.empty(2 * len(numels), dtype=torch.float64, device=device)
+        self.scale = torch.empty(len(numels), dtype=torch.float32, device=device)
+        self.vector = ScalarVector()
+        self.grad_pointers: tuple[int, ...] = ()
+        self.grad_table: Tensor | None = None
+        self.warm: set[tuple[Any, ...]] = set()
+
+    def grads(self, grads: Sequence[Tensor]) -> tuple[Tensor, torch.dtype]:
+        """The gradients' pointer table (rebuilt only when an address changed) and their dtype."""
+        pointers = tuple([g.data_ptr() for g in grads])
+        if pointers != self.grad_pointers or self.grad_table is None:
+            self.grad_table = _table(grads, self.chunk_entry.device)
+            self.grad_pointers = pointers
+        return self.grad_table, grads[0].dtype
+
+
+def _table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The tensors' addresses as an int64 tensor on ``device`` (a one-element placeholder for none)."""
+    return torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64, device=device)
+
+
+_FOREACH = ForeachBackend()
+
+
+class TritonBackend(TorchOpsBackend):
+    """CUDA tensors (CPU ones under the interpreter) of any float dtype, float32 state for low precision;
+    contiguous entries only (a trust-ratio slice along a later dim is a strided view)."""
+
+    name = "triton"
+
+    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+        reason = unavailable(bucket.device.type)
+        if reason is not None:
+            return reason
+        for what, tensors in (("parameter", bucket.weights), ("parameter", bucket.mirrors),
+                              ("state", bucket.momentums)):
+            if tensors and tensors[0].dtype not in _FLOATS:
+                return f"the Triton kernels take float32, float64, bfloat16, float16; this {what} is {tensors[0].dtype}"
+        if not all(t.is_contiguous() for t in bucket.written()):
+            return "the Triton kernels take contiguous tensors (a slice along a later dim is strided); use 'compiled'"
+        return None
+
+    def prepare(self, bucket: Bucket) -> TritonBucket:
+        return TritonBucket(bucket)
+
+    def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
+        _FOREACH.accumulate(bucket, grads, plan)  # one add per micro-step: foreach is already one pass
+
+    @staticmethod
+    def _grads(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
+        """Gradients the kernels read as flat arrays of one dtype: contiguous, and in the state's dtype where
+        their dtypes differ (``p.grad.data = other`` can change one)."""
+        if any([not g.is_contiguous() for g in grads]):
+            grads = [g.contiguous() for g in grads]
+        if any([g.dtype != grads[0].dtype for g in grads]) or grads[0].dtype not in _FLOATS:
+            grads = [g.to(bucket.momentums[0].dtype) for g in grads]
+        return grads
+
+    @staticmethod
+    def _constants(bucket: Bucket, plan: StepPlan, clip_factors: Tensor | None) -> dict[str, Any]:
+        """The compile-time constants of this call's kernels (a change compiles new ones, once)."""
+        types = kernels().TYPES
+        s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
+        handle: TritonBucket = bucket.handle
+        weights = bucket.weights[0].dtype
+        return {
+            "LOSS_SCALE": plan.loss_scale is not None,
+            "ACCUMULATE": plan.accumulation is not None,
+            "CLIP": _CLIP_CODES["value" if plan.clip.kind == "value" else
+                                ("factors" if clip_factors is not None else None)],
+            "DECAY": s is not None and s.decay_factor is not None,
+            "ADAPTIVE": s is not None and s.adaptive_weight_decay is not None,
+            "W_TYPE": types[weights],
+            "S_TYPE": types[bucket.momentums[0].dtype],
+            "MIRROR": bool(bucket.mirrors),
+            "MIRROR_TYPE": types[bucket.mirrors[0].dtype] if bucket.mirrors else tl_float32(),
+            "EMA": plan.ema_weight is not None and bool(bucket.averages),
+            "EMA_ROUNDED": weights in LOW_PRECISION,  # no master: the average follows the rounded weights
+            "CHUNK": handle.chunk,
+            "BLOCK": handle.block,
+        }
+
+    @staticmethod
+    def _pass1(bucket: Bucket, grads: list[Tensor], s: Tensor, factors: Tensor | None, constants: dict[str, Any],
+               measure: bool) -> Tensor:
+        """Pass 1 (with ``measure``: only the formed gradients' squares) and the per-entry sums (float64)."""
+        handle: TritonBucket = bucket.handle
+        k = kernels()
+        grad_table, grad_dtype = handle.grads(grads)
+        n = len(bucket.momentums)
+        if handle.chunks:
+            launch(k.lamb_pass1, handle, (handle.chunks,),
+                   handle.chunk_entry, handle.chunk_start, handle.numels, handle.decay, grad_table,
+                   handle.tables["weights"], handle.tables["momentums"], handle.tables["velocities"],
+                   handle.tables["accumulators"], factors if factors is not None else s, s, handle.partials,
+                   handle.chunks, G_TYPE=k.TYPES[grad_dtype], MEASURE=measure,
+                   **{key: constants[key] for key in _PASS1})
+        launch(k.entry_sums, handle, (n,), handle.first_chunk, handle.partials, handle.sums, handle.chunks, n,
+               BLOCK=handle.block)
+        return handle.sums[:n] if measure else handle.sums
+
+    @staticmethod
+    def _pass2(bucket: Bucket, scale: Tensor, s: Tensor, constants: dict[str, Any]) -> None:
+        handle: TritonBucket = bucket.handle
+        if handle.chunks:
+            t = handle.tables
+            launch(kernels().lamb_pass2, handle, (handle.chunks,),
+                   handle.chunk_entry, handle.chunk_start, handle.numels, handle.decay, t["weights"],
+                   t["momentums"], t["velocities"], t["averages"], t["mirrors"], scale, s,
+                   **{key: constants[key] for key in _PASS2})
+
+    def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
+        handle: TritonBucket = bucket.handle
+        s = handle.vector.fill(scalar_values(bucket, plan), bucket.device)
+        constants = self._constants(bucket, plan, None)
+        return narrowed(self._pass1(bucket, self._grads(bucket, grads), s, None, constants, measure=True).clone())
+
+    def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> None:
+        """Compile this update's kernels before any bucket is written: one run on a scratch bucket of one
+        element per role, in this bucket's dtypes (Triton compiles per dtype and constants, not per shape)."""
+        handle: TritonBucket = bucket.handle
+        constants = self._constants(bucket, plan, clip_factors)
+        key = tuple(constants.values())
+        if key in handle.warm:
+            return
+        from ..layout import Bucket as LayoutBucket
+
+        def one(tensors: list[Tensor]) -> list[Tensor]:
+            return [torch.zeros(1, dtype=tensors[0].dtype, device=tensors[0].device)] if tensors else []
+
+        scratch = LayoutBucket(
+            group_index=bucket.group_index, weights=one(bucket.weights), mirrors=one(bucket.mirrors),
+            momentums=one(bucket.momentums), velocities=one(bucket.velocities),
+            accumulators=one(bucket.accumulators), averages=one(bucket.averages), decay_mask=[True])
+        scratch.handle = TritonBucket(scratch)
+        scratch.handle.interpreted, scratch.handle.chunk, scratch.handle.block = (
+            handle.interpreted, handle.chunk, handle.block)
+        s = handle.vector.fill(scalar_values(bucket, plan), bucket.device).clone()
+        factors = torch.ones(1, dtype=torch.float32, device=bucket.device) if clip_factors is not None else None
+        self._pass1(scratch, one(self._grads(bucket, grads)), s, factors, constants, measure=False)
+        self._pass2(scratch, torch.zeros(1, dtype=torch.float32, device=bucket.device), s, constants)
+        handle.warm.add(key)
+
+    def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
+        handle: TritonBucket = bucket.handle
+        s = handle.vector.fill(scalar_values(bucket, plan), bucket.device)
+        factors = clip_factors.to(bucket.device, torch.float32).contiguous() if clip_factors is not None else None
+        constants = self._constants(bucket, plan, clip_factors)
+        sums = self._pass1(bucket, self._grads(bucket, grads), s, factors, constants, measure=False)
+        if bucket.reduce is not None:
+            sums = bucket.reduce(sums)
+        hyper = plan.scalars[bucket.group_index] if plan.scalars is not None else None
+        bounds = (hyper is not None and hyper.min_trust_ratio is not None,
+                  hyper is not None and hyper.max_trust_ratio is not None)
+        weight_norm, update_norm, ratio = trust_ratios(sums, len(bucket.momentums), bounds, handle.adapt, s)
+        torch.mul(ratio, s[LR], out=handle.scale)
+        self._pass2(bucket, handle.scale, s, constants)
+        return TrustStats(weight_norm, update_norm, ratio)
+
+
+_PASS1 = ("LOSS_SCALE", "ACCUMULATE", "CLIP", "DECAY", "ADAPTIVE", "W_TYPE", "S_TYPE", "CHUNK", "BLOCK")
+_PASS2 = ("DECAY", "ADAPTIVE", "W_TYPE", "S_TYPE", "MIRROR", "MIRROR_TYPE", "EMA", "EMA_ROUNDED", "CHUNK", "BLOCK")
+
+
+def launch(kernel: Any, handle: TritonBucket, grid: tuple[int, ...], *args: Any, **constants: Any) -> None:
+    """Launch ``kernel`` with the options that keep its rounding the reference's (no FMA contraction)."""
+    if handle.interpreted:
+        kernel[grid](*args, **constants)
+    else:
+        kernel[grid](*args, **constants, num_warps=WARPS, enable_fp_fusion=False)
+
+
+assert SCALARS[:14] == ("lr", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_1", "bias_correction_2",
+                        "epsilon", "decay_factor", "adaptive_weight_decay", "ema_weight", "loss_scale",
+                        "accumulation", "clipvalue", "min_trust_ratio", "max_trust_ratio"), "kernels index SCALARS"
