@@ -98,6 +98,24 @@ def learning_rate(name: str, value: Any) -> Any:
         ) from None
 
 
+def tensor_learning_rate(name: str, value: torch.Tensor, params: Any = ()) -> torch.Tensor:
+    """A learning rate kept as a tensor (``capturable``: the step reads it on the device). Its form is checked
+    here; its value is not (reading it would be a host sync), so a negative one is the caller's to avoid."""
+    if value.dim() != 0 or not value.is_floating_point() or value.requires_grad:
+        raise ValueError(
+            f"A tensor `{name}` must be a 0-dim floating-point tensor that does not require grad. "
+            f"Received: {name}=tensor of shape {tuple(value.shape)}, dtype {value.dtype}, "
+            f"requires_grad={value.requires_grad}"
+        )
+    first = next((p for p in params if isinstance(p, torch.Tensor)), None)
+    if first is not None and value.device != first.device:
+        raise ValueError(
+            f"A tensor `{name}` must live on its parameters' device ({first.device}), where the step reads it "
+            f"without a copy. Received: {name} on {value.device}"
+        )
+    return value
+
+
 def beta(name: str, value: Any) -> Any:
     """A number in [0, 1), a 0-dim tensor in [0, 1) or a zero-argument callable returning one."""
     if callable(value) and not isinstance(value, torch.Tensor):

@@ -30,18 +30,23 @@ from torch import Tensor
 
 from .distributed import Reducer, full_norms
 
-__all__ = ["LambScalars", "TrustStats", "lamb_reference", "lamb_scalars", "lamb_update"]
+__all__ = ["LambScalars", "TrustStats", "foreach_add_scalar_", "foreach_lerp_", "lamb_reference", "lamb_scalars",
+           "lamb_update"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class LambScalars:
-    """Host-side scalars of one update, rounded as Keras rounds them.
+    """The scalars of one update, rounded as Keras rounds them: host floats, or 0-dim device tensors.
 
-    With ``skip_nonfinite`` the optimizer replaces ``lr``, ``one_minus_beta_*``,
-    ``bias_correction_*`` and ``decay_factor`` by 0-dim device tensors of the moments' dtype (so a
-    skipped step is decided without a host sync); the update functions accept either.
+    With ``capturable=True`` (:mod:`torch_lamb.capturable`) what changes from call to call without the
+    host, ``bias_correction_*`` and a device-evaluated ``lr`` with its ``decay_factor``, is a 0-dim
+    float32 device tensor derived from the device step counter (so a captured CUDA graph advances it);
+    the constants of the call stay floats (kernel arguments, frozen in a graph as a cached tensor would
+    be; ``adaptive_weight_decay`` must be one: torch takes ``alpha=`` as a number only).
+    ``skip_nonfinite`` on the device makes ``lr``, ``one_minus_beta_*``, ``epsilon`` and ``decay_factor``
+    masked 0-dim tensors (a skipped step decided without a host sync). The update functions accept either.
     """
 
     lr: float | Tensor
@@ -63,6 +68,27 @@ class TrustStats:
     weight_norm: Tensor
     update_norm: Tensor
     trust_ratio: Tensor
+
+
+def foreach_lerp_(starts: list[Tensor], ends: list[Tensor], weight: float | Tensor) -> None:
+    """``torch._foreach_lerp_`` with a float or a 0-dim tensor weight. torch's one-weight overload takes a
+    Python number, so it would read a tensor on the host (``.item()``, a device sync, frozen in a captured
+    graph); a tensor goes through the per-tensor-weights overload instead (the same formula and bits)."""
+    if isinstance(weight, Tensor):
+        if starts:
+            torch._foreach_lerp_(starts, ends, [weight.to(starts[0].device, starts[0].dtype)] * len(starts))
+    else:
+        torch._foreach_lerp_(starts, ends, weight)
+
+
+def foreach_add_scalar_(tensors: list[Tensor], value: float | Tensor) -> None:
+    """``t += value`` for each tensor; a 0-dim tensor takes the ``Tensor`` overload (no host read, unlike
+    the ``Scalar`` one that Python's overload resolution would pick for it)."""
+    if isinstance(value, Tensor):
+        if tensors:
+            torch.ops.aten._foreach_add_.Tensor(tensors, value)
+    else:
+        torch._foreach_add_(tensors, value)
 
 
 def f32(x: float) -> float:
@@ -192,16 +218,16 @@ def lamb_update(
         if decayed:
             torch._foreach_mul_(decayed, scalars.decay_factor)
 
-    torch._foreach_lerp_(momentums, grads, scalars.one_minus_beta_1)
+    foreach_lerp_(momentums, grads, scalars.one_minus_beta_1)
     squares = torch._foreach_mul(grads, grads)
-    torch._foreach_lerp_(velocities, squares, scalars.one_minus_beta_2)
+    foreach_lerp_(velocities, squares, scalars.one_minus_beta_2)
 
     updates = torch._foreach_div(momentums, scalars.bias_correction_1)
     denoms = squares  # reuse the buffer: sqrt(v / (1 - beta_2**t)) + epsilon
     torch._foreach_copy_(denoms, velocities)
     torch._foreach_div_(denoms, scalars.bias_correction_2)
     torch._foreach_sqrt_(denoms)
-    torch._foreach_add_(denoms, scalars.epsilon)
+    foreach_add_scalar_(denoms, scalars.epsilon)
     torch._foreach_div_(updates, denoms)
     if scalars.adaptive_weight_decay is not None:
         pairs = [(u, w) for u, w, d in zip(updates, work, decay_mask) if d]

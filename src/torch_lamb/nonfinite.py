@@ -19,7 +19,10 @@ for finite values; NaN and inf propagate), reduced across shards so that every r
 
 Counters: ``Lamb._iterations`` counts *calls* (it drives schedules, accumulation windows and the EMA
 overwrite period); the counters below count what was applied and drive bias correction,
-``Lamb.iterations`` and the EMA warm-up.
+``Lamb.iterations`` and the EMA warm-up. On the device they advance in place (a captured CUDA graph
+keeps advancing the same tensors), and under ``capturable`` ``applied_updates`` is the step counter
+of :mod:`torch_lamb.capturable` (it derives the bias corrections and EMA weight from it; the guard
+masks them).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .functional import LambScalars, f32
 
 if TYPE_CHECKING:
     from .layout import Layout
-    from .plan import StepPlan
+    from .plan import GroupHyper, StepPlan
 
 __all__ = ["NonfiniteGuard"]
 
@@ -59,7 +62,24 @@ class NonfiniteGuard:
         return int(self.counts[name])
 
     def load(self, values: dict[str, int]) -> None:
-        self.counts = {k: int(values.get(k, 0)) for k in self.COUNTERS}
+        """Set the counters; device ones in place (``fill_``), so that a graph captured before still reads them."""
+        for k in self.COUNTERS:
+            current, value = self.counts[k], int(values.get(k, 0))
+            if isinstance(current, Tensor):
+                current.fill_(value)
+            else:
+                self.counts[k] = value
+
+    def on_device(self, device: torch.device) -> dict[str, Tensor | int]:
+        """The counters as 0-dim int64 tensors on ``device`` (made by ``torch.full``, a fill kernel: never a
+        host-to-device copy, which would sync; moved, not read, when the device changes)."""
+        counts = self.counts
+        if not all(isinstance(v, Tensor) and v.device == device for v in counts.values()):
+            self.counts = counts = {
+                k: v.to(device) if isinstance(v, Tensor) else torch.full((), int(v), dtype=torch.int64, device=device)
+                for k, v in counts.items()
+            }
+        return counts
 
     # ------------------------------------------------------------------ the transformation
 
@@ -74,16 +94,19 @@ class NonfiniteGuard:
     def finish(self, plan: StepPlan) -> None:
         """Advance the counters once the call has run."""
         found, empty = self._found, self._empty
-        if isinstance(found, Tensor):
-            self.counts["skipped_steps"] += found.long()
+        counts = self.counts
+        if isinstance(found, Tensor):  # in place: a captured graph keeps advancing the same tensors
+            counts["skipped_steps"].add_(found.long())  # type: ignore[union-attr]
             if plan.updating:
-                self.counts["applied_updates"] += (~empty).long()
+                counts["applied_updates"].add_((~empty).long())  # type: ignore[union-attr]
+            if plan.accumulating and plan.updating:
+                counts["finite_in_window"].zero_()  # type: ignore[union-attr]
         else:
-            self.counts["skipped_steps"] += int(found)
+            counts["skipped_steps"] += int(found)
             if plan.updating:
-                self.counts["applied_updates"] += int(not empty)
-        if plan.accumulating and plan.updating:
-            self.counts["finite_in_window"] = self.counts["finite_in_window"] * 0
+                counts["applied_updates"] += int(not empty)
+            if plan.accumulating and plan.updating:
+                counts["finite_in_window"] = 0
 
     @staticmethod
     def _bad(layout: Layout, grads: list[list[Tensor]], limit: float) -> list[Tensor]:
@@ -120,10 +143,7 @@ class NonfiniteGuard:
 
     def _prepare_device(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> tuple[list, StepPlan]:
         device = layout.active[0].device
-        if not isinstance(self.counts["applied_updates"], Tensor) or self.counts["applied_updates"].device != device:
-            self.counts = {  # torch.full: a fill kernel, never a host-to-device copy (which would sync)
-                k: torch.full((), int(v), dtype=torch.int64, device=device) for k, v in self.counts.items()
-            }
+        counts = self.on_device(device)
         flags = self._bad(layout, grads, _limit(plan))
         found = self._found = torch.stack([f.to(device) for f in flags]).sum() > 0
         fill = _FILL_ACCUMULATING if plan.accumulating else _FILL
@@ -136,10 +156,10 @@ class NonfiniteGuard:
             flat.masked_fill_(found.to(flat.device), fill)
             copies.append(views)
         self._buffers = buffers  # buffers of parameter sets no longer stepped are dropped
-        counts = self.counts
         if plan.accumulating:
-            counts["finite_in_window"] = counts["finite_in_window"] + (~found).long()
-            self._empty = counts["finite_in_window"] == 0
+            window: Tensor = counts["finite_in_window"]  # type: ignore[assignment]
+            window.add_((~found).long())
+            self._empty = window == 0
         else:
             self._empty = found
         like = layout.active[0].momentums[0]
@@ -147,40 +167,46 @@ class NonfiniteGuard:
         if plan.updating:
             assert plan.scalars is not None
             t = (counts["applied_updates"] + 1).to(like.device, torch.float32)
-            changes["scalars"] = tuple(
-                self._masked(s, g.beta_1, g.beta_2, t, like) for s, g in zip(plan.scalars, plan.groups)
-            )
+            changes["scalars"] = tuple(self._masked(s, g, t, like) for s, g in zip(plan.scalars, plan.groups))
             if plan.accumulating:
                 changes["accumulation"] = counts["finite_in_window"].clamp(min=1).to(like.device, like.dtype)
         if plan.ema_weight is not None:  # momentum 0 until the first *applied* update; 0 when skipped
-            steady = torch.full((), _steady_weight(plan), device=like.device, dtype=like.dtype)
-            w = torch.where((counts["applied_updates"] == 0).to(like.device), torch.ones_like(steady), steady)
-            changes["ema_weight"] = torch.where(found.to(like.device), torch.zeros_like(w), w)
+            w = plan.ema_weight
+            if not isinstance(w, Tensor):  # (capturable derived it from this counter already)
+                steady = torch.full((), _steady_weight(plan), device=like.device, dtype=like.dtype)
+                w = torch.where((counts["applied_updates"] == 0).to(like.device), torch.ones_like(steady), steady)
+            changes["ema_weight"] = torch.where(found.to(w.device), torch.zeros_like(w), w)
         if plan.overwrite:
             changes["overwrite_keep"] = (~found).to(like.device, like.dtype)
         return copies, replace(plan, **changes)
 
-    def _masked(self, s: LambScalars, beta_1: float, beta_2: float, t: Tensor, like: Tensor) -> LambScalars:
+    def _masked(self, s: LambScalars, hyper: GroupHyper, t: Tensor, like: Tensor) -> LambScalars:
         """``s`` with device factors: bias correction from the applied-update count, and no-op factors
-        when the update is skipped (float32 rounding as :func:`~torch_lamb.functional.lamb_scalars`)."""
+        when the update is skipped (float32 rounding as :func:`~torch_lamb.functional.lamb_scalars`).
+        Under ``capturable`` the scalars that change per call are device tensors already; they are masked."""
         device, dtype = like.device, like.dtype
         empty = self._empty.to(device)
-        b1 = torch.full((), f32(beta_1), dtype=torch.float32, device=device)
-        b2 = torch.full((), f32(beta_2), dtype=torch.float32, device=device)
         zero = torch.zeros((), dtype=dtype, device=device)
 
-        def masked(value: float, off: float) -> Tensor:
-            return torch.where(empty, torch.full_like(zero, off), torch.full_like(zero, value))
+        def masked(value: float | Tensor, off: float) -> Tensor:
+            on = value if isinstance(value, Tensor) else torch.full_like(zero, value)
+            return torch.where(empty, torch.full_like(on, off), on)
 
+        if isinstance(s.bias_correction_1, Tensor):  # capturable: derived from this counter
+            corrections = s.bias_correction_1, s.bias_correction_2
+        else:
+            b1 = torch.full((), f32(hyper.beta_1), dtype=torch.float32, device=device)
+            b2 = torch.full((), f32(hyper.beta_2), dtype=torch.float32, device=device)
+            corrections = (1 - torch.pow(b1, t)).to(dtype), (1 - torch.pow(b2, t)).to(dtype)
         return replace(
             s,
             lr=masked(s.lr, 0.0),
             one_minus_beta_1=masked(s.one_minus_beta_1, 0.0),
             one_minus_beta_2=masked(s.one_minus_beta_2, 0.0),
-            bias_correction_1=(1 - torch.pow(b1, t)).to(dtype),
-            bias_correction_2=(1 - torch.pow(b2, t)).to(dtype),
+            bias_correction_1=corrections[0],
+            bias_correction_2=corrections[1],
             decay_factor=None if s.decay_factor is None else masked(s.decay_factor, 1.0),
-            epsilon=masked(s.epsilon, max(s.epsilon, 1.0)),  # a skipped call with epsilon=0 must not form 0/0
+            epsilon=masked(s.epsilon, max(hyper.epsilon, 1.0)),  # a skipped call with epsilon=0 must not form 0/0
         )
 
 

@@ -23,6 +23,7 @@ from . import _validation as check
 from . import compiled_step
 from .backends import IMPLEMENTATIONS
 from .backends.common import overwrite_with_averages, reset_accumulators
+from .capturable import DeviceSteps
 from .clipping import clip_factors
 from .distributed import is_dtensor, local, no_host_reads
 from .functional import LOW_PRECISION, TrustStats
@@ -42,7 +43,7 @@ from .layout import (
 )
 from .nonfinite import NonfiniteGuard
 from .plan import WEIGHT_DECAY_MODES, StepPlan, plan_step
-from .schedules import LearningRateSchedule
+from .schedules import LearningRateSchedule, takes_tensor_steps
 from .slices import SLICES, group_slices, normalize
 from .telemetry import TrustRatioTelemetry
 
@@ -118,8 +119,16 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             time, the spec), which raises if some parameter cannot take it.
         foreach, fused: torch's spellings of the same choice (``fused=True`` is ``"fused"``,
             ``foreach=True`` is ``"foreach"``, ``foreach=False`` is ``"reference"``).
-        capturable: keep every decision on the device (``skip_nonfinite`` never reads a tensor on the
-            host), as torch's ``capturable``; the CPU kernel then does not apply.
+        capturable: as torch's ``capturable``: no host read anywhere in the step, so that it can be captured in
+            a CUDA graph. The step counters live on the device (advanced in place each call) and what changes
+            from call to call is derived from them there: bias corrections, the EMA weight, a built-in schedule's
+            learning rate and its decay factor, and a 0-dim tensor ``lr`` (torch's convention: fill it between
+            replays). A captured graph freezes what the host decides by call count (an accumulation micro-step
+            or an update, the EMA overwrite, which parameters have gradients), the constants of the call
+            (betas, epsilon, weight decay, a float ``lr``) and any learning rate evaluated on the host (a plain
+            callable, a ``torch.optim.lr_scheduler``): capture one graph per distinct call
+            (:mod:`torch_lamb.capturable`). ``iterations`` and ``state_dict()`` read the device counters. The
+            CPU kernel does not apply.
         weight_decay_mode: ``"decoupled"`` (Keras, default) or ``"adaptive"`` (paper, TF-Addons,
             optax: ``u + weight_decay * w`` inside the trust ratio). Groups may override it.
         min_trust_ratio, max_trust_ratio: optional bounds (>= 0) on the trust ratio, e.g.
@@ -162,7 +171,12 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         master_weights: bool = False,
         skip_nonfinite: bool = False,
     ) -> None:
-        learning_rate = check.learning_rate("learning_rate", _pick("learning_rate", learning_rate, "lr", lr))
+        given_lr = _pick("learning_rate", learning_rate, "lr", lr)
+        if capturable is True and isinstance(given_lr, Tensor):  # torch's convention: the step reads it on device
+            check.tensor_learning_rate("learning_rate", given_lr)
+        learning_rate = check.learning_rate("learning_rate", given_lr)
+        if capturable is True and isinstance(given_lr, Tensor):
+            learning_rate = given_lr
         if betas is not None:
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"`betas` must be a pair (beta_1, beta_2). Received: betas={betas!r}")
@@ -196,6 +210,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.capturable = capturable
         self._guard = NonfiniteGuard() if skip_nonfinite else None
+        self._steps = DeviceSteps()  # capturable: the step counters on the device
 
         self._learning_rate = learning_rate
         self._lr_sources: list[Any] = []
@@ -212,7 +227,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._layout_params: list[Tensor] | None = None  # the layout's list when they were last noted
         self.name = name if name is not None else _auto_name()
 
-        initial_lr = float(learning_rate) if not callable(learning_rate) else 0.0
+        initial_lr = 0.0 if callable(learning_rate) else (
+            learning_rate if isinstance(learning_rate, Tensor) else float(learning_rate))
         defaults = {
             "lr": initial_lr,
             "beta_1": beta_1,
@@ -253,7 +269,12 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
         source: Any = _FOLLOW_DEFAULT
         if "lr" in group:
+            keep = getattr(self, "capturable", False) is True and isinstance(group["lr"], Tensor)
+            if keep:  # torch's convention: each step reads it on the device
+                check.tensor_learning_rate("lr", group["lr"])
             lr_value = check.learning_rate("lr", group["lr"])
+            if keep:
+                lr_value = group["lr"]
             source = lr_value if callable(lr_value) else None
             group["lr"] = 0.0 if callable(lr_value) else lr_value
         for key in ("beta_1", "beta_2"):
@@ -308,6 +329,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         """Updates applied so far (micro-steps // N under gradient accumulation), as in Keras."""
         if self._guard is not None:  # skip_nonfinite: applied updates live on the device (reading syncs)
             return self._guard.counter("applied_updates")
+        updates = self._steps.updates(self) if self.capturable else None
+        if updates is not None:  # capturable: a replayed graph advances the device count, not the host's
+            return int(updates)
         n = self.gradient_accumulation_steps
         return self._iterations // n if n else self._iterations
 
@@ -509,13 +533,22 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if layout.params is not self._layout_params:  # a rebuilt layout: the one time to look at the list
             self._layout_params = layout.params
             self._note_graph_params(layout.params)
+        if self.capturable:
+            DeviceSteps.check(layout)
         plan.write_back(self)
         bucket_grads = [b.grads(grads) for b in layout.active]
+        if not self.capturable and self._steps.live:  # capturable was switched off: the host counts again
+            self._iterations = self._call_count()
+            self._steps.release()
         with no_host_reads() if self.capturable else contextlib.nullcontext():
+            if self.capturable:
+                plan = self._steps.prepare(self, layout, plan)
             if self._guard is not None:
                 bucket_grads, plan = self._guard.prepare(layout, bucket_grads, plan, self.capturable)
             if plan.apply:
                 self._run(layout, bucket_grads, plan)
+            if self.capturable:
+                self._steps.finish(self, plan)
         if self._guard is not None:
             self._guard.finish(plan)
         if self.master_weights:
@@ -611,8 +644,9 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         """The standard optimizer state dict; the step counter rides in every param group."""
         sd = super().state_dict()
         counters = {k: self._guard.counter(k) for k in NonfiniteGuard.COUNTERS} if self._guard else {}
+        calls = self._call_count()
         for group in sd["param_groups"]:
-            group["iterations"] = self._iterations
+            group["iterations"] = calls
             group.update(counters)
             for key in (SLICES, DECAY_EXCLUDED, ADAPT_EXCLUDED):  # copies: editing the dict must not edit us
                 if isinstance(group.get(key), list):
@@ -676,6 +710,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         iterations = int(groups[0].get("iterations", 0)) if groups else 0
         counters = {k: int(groups[0].get(k, 0)) for k in NonfiniteGuard.COUNTERS} if groups else {}
         adapt_excluded = [list(g[ADAPT_EXCLUDED]) for g in self.param_groups]
+        tensor_lrs = [g["lr"] if isinstance(g["lr"], Tensor) else None for g in self.param_groups]
 
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype; keep float32 state for low precision.
@@ -701,8 +736,15 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             group.setdefault("betas", (group["beta_1"], group["beta_2"]))
             group.setdefault("eps", group["epsilon"])
         self._alias_marks = [(g["beta_1"], g["beta_2"], g["epsilon"]) for g in self.param_groups]
+        for group, live in zip(self.param_groups, tensor_lrs):  # a tensor lr stays the tensor a graph reads
+            if live is not None:
+                saved_lr = group["lr"]
+                live.copy_(saved_lr) if isinstance(saved_lr, Tensor) else live.fill_(float(saved_lr))
+                group["lr"] = live
         if self._guard is not None:
             self._guard.load(counters)
+        n = self.gradient_accumulation_steps
+        self._steps.load(iterations, iterations // n if n else iterations)
         self._iterations = iterations
         self._state_complete = False
         self._layouts.invalidate()
@@ -720,6 +762,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in self._PICKLED})
+        state["_iterations"] = self._call_count()
         if self._guard is not None:
             state["_guard_counters"] = {k: self._guard.counter(k) for k in NonfiniteGuard.COUNTERS}
         return state
@@ -745,10 +788,27 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self._guard = NonfiniteGuard() if self.skip_nonfinite else None
             if self._guard is not None:
                 self._guard.load(counters or {})
+        if not hasattr(self, "_steps"):  # the device counters start again from the host counts
+            self._steps = DeviceSteps()
         self._state_complete = False
         self._layouts.invalidate()
 
     # ------------------------------------------------------------------ helpers
+
+    def _call_count(self) -> int:
+        """Calls so far: the device count under ``capturable`` (replays of a captured graph advance it without
+        Python; reading it is a host sync), else the host's."""
+        calls = self._steps.call_count() if self._steps.live else None
+        return self._iterations if calls is None else calls
+
+    def _device_schedules(self) -> list[Any]:
+        """Per group, the schedule that ``capturable`` evaluates on the device call counter (None: none, or one
+        that only runs on the host: it is evaluated there each call)."""
+        out = []
+        for source in self._lr_sources:
+            schedule = self._learning_rate if source == _FOLLOW_DEFAULT else source
+            out.append(schedule if takes_tensor_steps(schedule) else None)
+        return out
 
     def _default_group_lr(self) -> float:
         for group, source in zip(self.param_groups, self._lr_sources):
@@ -757,7 +817,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         return self.defaults["lr"]
 
     def _evaluate_lr(self, source: Any, step: int | None = None) -> float:
-        step = self._iterations if step is None else step
+        step = self._call_count() if step is None else step
         return check.resolve("learning_rate", source, step=step)
 
     def _scheduled_learning_rates(self, step: int | None = None) -> list[float | None]:

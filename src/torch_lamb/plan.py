@@ -35,9 +35,13 @@ class ClipSpec:
 
 @dataclass(frozen=True)
 class GroupHyper:
-    """One param group's resolved hyperparameters for this call (callables and schedules evaluated)."""
+    """One param group's resolved hyperparameters for this call (callables and schedules evaluated).
 
-    lr: float
+    ``lr`` is a 0-dim tensor only under ``capturable`` (torch's convention: the step reads it on the device,
+    never on the host; :mod:`torch_lamb.capturable` puts it, and its decay factor, into the scalars).
+    """
+
+    lr: float | Tensor
     beta_1: float
     beta_2: float
     epsilon: float
@@ -47,8 +51,9 @@ class GroupHyper:
     max_trust_ratio: float | None
 
     def scalars(self, step: int) -> LambScalars:
+        lr = 0.0 if isinstance(self.lr, Tensor) else self.lr  # a tensor: torch_lamb.capturable sets lr and decay
         return lamb_scalars(
-            lr=self.lr, beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
+            lr=lr, beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
             weight_decay=self.weight_decay, step=step, weight_decay_mode=self.weight_decay_mode,
             min_trust_ratio=self.min_trust_ratio, max_trust_ratio=self.max_trust_ratio,
         )
@@ -56,7 +61,8 @@ class GroupHyper:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Everything one call does, as host values (or, under a device-side guard, 0-dim tensors).
+    """Everything one call does, as host values (or, under ``capturable`` or a device-side guard, 0-dim
+    device tensors where a value changes without the host: :mod:`torch_lamb.capturable`).
 
     ``call`` counts calls (it drives schedules, accumulation windows and the EMA overwrite period);
     ``iterations`` counts updates applied before this call, as Keras's ``iterations``.
@@ -128,8 +134,10 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 
 
 def resolve_group(group: dict[str, Any], index: int, lr: float | None,
-                  live: tuple[Any, Any, Any] | None = None) -> GroupHyper:
-    """Check a group's (possibly edited) values and evaluate its callables; errors name the group."""
+                  live: tuple[Any, Any, Any] | None = None, capturable: bool = False) -> GroupHyper:
+    """Check a group's (possibly edited) values and evaluate its callables; errors name the group.
+
+    Under ``capturable`` a 0-dim tensor ``lr`` stays a tensor, checked without reading its value."""
     where = f" (param group {index})"
     try:
         beta_1, beta_2, epsilon = live if live is not None else (group["beta_1"], group["beta_2"], group["epsilon"])
@@ -140,8 +148,12 @@ def resolve_group(group: dict[str, Any], index: int, lr: float | None,
         mode = group["weight_decay_mode"]
         if mode not in WEIGHT_DECAY_MODES:
             raise ValueError(f"`weight_decay_mode` must be one of {list(WEIGHT_DECAY_MODES)}. Received: {mode!r}")
+        if lr is None and capturable and isinstance(group["lr"], Tensor):
+            lr_value: float | Tensor = check.tensor_learning_rate("lr", group["lr"], group["params"])
+        else:
+            lr_value = check.number("lr", group["lr"] if lr is None else lr)
         return GroupHyper(
-            lr=check.number("lr", group["lr"] if lr is None else lr),
+            lr=lr_value,
             beta_1=beta_1,
             beta_2=beta_2,
             epsilon=check.number("epsilon", epsilon),
@@ -165,7 +177,7 @@ def plan_step(opt: Lamb) -> StepPlan:
     iterations = call // n if n else call
     lrs = opt._scheduled_learning_rates(call)
     groups = tuple(
-        resolve_group(g, i, lr, live_values(g, mark, sources))
+        resolve_group(g, i, lr, live_values(g, mark, sources), opt.capturable)
         for i, (g, lr, mark, sources) in enumerate(zip(opt.param_groups, lrs, opt._alias_marks, opt._hyper_sources))
     )
     if opt.clipvalue is not None:

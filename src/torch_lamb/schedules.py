@@ -3,6 +3,11 @@
 Each schedule is called with the optimizer's raw step counter (an ``int``, starting at 0) and
 returns a Python ``float``: it runs on the host, so evaluating it never touches a device. The
 argument names, defaults and formulas are those of ``keras.optimizers.schedules``.
+
+The built-in schedules also take the step as a 0-dim integer tensor (``tensor_steps = True``) and then
+return a 0-dim float64 tensor on its device, computed with torch ops in the same double-precision
+formula (so its float32 rounding is the float one's): ``capturable=True`` evaluates them so on the
+device step counter, where a captured CUDA graph advances them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+
+import torch
+from torch import Tensor
 
 __all__ = [
     "CosineDecay",
@@ -19,7 +27,61 @@ __all__ = [
     "LearningRateSchedule",
     "PiecewiseConstantDecay",
     "PolynomialDecay",
+    "takes_tensor_steps",
 ]
+
+Step = Any  # an int, or a 0-dim tensor (float64 once the schedule has read it)
+
+
+def _float_step(step: Step) -> Step:
+    """The step as a float64 tensor (a tensor step), or as it is (an int: Python's float math)."""
+    return step.to(torch.float64) if isinstance(step, Tensor) else step
+
+
+def _floor(x: Step) -> Step:
+    return torch.floor(x) if isinstance(x, Tensor) else math.floor(x)
+
+
+def _ceil(x: Step) -> Step:
+    return torch.ceil(x) if isinstance(x, Tensor) else math.ceil(x)
+
+
+def _cos(x: Step) -> Step:
+    return torch.cos(x) if isinstance(x, Tensor) else math.cos(x)
+
+
+def _log(x: Step) -> Step:
+    return torch.log(x) if isinstance(x, Tensor) else math.log(x)
+
+
+def _power(base: float, exponent: Step) -> Step:
+    return torch.pow(base, exponent) if isinstance(exponent, Tensor) else base**exponent
+
+
+def _divide(numerator: float, denominator: Step) -> Step:
+    """``numerator / denominator``; torch would form ``float / tensor`` as ``reciprocal(tensor) * float``."""
+    if isinstance(denominator, Tensor):
+        return torch.full_like(denominator, numerator) / denominator
+    return numerator / denominator
+
+
+def _at_most(x: Step, high: float) -> Step:
+    return torch.clamp(x, max=high) if isinstance(x, Tensor) else min(x, high)
+
+
+def _select(condition: Any, if_true: Step, if_false: Step) -> Step:
+    """``if_true if condition else if_false``, elementwise when ``condition`` is a tensor (both sides computed)."""
+    if isinstance(condition, Tensor):
+        return torch.where(condition, if_true, if_false)
+    return if_true if condition else if_false
+
+
+def takes_tensor_steps(schedule: Any) -> bool:
+    """Whether ``schedule(step)`` takes a 0-dim tensor step with torch ops only (no host read): the class that
+    defines its ``__call__`` says so with ``tensor_steps = True`` (the built-in schedules do; a subclass that
+    overrides ``__call__`` must say it again)."""
+    owner = next((c for c in type(schedule).__mro__ if "__call__" in c.__dict__), None)
+    return owner is not None and bool(owner.__dict__.get("tensor_steps", False))
 
 
 def _positive(name: str, value: float) -> float:
@@ -49,8 +111,12 @@ class LearningRateSchedule:
     """Base class: subclasses implement ``__call__(step) -> float``.
 
     ``step`` is the optimizer's raw micro-step counter (under gradient accumulation the schedule
-    sees every call to ``step()``, as in Keras).
+    sees every call to ``step()``, as in Keras). A subclass whose ``__call__`` also takes a 0-dim tensor
+    step (torch ops only, no ``float()``/``if`` on it) may set ``tensor_steps = True`` in its class body,
+    so that ``capturable=True`` evaluates it on the device.
     """
+
+    tensor_steps = False
 
     def __call__(self, step: int) -> float:
         raise NotImplementedError(
@@ -82,11 +148,13 @@ class ExponentialDecay(LearningRateSchedule):
         self.staircase = _flag("staircase", staircase)
         self.name = name
 
-    def __call__(self, step: int) -> float:
-        p = step / self.decay_steps
+    tensor_steps = True
+
+    def __call__(self, step: Step) -> Step:
+        p = _float_step(step) / self.decay_steps
         if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate * self.decay_rate**p
+            p = _floor(p)
+        return self.initial_learning_rate * _power(self.decay_rate, p)
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
@@ -108,7 +176,15 @@ class PiecewiseConstantDecay(LearningRateSchedule):
         self.values = list(values)
         self.name = name
 
-    def __call__(self, step: int) -> float:
+    tensor_steps = True
+
+    def __call__(self, step: Step) -> Step:
+        if isinstance(step, Tensor):  # the first boundary that holds wins: select from the last one back
+            step = _float_step(step)
+            out = torch.full_like(step, float(self.values[-1]))
+            for boundary, value in zip(reversed(self.boundaries), reversed(self.values[:-1])):
+                out = torch.where(step <= boundary, float(value), out)
+            return out
         for boundary, value in zip(self.boundaries, self.values):
             if step <= boundary:
                 return value
@@ -134,12 +210,15 @@ class PolynomialDecay(LearningRateSchedule):
         self.cycle = _flag("cycle", cycle)
         self.name = name
 
-    def __call__(self, step: int) -> float:
+    tensor_steps = True
+
+    def __call__(self, step: Step) -> Step:
+        step = _float_step(step)
         decay_steps = float(self.decay_steps)
         if self.cycle:
-            decay_steps *= 1.0 if step == 0 else math.ceil(step / self.decay_steps)
+            decay_steps = decay_steps * _select(step == 0, 1.0, _ceil(step / self.decay_steps))
         else:
-            step = min(step, decay_steps)
+            step = _at_most(step, decay_steps)
         p = step / decay_steps
         start, end = self.initial_learning_rate, self.end_learning_rate
         return (start - end) * (1 - p) ** self.power + end
@@ -162,11 +241,13 @@ class InverseTimeDecay(LearningRateSchedule):
         self.staircase = _flag("staircase", staircase)
         self.name = name
 
-    def __call__(self, step: int) -> float:
-        p = step / self.decay_steps
+    tensor_steps = True
+
+    def __call__(self, step: Step) -> Step:
+        p = _float_step(step) / self.decay_steps
         if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate / (1 + self.decay_rate * p)
+            p = _floor(p)
+        return _divide(self.initial_learning_rate, 1 + self.decay_rate * p)
 
 
 class CosineDecay(LearningRateSchedule):
@@ -190,18 +271,27 @@ class CosineDecay(LearningRateSchedule):
             raise ValueError(f"`warmup_steps` must be >= 0. Received: warmup_steps={warmup_steps!r}")
         self.warmup_steps = _finite("warmup_steps", warmup_steps, low=0.0)
 
-    def _decay(self, step: float, decay_from: float) -> float:
-        cosine = 0.5 * (1.0 + math.cos(math.pi * (step / self.decay_steps)))
+    def _decay(self, step: Step, decay_from: float) -> Step:
+        cosine = 0.5 * (1.0 + _cos(math.pi * (step / self.decay_steps)))
         return decay_from * ((1 - self.alpha) * cosine + self.alpha)
 
-    def __call__(self, step: int) -> float:
+    tensor_steps = True
+
+    def __call__(self, step: Step) -> Step:
+        step = _float_step(step)
         if self.warmup_target is None:
-            return self._decay(min(step, self.decay_steps), self.initial_learning_rate)
-        step = min(step, self.decay_steps + self.warmup_steps)
-        if step < self.warmup_steps:
-            delta = self.warmup_target - self.initial_learning_rate
-            return delta * (step / self.warmup_steps) + self.initial_learning_rate
-        return self._decay(step - self.warmup_steps, self.warmup_target)
+            return self._decay(_at_most(step, self.decay_steps), self.initial_learning_rate)
+        step = _at_most(step, self.decay_steps + self.warmup_steps)
+        delta = self.warmup_target - self.initial_learning_rate
+        if not isinstance(step, Tensor):
+            if step < self.warmup_steps:
+                return delta * (step / self.warmup_steps) + self.initial_learning_rate
+            return self._decay(step - self.warmup_steps, self.warmup_target)
+        decayed = self._decay(step - self.warmup_steps, self.warmup_target)
+        if not self.warmup_steps:
+            return decayed  # no warmup phase (and no 0/0 to form for it)
+        warming = delta * (step / self.warmup_steps) + self.initial_learning_rate
+        return torch.where(step < self.warmup_steps, warming, decayed)
 
 
 class CosineDecayRestarts(LearningRateSchedule):
@@ -223,14 +313,16 @@ class CosineDecayRestarts(LearningRateSchedule):
         self.alpha = _finite("alpha", alpha)
         self.name = name
 
-    def __call__(self, step: int) -> float:
-        fraction = step / self.first_decay_steps
+    tensor_steps = True
+
+    def __call__(self, step: Step) -> Step:
+        fraction = _float_step(step) / self.first_decay_steps
         if self.t_mul == 1.0:
-            restart = math.floor(fraction)
-            fraction -= restart
+            restart = _floor(fraction)
+            fraction = fraction - restart
         else:
-            restart = math.floor(math.log(1.0 - fraction * (1.0 - self.t_mul)) / math.log(self.t_mul))
-            done = (1.0 - self.t_mul**restart) / (1.0 - self.t_mul)
-            fraction = (fraction - done) / self.t_mul**restart
-        cosine = 0.5 * self.m_mul**restart * (1.0 + math.cos(math.pi * fraction))
+            restart = _floor(_log(1.0 - fraction * (1.0 - self.t_mul)) / math.log(self.t_mul))
+            done = (1.0 - _power(self.t_mul, restart)) / (1.0 - self.t_mul)
+            fraction = (fraction - done) / _power(self.t_mul, restart)
+        cosine = 0.5 * _power(self.m_mul, restart) * (1.0 + _cos(math.pi * fraction))
         return self.initial_learning_rate * ((1 - self.alpha) * cosine + self.alpha)

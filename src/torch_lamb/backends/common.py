@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import host_reads_allowed
+from ..functional import foreach_lerp_
 
 if TYPE_CHECKING:
     from ..functional import TrustStats
@@ -38,7 +39,7 @@ def move_averages(bucket: Bucket, weight: float | Tensor) -> None:
     if bucket.averages:
         dtype = bucket.averages[0].dtype
         weights = [w.to(dtype) for w in bucket.weights] if bucket.weights[0].dtype != dtype else bucket.weights
-        torch._foreach_lerp_(bucket.averages, weights, weight)
+        foreach_lerp_(bucket.averages, weights, weight)
 
 
 def finish_update(bucket: Bucket, plan: StepPlan) -> None:
@@ -69,7 +70,7 @@ def overwrite_with_averages(bucket: Bucket, plan: StepPlan) -> None:
     else:
         dtype = bucket.weights[0].dtype
         averages = [a.to(dtype) for a in bucket.averages] if bucket.averages[0].dtype != dtype else bucket.averages
-        torch._foreach_lerp_(bucket.weights, averages, plan.overwrite_keep.to(bucket.device, dtype))
+        foreach_lerp_(bucket.weights, averages, plan.overwrite_keep)
     if bucket.mirrors:
         torch._foreach_copy_(bucket.mirrors, bucket.weights)
 

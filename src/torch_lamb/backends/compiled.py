@@ -244,16 +244,28 @@ def narrowed(sums: Tensor) -> Tensor:
 
 class ScalarVector:
     """A bucket's per-step scalars (:data:`SCALARS`, by position) as one float32 vector on its device, so that
-    kernels and graphs take every scalar as data: a new learning rate neither recompiles nor relaunches."""
+    kernels and graphs take every scalar as data: a new learning rate neither recompiles nor relaunches.
+
+    Two ways to fill it. The fast one (the default) writes the host values into a host buffer and copies it
+    over (no device sync; device values of a device-side guard are scattered in on the device).
+    Under ``capturable`` (where the host may not read) it is assembled on the device from 0-dim tensors, with
+    no host-to-device copy that a CUDA graph would capture as a frozen (or forbidden) transfer: the call's
+    device values as they are, each host constant as a cached 0-dim device tensor refilled (``fill_``) only
+    when its value changes, stacked into the same vector (a stable address, as a replayed graph needs).
+    """
 
     def __init__(self) -> None:
         self.host = array.array("f", [0.0] * len(SCALARS))  # refilled each step: a CPU tensor over it
         self.host_tensor = torch.frombuffer(self.host, dtype=torch.float32)
         self.device: Tensor | None = None
+        self._constants: list[Tensor] = []  # capturable: one 0-dim float32 device tensor per slot
+        self._known = array.array("f", [0.0] * len(SCALARS))  # the values they hold
 
     def fill(self, values: dict[str, float | Tensor | None], device: torch.device) -> Tensor:
         """The step's scalars as one float32 vector on ``device`` (host values: no device sync; device values
-        of a device-side guard are gathered on the device)."""
+        of a device-side guard are gathered on the device; under ``capturable``, no host-to-device copy)."""
+        if not host_reads_allowed():
+            return self._assemble(values, device)
         tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
         for i, k in enumerate(SCALARS):
             v = values.get(k)
@@ -266,6 +278,25 @@ class ScalarVector:
         for k, v in tensors.items():
             self.device[SCALARS.index(k)] = v.to(device, torch.float32).reshape(())
         return self.device
+
+    def _assemble(self, values: dict[str, float | Tensor | None], device: torch.device) -> Tensor:
+        """The vector built on the device (``capturable``): one stack of 0-dim device tensors into ``self.device``."""
+        if self.device is None or self.device.device != device:
+            self.device = torch.empty(len(SCALARS), dtype=torch.float32, device=device)
+            self._constants = list(torch.zeros(len(SCALARS), dtype=torch.float32, device=device).unbind(0))
+            self._known = array.array("f", [0.0] * len(SCALARS))
+        entries = []
+        for i, k in enumerate(SCALARS):
+            v = values.get(k)
+            if isinstance(v, Tensor):
+                entries.append(v.to(device, torch.float32).reshape(()))
+                continue
+            self.host[i] = 0.0 if v is None else float(v)  # rounded to float32, as the vector holds it
+            if self.host[i] != self._known[i]:
+                self._constants[i].fill_(self.host[i])
+                self._known[i] = self.host[i]
+            entries.append(self._constants[i])
+        return torch.stack(entries, out=self.device)
 
 
 class _Graphs:
