@@ -156,7 +156,11 @@ def test_gpu_check_script_runs_on_the_cpu() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    import impls
+
     rows = "adamw-fused,adamw-foreach,lamb-foreach,lamb-foreach-capturable"
+    if "triton" in impls.available():  # the Triton kernels, interpreted
+        rows += ",lamb-triton"
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--case", "tiny", "--dtype",
          "float32", "--dtype", "bfloat16", "--rounds", "2", "--rows", rows],

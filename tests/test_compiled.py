@@ -149,3 +149,60 @@ def test_a_compile_that_fails_changes_nothing(monkeypatch) -> None:
     opt.step()  # the retry applies the window once
     assert opt.iterations == 1
     assert torch.equal(opt.state[ps[0]]["gradient_accumulator"], torch.zeros(7, 3))
+
+
+def test_under_auto_a_failed_compile_falls_back_to_foreach(monkeypatch) -> None:
+    """"auto" (which takes "compiled" for CUDA buckets) never asked for a compiler: where the first-use compile
+    fails, the bucket takes foreach, with one warning, and the step is foreach's."""
+    from torch_lamb import backends
+    from torch_lamb.backends import compiled
+
+    def broken(fn, features, signature):
+        raise RuntimeError("no working compiler")
+
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("compiled", "foreach"))  # as CUDA_AUTO_ORDER is on a GPU
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(compiled, "_compiled", broken)
+    results = []
+    for impl in ("auto", "foreach"):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(30, generator=g))
+        opt = Lamb([p], learning_rate=0.01, weight_decay=0.01, implementation=impl)
+        for _ in range(3):
+            p.grad = torch.randn(p.shape, generator=g)
+            if impl == "auto" and opt.iterations == 0:
+                with pytest.warns(RuntimeWarning, match="'compiled' failed to compile.*foreach"):
+                    opt.step()
+            else:
+                opt.step()
+        assert {b.backend.name for b in opt._layouts.layout.buckets} == {"foreach"}
+        results.append(p.detach().clone())
+    assert torch.equal(*results)
+    with pytest.raises(RuntimeError, match="no working compiler"):  # an explicit choice raises
+        q = torch.nn.Parameter(torch.randn(4))
+        opt = Lamb([q], implementation="compiled")
+        q.grad = torch.ones_like(q)
+        opt.step()
+
+
+def test_clipping_norms_compile_before_anything_is_measured(monkeypatch) -> None:
+    """With clipnorm the norms' graph compiles in ready() too: an interrupt there changes nothing either."""
+    from torch_lamb.backends import compiled
+
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = Lamb([p], learning_rate=0.01, clipnorm=0.1, implementation="compiled")
+    p.grad = torch.ones_like(p)
+    real = compiled._compiled
+    seen = []
+
+    def spy(fn, features, signature):
+        seen.append(fn.__name__)
+        if fn.__name__ == "grad_squares":
+            raise KeyboardInterrupt
+        return real(fn, features, signature)
+
+    monkeypatch.setattr(compiled, "_compiled", spy)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert seen == ["phase1", "phase2", "grad_squares"]  # compiled in ready(), before clip_factors measured
+    assert torch.equal(opt.state[p]["momentum"], torch.zeros(6, 5)) and opt.iterations == 0

@@ -24,6 +24,7 @@ CONFIGS = {
                                  "clipnorm": 0.1},
 }
 SHAPES = [(300, 7), (5,), (64, 64), (4, 8, 8)]
+CUDA_IMPLS = ["foreach", "compiled", "triton"]  # the backends that take device-tensor scalars on CUDA
 
 
 def _run(device: str, impl: str, cfg: dict, dtype=torch.float32, steps: int = 6, **kw):
@@ -38,7 +39,7 @@ def _run(device: str, impl: str, cfg: dict, dtype=torch.float32, steps: int = 6,
     return [p.detach().float().cpu() for p in ps], opt
 
 
-@pytest.mark.parametrize("impl", ["foreach", "compiled", "reference"])
+@pytest.mark.parametrize("impl", [*CUDA_IMPLS, "reference"])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_cuda_matches_the_cpu_reference(impl, config):
     got, _ = _run("cuda", impl, CONFIGS[config])
@@ -47,7 +48,7 @@ def test_cuda_matches_the_cpu_reference(impl, config):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
 def test_capturable_skip_nonfinite_never_syncs(impl):
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(1000, generator=g).cuda())
@@ -65,7 +66,7 @@ def test_capturable_skip_nonfinite_never_syncs(impl):
     assert int(opt.skipped_steps) == 0
 
 
-@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
 def test_fullgraph_compiled_step_on_cuda_equals_eager(impl):
     results = []
     for compiled in (False, True):
@@ -80,7 +81,7 @@ def test_fullgraph_compiled_step_on_cuda_equals_eager(impl):
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
 def test_bfloat16_with_master_weights_matches_the_cpu_kernel_path(impl):
     got, _ = _run("cuda", impl, {"weight_decay": 0.05}, dtype=torch.bfloat16, master_weights=True)
     want, _ = _run("cpu", "foreach", {"weight_decay": 0.05}, dtype=torch.bfloat16, master_weights=True)
@@ -123,7 +124,7 @@ def _graph_run(impl: str, guard: bool, captured: bool, warmup: int = 3, replays:
 
 
 @pytest.mark.parametrize("guard", [False, True], ids=["plain", "skip_nonfinite"])
-@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
 def test_a_captured_cuda_graph_replays_the_eager_steps(impl, guard):
     """capturable=True: one ``opt.step()`` captured in a CUDA graph and replayed N times equals N eager steps (the
     schedule, bias correction and EMA weight advance on the device); the device counters count the replays."""
@@ -134,3 +135,10 @@ def test_a_captured_cuda_graph_replays_the_eager_steps(impl, guard):
     assert opt.iterations == ref.iterations == 9
     assert opt.state_dict()["param_groups"][0]["iterations"] == 9
 
+
+def test_auto_takes_compiled_for_cuda_buckets():
+    p = torch.nn.Parameter(torch.randn(100, device="cuda"))
+    opt = Lamb([p], learning_rate=0.01)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert {b.backend.name for b in opt._layouts.layout.buckets} == {"compiled"}

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from . import _validation as check
 from . import compiled_step
-from .backends import IMPLEMENTATIONS
+from .backends import IMPLEMENTATIONS, make_ready
 from .backends.common import overwrite_with_averages, reset_accumulators
 from .capturable import DeviceSteps
 from .clipping import clip_factors
@@ -559,11 +559,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     def _run(self, layout: Layout, grads: list[list[Tensor]], plan: StepPlan) -> None:
         """The phases of one call; each backend call covers one bucket."""
         if plan.updating:
+            make_ready(layout.active, grads, plan, self)  # compiles before anything is measured or written
             factors = clip_factors(layout.active, grads, plan)  # reads only
-            for bucket, bucket_grads, factor in zip(layout.active, grads, factors):
-                ready = getattr(bucket.backend, "ready", None)  # compiles before anything is written
-                if ready is not None:
-                    ready(bucket, bucket_grads, plan, factor)
             for bucket, bucket_grads, factor in zip(layout.active, grads, factors):
                 self._update_stats(bucket, bucket.backend.update(bucket, bucket_grads, plan, factor))
         else:

@@ -6,9 +6,12 @@ EMA, master copy), reading every scalar from the call's :class:`~torch_lamb.plan
 * ``reference``: Keras's literal per-tensor form, the spec every other backend is tested against;
 * ``foreach``: the same pipeline in ``torch._foreach_*`` ops (any device, no host sync);
 * ``fused``: the CPU kernel (``lamb_kernel.c``), which folds the pipeline into its two passes;
-* ``compiled``: the reference math as two bucket functions under ``torch.compile`` (opt-in).
+* ``compiled``: the reference math as two bucket functions under ``torch.compile`` (the CUDA default);
+* ``triton``: the C kernel's two passes as Triton kernels over a chunk table (opt-in, CUDA).
 
-``implementation="auto"`` takes the first of :data:`AUTO_ORDER` that accepts a bucket; an explicit
+``implementation="auto"`` takes the first of :data:`AUTO_ORDER` (CPU tensors) or :data:`CUDA_AUTO_ORDER`
+(CUDA tensors: ``compiled``, for buckets of at most :data:`AUTO_COMPILED_MAX_ENTRIES` entries) that
+accepts a bucket, and ``foreach`` where a first-use compile fails; an explicit
 choice that a bucket cannot take raises a ``ValueError`` naming the parameters, device, dtype and
 reason, as torch does for ``fused=True`` on an unsupported device.
 """
@@ -16,7 +19,7 @@ reason, as torch does for ``fused=True`` on an unsupported device.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
@@ -29,7 +32,8 @@ if TYPE_CHECKING:
     from ..optimizer import Lamb
     from ..plan import StepPlan
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "IMPLEMENTATIONS", "Backend", "select"]
+__all__ = ["AUTO_COMPILED_MAX_ENTRIES", "AUTO_ORDER", "BACKENDS", "CUDA_AUTO_ORDER", "IMPLEMENTATIONS", "Backend",
+           "make_ready", "select"]
 
 
 class Backend(Protocol):
@@ -71,14 +75,24 @@ BACKENDS: dict[str, Backend] = {
     "triton": triton.TritonBackend(),
 }
 IMPLEMENTATIONS = ("auto", *BACKENDS)
-AUTO_ORDER = ("fused", "foreach")
+AUTO_ORDER = ("fused", "foreach")  # CPU tensors: the C kernel
+CUDA_AUTO_ORDER = ("compiled", "foreach")  # GPU tensors: inductor's fused Triton kernels, compiled at first use
+# Under "auto", "compiled" takes a bucket of at most this many entries: its first-use compile grows with them
+# (about 100 s for BERT-base's 200 on a CPU), and a model of thousands of small tensors is better on foreach.
+AUTO_COMPILED_MAX_ENTRIES = 512
 _warned: set[str] = set()
 
 
 def select(bucket: Bucket, opt: Lamb) -> tuple[Backend, Any]:
     """The backend for ``bucket`` and its prepared handle (raises for an explicit choice it cannot honour)."""
     choice = opt.implementation
-    for name in AUTO_ORDER if choice == "auto" else (choice,):
+    if choice != "auto":
+        order: tuple[str, ...] = (choice,)
+    elif bucket.device.type == "cuda" and len(bucket.weights) <= AUTO_COMPILED_MAX_ENTRIES:
+        order = CUDA_AUTO_ORDER
+    else:
+        order = AUTO_ORDER
+    for name in order:
         backend = BACKENDS[name]
         reason = backend.refuses(bucket, opt)
         if reason is None:
@@ -90,18 +104,41 @@ def select(bucket: Bucket, opt: Lamb) -> tuple[Backend, Any]:
                 f"dtype {p.dtype}): {reason}. Use implementation='auto' to fall back to 'foreach' there."
             )
         if name == "fused" and bucket.device.type == "cpu":
-            _warn_once(cpu_kernel.unavailable)
+            _warn_once(cpu_kernel.unavailable(), _KERNEL_MISSING)
     raise AssertionError("the foreach backend accepts every bucket")
 
 
-def _warn_once(why: Callable[[], str | None]) -> None:
-    """Under "auto": one warning per process when the CPU kernel exists for a bucket but cannot be built."""
-    reason = why()
+_KERNEL_MISSING = (
+    "torch_lamb: the CPU kernel is unavailable ({reason}); CPU parameters take the slower foreach backend. "
+    f"To fix: {cpu_kernel.FIX_HINT}. torch_lamb.kernel_status() reports the kernel's state."
+)
+
+
+def make_ready(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], plan: StepPlan, opt: Lamb) -> None:
+    """Every bucket's first-use work (the compiling backends compile their graphs or kernels, the clipping
+    norms' included) before any bucket of the call is measured or written.
+
+    Under "auto" a bucket whose compile fails takes ``foreach`` from then on, with one warning: "auto" never
+    asked for a compiler. An explicit choice raises, having changed nothing.
+    """
+    clipping = plan.clip.kind in ("norm", "global")  # the update multiplies by per-entry factors
+    for bucket, bucket_grads in zip(buckets, grads):
+        ready = getattr(bucket.backend, "ready", None)
+        if ready is None:
+            continue
+        try:
+            ready(bucket, bucket_grads, plan, clipping)
+        except Exception as err:
+            if opt.implementation != "auto":
+                raise
+            name = bucket.backend.name if bucket.backend is not None else "?"
+            bucket.backend, bucket.handle = BACKENDS["foreach"], None
+            _warn_once(f"{name!r} failed to compile ({type(err).__name__}: {err})",
+                       "torch_lamb: {reason}; those parameters take the foreach backend.")
+
+
+def _warn_once(reason: str | None, message: str) -> None:
+    """Under "auto": one warning per process and reason when buckets fall back to foreach."""
     if reason is not None and reason not in _warned:
         _warned.add(reason)
-        warnings.warn(
-            f"torch_lamb: the CPU kernel is unavailable ({reason}); CPU parameters take the slower foreach "
-            f"backend. To fix: {cpu_kernel.FIX_HINT}. torch_lamb.kernel_status() reports the kernel's state.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        warnings.warn(message.replace("{reason}", reason), RuntimeWarning, stacklevel=4)

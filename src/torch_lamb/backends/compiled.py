@@ -375,13 +375,13 @@ class CompiledBackend(TorchOpsBackend):
         _FOREACH.accumulate(bucket, grads, plan)  # one add per micro-step: no graph needed
 
     @staticmethod
-    def _flags(bucket: Bucket, plan: StepPlan, clip_factors: Tensor | None) -> tuple[Any, ...]:
+    def _flags(bucket: Bucket, plan: StepPlan, factors: bool) -> tuple[Any, ...]:
         """What of this call decides the graphs (a few bools), with its :class:`Features` made once per bucket
         (the masks are fixed while the layout holds, so a step never rebuilds or hashes them)."""
         s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
         flags = (
             plan.loss_scale is not None, plan.accumulation is not None,
-            "value" if plan.clip.kind == "value" else ("factors" if clip_factors is not None else None),
+            "value" if plan.clip.kind == "value" else ("factors" if factors else None),
             s is not None and s.decay_factor is not None, s is not None and s.adaptive_weight_decay is not None,
             s is not None and s.min_trust_ratio is not None, s is not None and s.max_trust_ratio is not None,
             plan.ema_weight is not None,
@@ -401,33 +401,37 @@ class CompiledBackend(TorchOpsBackend):
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         graphs: _Graphs = bucket.handle
-        flags = self._flags(bucket, plan, None)
+        flags = self._flags(bucket, plan, False)
         s = graphs.scalars(scalar_values(bucket, plan), bucket.device)
         grads, _ = state_grads(bucket, grads)
         fn = graphs.graph(grad_squares, flags, bucket.momentums, bucket.accumulators)
         sums = fn(grads, bucket.accumulators, s, bucket.momentums[0].dtype)
         return narrowed(sums)
 
-    def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> None:
+    def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clipping: bool) -> None:
         """Compile this update's graphs before any bucket is written: each new one runs once on scratch zeros
         laid out as the bucket is. A compile that fails (or is interrupted) then leaves everything as it was."""
         graphs: _Graphs = bucket.handle
-        flags = self._flags(bucket, plan, clip_factors)
+        flags = self._flags(bucket, plan, clipping)
         if flags in graphs.warm:
             return
+        factors = torch.ones(len(bucket.weights), device=bucket.device) if clipping else None  # scratch factors
         w, g, m, v, acc, avg, mirrors = _scratch(bucket.weights, grads, bucket.momentums, bucket.velocities,
                                                  bucket.accumulators, bucket.averages, bucket.mirrors)
         s = graphs.scalars(scalar_values(bucket, plan), bucket.device).clone()
-        factors = clip_factors.to(bucket.device, torch.float32).clone() if clip_factors is not None else None
         sums = graphs.graph(phase1, flags, bucket.weights, bucket.momentums, bucket.accumulators)(
             w, g, m, v, acc, factors, s)
         graphs.graph(phase2, flags, bucket.weights, bucket.momentums, bucket.averages, bucket.mirrors)(
             w, m, v, avg, mirrors, sums, s)
+        if clipping:  # the clipping norms' graph
+            measure = self._flags(bucket, plan, False)
+            graphs.graph(grad_squares, measure, bucket.momentums, bucket.accumulators)(
+                state_grads(bucket, g)[0], acc, s, bucket.momentums[0].dtype)
         graphs.warm.add(flags)
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         graphs: _Graphs = bucket.handle
-        flags = self._flags(bucket, plan, clip_factors)
+        flags = self._flags(bucket, plan, clip_factors is not None)
         s = graphs.scalars(scalar_values(bucket, plan), bucket.device)
         factors = clip_factors.to(bucket.device, torch.float32) if clip_factors is not None else None
         sums = graphs.graph(phase1, flags, bucket.weights, bucket.momentums, bucket.accumulators)(

@@ -177,7 +177,7 @@ class TritonBackend(TorchOpsBackend):
         return grads
 
     @staticmethod
-    def _constants(bucket: Bucket, plan: StepPlan, clip_factors: Tensor | None) -> dict[str, Any]:
+    def _constants(bucket: Bucket, plan: StepPlan, factors: bool) -> dict[str, Any]:
         """The compile-time constants of this call's kernels (a change compiles new ones, once)."""
         types = kernels().TYPES
         s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
@@ -187,7 +187,7 @@ class TritonBackend(TorchOpsBackend):
             "LOSS_SCALE": plan.loss_scale is not None,
             "ACCUMULATE": plan.accumulation is not None,
             "CLIP": _CLIP_CODES["value" if plan.clip.kind == "value" else
-                                ("factors" if clip_factors is not None else None)],
+                                ("factors" if factors else None)],
             "DECAY": s is not None and s.decay_factor is not None,
             "ADAPTIVE": s is not None and s.adaptive_weight_decay is not None,
             "W_TYPE": types[weights],
@@ -232,17 +232,18 @@ class TritonBackend(TorchOpsBackend):
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         handle: TritonBucket = bucket.handle
         s = handle.vector.fill(scalar_values(bucket, plan), bucket.device)
-        constants = self._constants(bucket, plan, None)
+        constants = self._constants(bucket, plan, False)
         return narrowed(self._pass1(bucket, self._grads(bucket, grads), s, None, constants, measure=True).clone())
 
-    def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> None:
+    def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clipping: bool) -> None:
         """Compile this update's kernels before any bucket is written: one run on a scratch bucket of one
         element per role, in this bucket's dtypes (Triton compiles per dtype and constants, not per shape)."""
         handle: TritonBucket = bucket.handle
-        constants = self._constants(bucket, plan, clip_factors)
+        constants = self._constants(bucket, plan, clipping)
         key = tuple(constants.values())
         if key in handle.warm:
             return
+        factors = torch.ones(1, dtype=torch.float32, device=bucket.device) if clipping else None  # scratch
         from ..layout import Bucket as LayoutBucket
 
         def one(tensors: list[Tensor]) -> list[Tensor]:
@@ -256,16 +257,18 @@ class TritonBackend(TorchOpsBackend):
         scratch.handle.interpreted, scratch.handle.chunk, scratch.handle.block = (
             handle.interpreted, handle.chunk, handle.block)
         s = handle.vector.fill(scalar_values(bucket, plan), bucket.device).clone()
-        factors = torch.ones(1, dtype=torch.float32, device=bucket.device) if clip_factors is not None else None
-        self._pass1(scratch, one(self._grads(bucket, grads)), s, factors, constants, measure=False)
+        scratch_grads = one(self._grads(bucket, grads))
+        self._pass1(scratch, scratch_grads, s, factors, constants, measure=False)
         self._pass2(scratch, torch.zeros(1, dtype=torch.float32, device=bucket.device), s, constants)
+        if factors is not None:  # the clipping norms' variant of pass 1
+            self._pass1(scratch, scratch_grads, s, None, self._constants(bucket, plan, False), measure=True)
         handle.warm.add(key)
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         handle: TritonBucket = bucket.handle
         s = handle.vector.fill(scalar_values(bucket, plan), bucket.device)
         factors = clip_factors.to(bucket.device, torch.float32).contiguous() if clip_factors is not None else None
-        constants = self._constants(bucket, plan, clip_factors)
+        constants = self._constants(bucket, plan, clip_factors is not None)
         sums = self._pass1(bucket, self._grads(bucket, grads), s, factors, constants, measure=False)
         if bucket.reduce is not None:
             sums = bucket.reduce(sums)
