@@ -20,22 +20,40 @@ TYPES = {"chunk_entry": "*i32", "chunk_start": "*i64", "numels": "*i64", "decay_
          "factors": "*fp32", "partials": "*fp64", "chunks": "i32", "first_chunk": "*i64", "sums": "*fp64",
          "entries": "i32", "scale": "*fp32", **dict.fromkeys(POINTERS, "*i64")}
 
-for w_type, mirror in ((tl.float32, False), (tl.float32, True), (tl.bfloat16, False)):
-    every = {"DECAY": True, "ADAPTIVE": True, "W_TYPE": w_type, "S_TYPE": tl.float32, "CHUNK": backend.CHUNK,
+VARIANTS = (  # (weights, state, gradients, copies or None, CLIP, MEASURE): every dtype, every clip, both modes
+    (tl.float32, tl.float32, tl.float32, None, 2, False),
+    (tl.float32, tl.float32, tl.bfloat16, tl.bfloat16, 1, True),
+    (tl.bfloat16, tl.float32, tl.bfloat16, None, 0, False),
+    (tl.float16, tl.float32, tl.float16, None, 1, False),
+    (tl.float32, tl.float32, tl.float16, tl.float16, 0, False),
+    (tl.float64, tl.float64, tl.float64, None, 2, False),
+)
+
+
+def compile_one(fn, constants):
+    signature = {name: TYPES.get(name, "constexpr") for name in fn.arg_names}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+
+
+compiled = compile_one(k.entry_sums, {"BLOCK": backend.BLOCK})
+assert compiled.asm["cubin"]
+print("entry_sums")
+for w_type, s_type, g_type, mirror, clip, measure in VARIANTS:
+    every = {"DECAY": True, "ADAPTIVE": True, "W_TYPE": w_type, "S_TYPE": s_type, "CHUNK": backend.CHUNK,
              "BLOCK": backend.BLOCK}
+    bits = "f64" if s_type == tl.float64 else "f32"
     for fn, constants in (
-        (k.lamb_pass1, {**every, "LOSS_SCALE": True, "ACCUMULATE": True, "CLIP": 2, "MEASURE": False,
-                        "G_TYPE": tl.bfloat16}),
-        (k.entry_sums, {"BLOCK": backend.BLOCK}),
-        (k.lamb_pass2, {**every, "MIRROR": mirror, "MIRROR_TYPE": tl.bfloat16, "EMA": True,
-                        "EMA_ROUNDED": not mirror}),
+        (k.lamb_pass1, {**every, "LOSS_SCALE": True, "ACCUMULATE": True, "CLIP": clip, "MEASURE": measure,
+                        "G_TYPE": g_type}),
+        (k.lamb_pass2, {**every, "MIRROR": mirror is not None, "MIRROR_TYPE": mirror or tl.float32, "EMA": True,
+                        "EMA_ROUNDED": mirror is None and w_type in (tl.bfloat16, tl.float16)}),
     ):
-        signature = {name: TYPES.get(name, "constexpr") for name in fn.arg_names}
-        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+        compiled = compile_one(fn, constants)
         ptx = compiled.asm["ptx"]
         assert compiled.asm["cubin"], fn.__name__
-        assert "fma.rn.f32" not in ptx, f"{fn.__name__}: contracted (FMA) arithmetic"
-        if fn is not k.entry_sums:
-            assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx, f"{fn.__name__}: approximate division or sqrt"
+        assert f"fma.rn.{bits}" not in ptx, f"{fn.__name__}: contracted (FMA) arithmetic"
+        assert f"div.rn.{bits}" in ptx, f"{fn.__name__}: approximate division"
+        if not (fn is k.lamb_pass1 and measure):  # the measuring pass forms no update: no sqrt
+            assert f"sqrt.rn.{bits}" in ptx, f"{fn.__name__}: approximate square root"
         print(fn.__name__)

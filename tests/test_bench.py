@@ -172,3 +172,23 @@ def test_gpu_check_script_runs_on_the_cpu() -> None:
     for row in rows.split(","):
         assert out.count(f"\n{row} ") == 2, (row, out)
     assert "1.00x" in out  # fused AdamW, the reference row
+
+
+def test_kernel_profile_script_runs() -> None:
+    """benchmarks/profile_kernel.py (issue 15's breakdown) stays runnable: every section, on a tiny case."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import impls
+
+    impls.skip_unless("fused")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "profile_kernel.py"), "--case", "tiny", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(root / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for section in ("inside the kernel's C call", "Python around it", "kernel / floor", "kernel, data in L2",
+                    "floor, data from DRAM", "of which the C call", "32 MiB"):
+        assert section in proc.stdout, (section, proc.stdout)

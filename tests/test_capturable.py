@@ -389,10 +389,19 @@ def test_switching_capturable_off_hands_the_count_back_to_the_host():
         p.grad.copy_(g)
     with Graph() as graph:
         opt.step()
+    for p, g in zip(params, grads[2]):
+        p.grad.copy_(g)
     graph.replay()
     opt.capturable = False
+    assert opt.iterations == 3  # the device's count, before the next step hands it back
     _train(opt, params, grads[3:])
     assert not opt._steps.live and opt._iterations == 4 and opt.iterations == 4
+    eager = _params()  # the step after the switch starts from the replayed count (bias correction of update 4)
+    ref = Lamb(eager, capturable=True)
+    _train(ref, eager, grads[:3])
+    ref.capturable = False
+    _train(ref, eager, grads[3:])
+    _assert_same_bits(_snapshot(params, opt), _snapshot(eager, ref))
 
 
 # ------------------------------------------------------------------ bad input

@@ -157,11 +157,15 @@ def test_under_auto_a_failed_compile_falls_back_to_foreach(monkeypatch) -> None:
     from torch_lamb import backends
     from torch_lamb.backends import compiled
 
+    attempts = []
+
     def broken(fn, features, signature):
+        attempts.append(fn.__name__)
         raise RuntimeError("no working compiler")
 
     monkeypatch.setattr(backends, "AUTO_ORDER", ("compiled", "foreach"))  # as CUDA_AUTO_ORDER is on a GPU
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_failed", set())
     monkeypatch.setattr(compiled, "_compiled", broken)
     results = []
     for impl in ("auto", "foreach"):
@@ -176,9 +180,17 @@ def test_under_auto_a_failed_compile_falls_back_to_foreach(monkeypatch) -> None:
             else:
                 opt.step()
         assert {b.backend.name for b in opt._layouts.layout.buckets} == {"foreach"}
+        if impl == "auto":  # a rebuilt layout does not try the compile again
+            opt.load_state_dict(opt.state_dict())
+            p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            assert attempts == ["phase1"] and {b.backend.name for b in opt._layouts.layout.buckets} == {"foreach"}
+        else:
+            p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
         results.append(p.detach().clone())
     assert torch.equal(*results)
-    with pytest.raises(RuntimeError, match="no working compiler"):  # an explicit choice raises
+    with pytest.raises(RuntimeError, match="no working compiler"):  # an explicit choice raises, every time
         q = torch.nn.Parameter(torch.randn(4))
         opt = Lamb([q], implementation="compiled")
         q.grad = torch.ones_like(q)

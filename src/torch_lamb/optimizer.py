@@ -329,7 +329,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         """Updates applied so far (micro-steps // N under gradient accumulation), as in Keras."""
         if self._guard is not None:  # skip_nonfinite: applied updates live on the device (reading syncs)
             return self._guard.counter("applied_updates")
-        updates = self._steps.updates(self) if self.capturable else None
+        updates = self._steps.updates(self) if self._steps.live else None
         if updates is not None:  # capturable: a replayed graph advances the device count, not the host's
             return int(updates)
         n = self.gradient_accumulation_steps
@@ -528,6 +528,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             grads, missing = read_grads(params)
         if all(missing):  # torch.optim's convention: a call without gradients is a no-op
             return loss
+        if not self.capturable and self._steps.live:  # capturable was switched off: replays advanced the device
+            self._iterations = self._call_count()  # count, which this call's plan must start from (a host sync)
         plan = plan_step(self)
         layout = self._layouts.get(self, params, grads, missing)
         if layout.params is not self._layout_params:  # a rebuilt layout: the one time to look at the list
@@ -538,7 +540,6 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         plan.write_back(self)
         bucket_grads = [b.grads(grads) for b in layout.active]
         if not self.capturable and self._steps.live:  # capturable was switched off: the host counts again
-            self._iterations = self._call_count()
             self._steps.release()
         with no_host_reads() if self.capturable else contextlib.nullcontext():
             if self.capturable:

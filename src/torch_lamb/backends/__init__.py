@@ -59,8 +59,9 @@ class Backend(Protocol):
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         """Move the averages toward the weights (a call that does not update this bucket)."""
 
-    # Optional: ``ready(bucket, grads, plan, clip_factors)``, called for every bucket before any update of
-    # the call, for work that may fail and must change nothing (the compiled backend compiles there).
+    # Optional: ``ready(bucket, grads, plan, clipping)``, called for every bucket of an update before any norm
+    # is measured or bucket written, for work that may fail and must change nothing (the compiling backends
+    # compile there); ``clipping``: the update will take per-entry clip factors.
 
     def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
         """A 0-dim float count of local tensors holding NaN or a value of magnitude >= ``limit``
@@ -81,6 +82,7 @@ CUDA_AUTO_ORDER = ("compiled", "foreach")  # GPU tensors: inductor's fused Trito
 # (about 100 s for BERT-base's 200 on a CPU), and a model of thousands of small tensors is better on foreach.
 AUTO_COMPILED_MAX_ENTRIES = 512
 _warned: set[str] = set()
+_failed: set[tuple[str, str]] = set()  # (backend, device type) whose compile failed under "auto"
 
 
 def select(bucket: Bucket, opt: Lamb) -> tuple[Backend, Any]:
@@ -93,6 +95,8 @@ def select(bucket: Bucket, opt: Lamb) -> tuple[Backend, Any]:
     else:
         order = AUTO_ORDER
     for name in order:
+        if choice == "auto" and (name, bucket.device.type) in _failed:
+            continue  # its first-use compile failed in this process (make_ready warned)
         backend = BACKENDS[name]
         reason = backend.refuses(bucket, opt)
         if reason is None:
@@ -132,6 +136,7 @@ def make_ready(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], plan: S
             if opt.implementation != "auto":
                 raise
             name = bucket.backend.name if bucket.backend is not None else "?"
+            _failed.add((name, bucket.device.type))  # later layouts skip it there: no compile retried per rebuild
             bucket.backend, bucket.handle = BACKENDS["foreach"], None
             _warn_once(f"{name!r} failed to compile ({type(err).__name__}: {err})",
                        "torch_lamb: {reason}; those parameters take the foreach backend.")

@@ -54,7 +54,7 @@ def _update(w, m, v, decayed, s, DECAY: tl.constexpr, ADAPTIVE: tl.constexpr, S:
     return w, u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunks"])  # as ready()'s one-chunk scratch: Triton specializes ints == 1
 def lamb_pass1(chunk_entry, chunk_start, numels, decay_mask, grads, weights, momentums, velocities, accumulators,
                factors, s, partials, chunks,
                LOSS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, CLIP: tl.constexpr, DECAY: tl.constexpr,
@@ -108,7 +108,7 @@ def lamb_pass1(chunk_entry, chunk_start, numels, decay_mask, grads, weights, mom
     tl.store(partials + chunks + c, tl.sum(u_sum, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunks", "entries"])
 def entry_sums(first_chunk, partials, sums, chunks, entries, BLOCK: tl.constexpr):
     """Per entry, its chunks' partial sums added up in chunk order (deterministic: no atomics)."""
     e = tl.program_id(0)

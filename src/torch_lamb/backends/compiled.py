@@ -283,6 +283,7 @@ class ScalarVector:
         """The vector built on the device (``capturable``): one stack of 0-dim device tensors into ``self.device``."""
         if self.device is None or self.device.device != device:
             self.device = torch.empty(len(SCALARS), dtype=torch.float32, device=device)
+        if not self._constants or self._constants[0].device != device:  # (fill() may have made self.device)
             self._constants = list(torch.zeros(len(SCALARS), dtype=torch.float32, device=device).unbind(0))
             self._known = array.array("f", [0.0] * len(SCALARS))
         entries = []

@@ -75,6 +75,8 @@ def unavailable(device_type: str = "cuda") -> str | None:
         return None if interpreted() else "Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
     if device_type != "cuda":
         return f"Triton does not take {device_type} tensors"
+    if interpreted():  # its programs would dereference the pointer tables' device addresses on the host
+        return "Triton's interpreter (TRITON_INTERPRET=1) runs CPU tensors only"
     return None
 
 
@@ -135,8 +137,10 @@ class TritonBucket:
 
 
 def _table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """The tensors' addresses as an int64 tensor on ``device`` (a one-element placeholder for none)."""
-    return torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64, device=device)
+    """The tensors' addresses as an int64 tensor on ``device`` (a one-element placeholder for none); to a GPU
+    from pinned memory, without a sync (``torch.tensor(..., device=cuda)`` would wait for the copy)."""
+    table = torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64)
+    return table if device.type == "cpu" else table.pin_memory().to(device, non_blocking=True)
 
 
 _FOREACH = ForeachBackend()
@@ -240,7 +244,9 @@ class TritonBackend(TorchOpsBackend):
         element per role, in this bucket's dtypes (Triton compiles per dtype and constants, not per shape)."""
         handle: TritonBucket = bucket.handle
         constants = self._constants(bucket, plan, clipping)
-        key = tuple(constants.values())
+        first = grads[0].dtype  # pass 1's G_TYPE, as _grads() leaves it
+        g_type = first if first in _FLOATS and all([g.dtype == first for g in grads]) else bucket.momentums[0].dtype
+        key = (*constants.values(), g_type)
         if key in handle.warm:
             return
         factors = torch.ones(1, dtype=torch.float32, device=bucket.device) if clipping else None  # scratch
