@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import impls
 import pytest
 
 from torch_lamb import kernel_status
@@ -183,14 +184,17 @@ def test_an_abi_mismatch_is_refused() -> None:
         kernel_build.check_abi(text + ";extra=4:8")
 
 
+@pytest.mark.parametrize("implementation", ["fused", "triton"])  # the raw-pointer backends
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
-def test_state_given_new_storage_through_a_held_reference_never_crashes(sliced: bool) -> None:
+def test_state_given_new_storage_through_a_held_reference_never_crashes(sliced: bool, implementation: str) -> None:
     """``m.data = ...`` on a reference kept across steps, without reading ``optimizer.state``: the kernel's
     cached pointers hold the old storage alive (it used to write freed memory and abort the process). The
-    new storage is taken once ``optimizer.state`` is read; replaced and deleted slots are followed."""
+    new storage is taken once ``optimizer.state`` is read; replaced and deleted slots are followed. The
+    Triton backend's pointer tables (run here under its interpreter) hold theirs the same way."""
+    impls.skip_unless(implementation)
     run_case(f"""
         p = torch.nn.Parameter(torch.randn(64, 33))
-        opt = Lamb([("bank", p)], learning_rate=0.01)
+        opt = Lamb([("bank", p)], learning_rate=0.01, implementation={implementation!r})
         if {sliced}:
             opt.set_trust_ratio_slices(var_names=["bank"], dim=0)
         p.grad = torch.ones_like(p)
