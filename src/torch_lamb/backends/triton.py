@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -123,17 +124,42 @@ class TritonBucket:
         self.sums = torch.empty(2 * len(numels), dtype=torch.float64, device=device)
         self.scale = torch.empty(len(numels), dtype=torch.float32, device=device)
         self.vector = ScalarVector()
+        self.aligned = all(t.data_ptr() % 16 == 0 for t in bucket.written())  # 128-bit loads and stores
         self.grad_pointers: tuple[int, ...] = ()
         self.grad_table: Tensor | None = None
+        self.grads_aligned = False
+        self.call: CallGrads | None = None  # this call's gradients, shared by its phases
         self.warm: set[tuple[Any, ...]] = set()
 
-    def grads(self, grads: Sequence[Tensor]) -> tuple[Tensor, torch.dtype]:
-        """The gradients' pointer table (rebuilt only when an address changed) and their dtype."""
-        pointers = tuple([g.data_ptr() for g in grads])
+    def call_grads(self, grads: list[Tensor], state_dtype: torch.dtype) -> CallGrads:
+        """This call's gradients as the kernels read them: contiguous, of one dtype (the state's where their
+        dtypes differ: ``p.grad.data = other`` can change one), with their pointer table (rebuilt only when
+        an address changed). Made once per call: its phases get the same list."""
+        if self.call is not None and self.call.given is grads:
+            return self.call
+        readable = grads
+        if any([not g.is_contiguous() for g in readable]):
+            readable = [g.contiguous() for g in readable]
+        if any([g.dtype != readable[0].dtype for g in readable]) or readable[0].dtype not in _FLOATS:
+            readable = [g.to(state_dtype) for g in readable]
+        pointers = tuple([g.data_ptr() for g in readable])
         if pointers != self.grad_pointers or self.grad_table is None:
-            self.grad_table = _table(grads, self.chunk_entry.device)
+            self.grad_table = _table(readable, self.chunk_entry.device)
             self.grad_pointers = pointers
-        return self.grad_table, grads[0].dtype
+            self.grads_aligned = all(address % 16 == 0 for address in pointers)
+        self.call = CallGrads(grads, readable, self.grad_table, readable[0].dtype, self.aligned and self.grads_aligned)
+        return self.call
+
+
+@dataclass
+class CallGrads:
+    """One call's gradients, prepared for the kernels (see :meth:`TritonBucket.call_grads`)."""
+
+    given: list[Tensor]  # the list the phases of the call get (its identity ties them together)
+    readable: list[Tensor]  # held: the table points into them
+    table: Tensor
+    dtype: torch.dtype
+    aligned: bool  # every tensor of the bucket and every gradient is 16-byte aligned
 
 
 def _table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -171,17 +197,7 @@ class TritonBackend(TorchOpsBackend):
         _FOREACH.accumulate(bucket, grads, plan)  # one add per micro-step: foreach is already one pass
 
     @staticmethod
-    def _grads(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
-        """Gradients the kernels read as flat arrays of one dtype: contiguous, and in the state's dtype where
-        their dtypes differ (``p.grad.data = other`` can change one)."""
-        if any([not g.is_contiguous() for g in grads]):
-            grads = [g.contiguous() for g in grads]
-        if any([g.dtype != grads[0].dtype for g in grads]) or grads[0].dtype not in _FLOATS:
-            grads = [g.to(bucket.momentums[0].dtype) for g in grads]
-        return grads
-
-    @staticmethod
-    def _constants(bucket: Bucket, plan: StepPlan, factors: bool) -> dict[str, Any]:
+    def _constants(bucket: Bucket, plan: StepPlan, factors: bool, call: CallGrads) -> dict[str, Any]:
         """The compile-time constants of this call's kernels (a change compiles new ones, once)."""
         types = kernels().TYPES
         s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
@@ -200,25 +216,25 @@ class TritonBackend(TorchOpsBackend):
             "MIRROR_TYPE": types[bucket.mirrors[0].dtype] if bucket.mirrors else tl_float32(),
             "EMA": plan.ema_weight is not None and bool(bucket.averages),
             "EMA_ROUNDED": weights in LOW_PRECISION,  # no master: the average follows the rounded weights
+            "G_TYPE": types[call.dtype],
+            "ALIGNED": call.aligned,
             "CHUNK": handle.chunk,
             "BLOCK": handle.block,
         }
 
     @staticmethod
-    def _pass1(bucket: Bucket, grads: list[Tensor], s: Tensor, factors: Tensor | None, constants: dict[str, Any],
+    def _pass1(bucket: Bucket, call: CallGrads, s: Tensor, factors: Tensor | None, constants: dict[str, Any],
                measure: bool) -> Tensor:
         """Pass 1 (with ``measure``: only the formed gradients' squares) and the per-entry sums (float64)."""
         handle: TritonBucket = bucket.handle
         k = kernels()
-        grad_table, grad_dtype = handle.grads(grads)
         n = len(bucket.momentums)
         if handle.chunks:
             launch(k.lamb_pass1, handle, (handle.chunks,),
-                   handle.chunk_entry, handle.chunk_start, handle.numels, handle.decay, grad_table,
+                   handle.chunk_entry, handle.chunk_start, handle.numels, handle.decay, call.table,
                    handle.tables["weights"], handle.tables["momentums"], handle.tables["velocities"],
                    handle.tables["accumulators"], factors if factors is not None else s, s, handle.partials,
-                   handle.chunks, G_TYPE=k.TYPES[grad_dtype], MEASURE=measure,
-                   **{key: constants[key] for key in _PASS1})
+                   handle.chunks, MEASURE=measure, **{key: constants[key] for key in _PASS1})
         launch(k.entry_sums, handle, (n,), handle.first_chunk, handle.partials, handle.sums, handle.chunks, n,
                BLOCK=handle.block)
         return handle.sums[:n] if measure else handle.sums
@@ -235,18 +251,18 @@ class TritonBackend(TorchOpsBackend):
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         handle: TritonBucket = bucket.handle
+        call = handle.call_grads(grads, bucket.momentums[0].dtype)
         s = handle.vector.fill(scalar_values(bucket, plan), bucket.device)
-        constants = self._constants(bucket, plan, False)
-        return narrowed(self._pass1(bucket, self._grads(bucket, grads), s, None, constants, measure=True).clone())
+        constants = self._constants(bucket, plan, False, call)
+        return narrowed(self._pass1(bucket, call, s, None, constants, measure=True).clone())
 
     def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clipping: bool) -> None:
         """Compile this update's kernels before any bucket is written: one run on a scratch bucket of one
         element per role, in this bucket's dtypes (Triton compiles per dtype and constants, not per shape)."""
         handle: TritonBucket = bucket.handle
-        constants = self._constants(bucket, plan, clipping)
-        first = grads[0].dtype  # pass 1's G_TYPE, as _grads() leaves it
-        g_type = first if first in _FLOATS and all([g.dtype == first for g in grads]) else bucket.momentums[0].dtype
-        key = (*constants.values(), g_type)
+        call = handle.call_grads(grads, bucket.momentums[0].dtype)
+        constants = self._constants(bucket, plan, clipping, call)
+        key = tuple(constants.values())
         if key in handle.warm:
             return
         factors = torch.ones(1, dtype=torch.float32, device=bucket.device) if clipping else None  # scratch
@@ -262,20 +278,22 @@ class TritonBackend(TorchOpsBackend):
         scratch.handle = TritonBucket(scratch)
         scratch.handle.interpreted, scratch.handle.chunk, scratch.handle.block = (
             handle.interpreted, handle.chunk, handle.block)
+        scratch_call = scratch.handle.call_grads(one(call.readable), bucket.momentums[0].dtype)
         s = handle.vector.fill(scalar_values(bucket, plan), bucket.device).clone()
-        scratch_grads = one(self._grads(bucket, grads))
-        self._pass1(scratch, scratch_grads, s, factors, constants, measure=False)
+        self._pass1(scratch, scratch_call, s, factors, constants, measure=False)  # the real bucket's constants
         self._pass2(scratch, torch.zeros(1, dtype=torch.float32, device=bucket.device), s, constants)
         if factors is not None:  # the clipping norms' variant of pass 1
-            self._pass1(scratch, scratch_grads, s, None, self._constants(bucket, plan, False), measure=True)
+            self._pass1(scratch, scratch_call, s, None, self._constants(bucket, plan, False, call), measure=True)
         handle.warm.add(key)
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         handle: TritonBucket = bucket.handle
+        call = handle.call_grads(grads, bucket.momentums[0].dtype)
+        handle.call = None  # the last phase of the call: the gradients are not held past it
         s = handle.vector.fill(scalar_values(bucket, plan), bucket.device)
         factors = clip_factors.to(bucket.device, torch.float32).contiguous() if clip_factors is not None else None
-        constants = self._constants(bucket, plan, clip_factors is not None)
-        sums = self._pass1(bucket, self._grads(bucket, grads), s, factors, constants, measure=False)
+        constants = self._constants(bucket, plan, clip_factors is not None, call)
+        sums = self._pass1(bucket, call, s, factors, constants, measure=False)
         if bucket.reduce is not None:
             sums = bucket.reduce(sums)
         hyper = plan.scalars[bucket.group_index] if plan.scalars is not None else None
@@ -287,8 +305,10 @@ class TritonBackend(TorchOpsBackend):
         return TrustStats(weight_norm, update_norm, ratio)
 
 
-_PASS1 = ("LOSS_SCALE", "ACCUMULATE", "CLIP", "DECAY", "ADAPTIVE", "W_TYPE", "S_TYPE", "CHUNK", "BLOCK")
-_PASS2 = ("DECAY", "ADAPTIVE", "W_TYPE", "S_TYPE", "MIRROR", "MIRROR_TYPE", "EMA", "EMA_ROUNDED", "CHUNK", "BLOCK")
+_PASS1 = ("LOSS_SCALE", "ACCUMULATE", "CLIP", "DECAY", "ADAPTIVE", "G_TYPE", "W_TYPE", "S_TYPE", "ALIGNED", "CHUNK",
+          "BLOCK")
+_PASS2 = ("DECAY", "ADAPTIVE", "W_TYPE", "S_TYPE", "MIRROR", "MIRROR_TYPE", "EMA", "EMA_ROUNDED", "ALIGNED", "CHUNK",
+          "BLOCK")
 
 
 def launch(kernel: Any, handle: TritonBucket, grid: tuple[int, ...], *args: Any, **constants: Any) -> None:
