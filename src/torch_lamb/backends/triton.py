@@ -14,7 +14,9 @@ averages, low-precision copies) live on the device, so one launch covers every t
 
 Every per-step scalar arrives in the bucket's float32 vector (:class:`ScalarVector`), so a new
 learning rate relaunches the same compiled kernel. The feature set, the dtypes and the block sizes
-are compile-time constants. Division and square root are IEEE-rounded (``div_rn``, ``sqrt_rn``),
+are compile-time constants. A chunk's full blocks run unmasked, and a bucket whose tensors and
+gradients are all 16-byte aligned (checked on the host) declares its pointers so (``ALIGNED``): the
+compiler then moves them 128 bits at a time. Division and square root are IEEE-rounded (``div_rn``, ``sqrt_rn``),
 floating-point contraction is off, and float32 becomes bfloat16 by round-to-nearest-even in the
 kernel's own bit arithmetic, so that the results do not depend on the compiler (or on Triton's CPU
 interpreter, whose bfloat16 cast truncates).
