@@ -23,7 +23,7 @@ class Impl:
     ulps: int = 1  # float32 goldens hold to this many units in the last place (the kernel multiplies by
     # 1/bias_correction where Keras divides, so u's last bit may differ)
     fixture: bool = True  # in the `implementation` fixture; False: each new bucket shape compiles (seconds), so
-    # tests/test_compiled.py runs its own matrix, and the loops over available() (Keras parity) include it
+    # tests/test_compiling_backends.py runs its own matrix, and the loops over available() (Keras parity) include it
 
 
 IMPLS = (
@@ -32,7 +32,7 @@ IMPLS = (
     Impl("fused", needs_kernel=True, capturable=False, ulps=4,
          dtypes=(torch.float32, torch.bfloat16, torch.float16)),  # float16 where the compiler has _Float16
     Impl("compiled", ulps=8, fixture=False),  # norms summed in float64, u in another order: a few ulps
-    Impl("triton", ulps=8, fixture=False),  # the interpreter here (slow), as "compiled" is: its own matrix
+    Impl("triton", ulps=8, fixture=False),  # the interpreter here (slow): the same matrix as "compiled"
 )
 
 

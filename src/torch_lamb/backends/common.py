@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..optimizer import Lamb
     from ..plan import StepPlan
 
-__all__ = ["TorchOpsBackend", "bad_gradients", "finish_update", "move_averages", "norm_dtype",
+__all__ = ["TorchOpsBackend", "bad_gradients", "finish_update", "move_averages", "narrowed", "norm_dtype",
            "overwrite_with_averages", "reset_accumulators", "state_grads"]
 
 
@@ -32,6 +32,15 @@ def state_grads(bucket: Bucket, grads: list[Tensor]) -> tuple[list[Tensor], bool
     if any([g.dtype != dtype for g in grads]):  # low precision, or a `.grad.data` of another dtype
         return [g.to(dtype) for g in grads], True
     return grads, False
+
+
+def narrowed(sums: Tensor) -> Tensor:
+    """Squared sums summed in float64, as the backends hand them on: float32 unless that overflows (then
+    float64). Deciding reads the CPU tensor; on another device, or without host reads, they stay float64."""
+    if sums.is_cpu and host_reads_allowed():
+        narrow = sums.to(torch.float32)
+        return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
+    return sums
 
 
 def move_averages(bucket: Bucket, weight: float | Tensor) -> None:

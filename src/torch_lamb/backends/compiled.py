@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..distributed import host_reads_allowed
 from ..functional import LOW_PRECISION, TrustStats
-from .common import TorchOpsBackend, state_grads
+from .common import TorchOpsBackend, narrowed, state_grads
 from .foreach import ForeachBackend
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..optimizer import Lamb
     from ..plan import StepPlan
 
-__all__ = ["SCALARS", "CompiledBackend", "ScalarVector", "narrowed", "scalar_values", "trust_ratios", "unavailable"]
+__all__ = ["SCALARS", "CompiledBackend", "ScalarVector", "scalar_values", "trust_ratios", "unavailable"]
 
 # the per-step scalars, by position in the vector
 LR, B1C, B2C, BC1, BC2, EPS, DECAY, AWD, EMA, LOSS, ACC, CLIP, LOW, HIGH = range(14)
@@ -231,15 +231,6 @@ def _compiled(fn: Callable[..., Any], features: Features, signature: tuple[Any, 
 
 def _signature(*lists: Sequence[Tensor]) -> tuple[Any, ...]:
     return tuple((t.shape, t.dtype, t.device, t.stride()) for ts in lists for t in ts)
-
-
-def narrowed(sums: Tensor) -> Tensor:
-    """Squared sums summed in float64, as the other backends give them on the CPU: float32 unless that
-    overflows (on another device, or without host reads, they stay float64: no sync)."""
-    if sums.is_cpu and host_reads_allowed():
-        narrow = sums.to(torch.float32)
-        return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
-    return sums
 
 
 class ScalarVector:

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..distributed import Reducer
 from ..functional import LambScalars, TrustStats, trust_ratio
 from . import kernel_build
+from .common import narrowed
 from .kernel_build import FIX_HINT
 from .kernel_build import Bucket as _Struct
 
@@ -98,12 +99,6 @@ def _runs(view: Tensor) -> tuple[list[int], int] | None:
     for size, stride in dims[:packed]:
         offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride)
     return offsets.flatten().tolist(), length
-
-
-def _narrowed(sums: Tensor) -> Tensor:
-    """Float64 sums of squares as float32, unless that overflows (then they stay float64; a CPU read)."""
-    narrow = sums.to(torch.float32)
-    return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
 
 
 def _threads(numel: int) -> int:
@@ -278,10 +273,10 @@ class KernelBucket:
             streams = 4 + bool(b.flags & self.flags["F_ACCUMULATE"]) + (ema_weight is not None)
             b.segment = max(1, SEGMENT_BYTES // (4 * streams))
             _run("lamb_fused", b)
-            norms = torch.sqrt(_narrowed(sums))
+            norms = torch.sqrt(narrowed(sums))
             return TrustStats(norms[:n], norms[n:], ratio)
         _run("lamb_pass1", b)
-        norms = torch.sqrt(reduce(_narrowed(sums)))
+        norms = torch.sqrt(reduce(narrowed(sums)))
         weight_norm, update_norm = norms[:n], norms[n:]
         ratio = trust_ratio(weight_norm, update_norm, scalars, self.adapt_list)
         scale = (ratio * s.lr).to(torch.float32).contiguous()
@@ -407,7 +402,7 @@ class CpuKernelBackend:
 
     def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
         pipeline = GradientPipeline(plan.loss_scale, plan.accumulation)
-        return _narrowed(bucket.handle.gradient_squares(self._readable(bucket, grads), pipeline))
+        return narrowed(bucket.handle.gradient_squares(self._readable(bucket, grads), pipeline))
 
     def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
         assert plan.scalars is not None

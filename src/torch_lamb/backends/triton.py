@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ..functional import LOW_PRECISION, TrustStats
-from .common import TorchOpsBackend
-from .compiled import LR, SCALARS, ScalarVector, narrowed, scalar_values, trust_ratios
+from .common import TorchOpsBackend, narrowed
+from .compiled import LR, SCALARS, ScalarVector, scalar_values, trust_ratios
 from .foreach import ForeachBackend
 
 if TYPE_CHECKING:
