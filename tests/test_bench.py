@@ -27,23 +27,31 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert ratios["adamw-fused"] == 1.0
     floor = {r["name"]: r["ratio_vs_floor"] for r in case["rows"]}
     assert floor["floor"] == pytest.approx(1.0) and all(v > 0 for v in floor.values())
-    for row in case["rows"]:  # min <= median <= max of the per-round ratios; AdamW against itself is 1
-        low, mid, high = row["ratio_spread"]
-        assert 0 < low <= mid <= high
-    assert next(r for r in case["rows"] if r["name"] == "adamw-fused")["ratio_spread"] == [1.0, 1.0, 1.0]
+    for row in case["rows"]:  # min <= median <= max of the per-round ratios; AdamW (the floor) against itself is 1
+        for key in ("ratio_spread", "floor_spread"):
+            low, mid, high = row[key]
+            assert 0 < low <= mid <= high, (row["name"], key)
+    by_name = {r["name"]: r for r in case["rows"]}
+    assert by_name["adamw-fused"]["ratio_spread"] == [1.0, 1.0, 1.0]
+    assert by_name["floor"]["floor_spread"] == pytest.approx([1.0, 1.0, 1.0])
     assert report["cpu"] and report["threads"] == 1
 
 
 def test_bench_warns_when_rounds_disagree(capsys: pytest.CaptureFixture[str]) -> None:
     row = {"name": "lamb-fused", "median_ms": 1.0, "ratio_vs_adamw_fused": 1.5, "ratio_spread": [1.2, 1.5, 1.9],
-           "ratio_vs_floor": 1.1, "gb_per_s": 1.0, "bytes_per_param": 40, "state_mb": 1.0, "transient_mb": 0.0,
-           "first_step_ms": 1.0}
-    steady = {**row, "name": "adamw-fused", "ratio_spread": [1.0, 1.0, 1.0]}
+           "ratio_vs_floor": 1.1, "floor_spread": [1.0, 1.04, 1.08], "gb_per_s": 1.0, "bytes_per_param": 40,
+           "state_mb": 1.0, "transient_mb": 0.0, "first_step_ms": 1.0}
+    steady = {**row, "name": "adamw-fused", "ratio_spread": [1.0, 1.0, 1.0], "floor_spread": [0.6, 0.7, 0.8]}
     bench._print({"case": "tiny", "tensors": 1, "params": 1, "dtype": "float32", "rounds": 3, "fused_kernel": True,
                   "rss_base_mb": 1.0, "peak_rss_mb": 1.0, "rows": [row, steady]})
     out = capsys.readouterr().out
-    assert "1.20-1.90" in out and "warning" in out and "lamb-fused" in out.split("warning")[1]
-    assert "adamw-fused" not in out.split("warning")[1]
+    assert "1.20/1.50/1.90" in out and "1.00/1.04/1.08" in out  # min/median/max per round, both references
+    warnings = [line for line in out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 2
+    against_adamw, against_floor = warnings
+    assert "to AdamW" in against_adamw and "lamb-fused" in against_adamw and "adamw-fused" not in against_adamw
+    # 1.00-1.08 spans under 10% of 1.04: only AdamW's 0.6-0.8 against the floor is too wide
+    assert "to the floor" in against_floor and "adamw-fused" in against_floor and "lamb-fused" not in against_floor
 
 
 def test_bench_rejects_unknown_row() -> None:

@@ -358,13 +358,17 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
         ms = statistics.median(row.times) * 1e3
         # per round, against the reference timed in the same round: the spread says how far to trust it
         per_round = [t / r for t, r in zip(row.times, ref.times)] if ref else []
+        # and against the floor's time for the row's bytes, in the same round
+        per_round_floor = ([t / (f * row.bpp / floor.bpp) for t, f in zip(row.times, floor.times)]
+                           if floor else [])
         out_rows.append({
             "name": row.name,
             "median_ms": ms,
             "min_ms": min(row.times) * 1e3,
             "ratio_vs_adamw_fused": ms / ref_ms if ref_ms else None,
-            "ratio_spread": [min(per_round), statistics.median(per_round), max(per_round)] if per_round else None,
+            "ratio_spread": _spread(per_round),
             "ratio_vs_floor": ms / (floor_ms_per_byte * row.bpp) if floor_ms_per_byte else None,
+            "floor_spread": _spread(per_round_floor),
             "gb_per_s": row.bpp * numel / (ms * 1e-3) / 1e9,
             "bytes_per_param": row.bpp,
             "state_mb": row.state_bytes() / 2**20,
@@ -379,7 +383,7 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
         per_round = [a / b for a, b in zip(sliced, per_tensor)]
         sliced_cost = {"row": SLICED, "vs": PER_TENSOR,
                        "ratio": statistics.median(sliced) / statistics.median(per_tensor),
-                       "ratio_spread": [min(per_round), statistics.median(per_round), max(per_round)]}
+                       "ratio_spread": _spread(per_round)}
     return {
         "case": case,
         "dtype": str(dtype).removeprefix("torch."),
@@ -395,24 +399,38 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
     }
 
 
+def _spread(ratios: list[float]) -> list[float] | None:
+    """[min, median, max] of per-round ratios (None without any)."""
+    return [min(ratios), statistics.median(ratios), max(ratios)] if ratios else None
+
+
+def _is_wide(spread: list[float] | None) -> bool:
+    return bool(spread) and spread[2] - spread[0] > SPREAD_WARNING * spread[1]
+
+
+def _spread_text(spread: list[float] | None) -> str:
+    return f"{spread[0]:.2f}/{spread[1]:.2f}/{spread[2]:.2f}" if spread else "-"
+
+
 def _print(result: dict[str, Any]) -> None:
     print(f"\ncase {result['case']}: {result['tensors']} tensors, "
           f"{result['params'] / 1e6:.2f}M {result['dtype']} params, "
           f"{result['rounds']} rounds, fused kernel {'on' if result['fused_kernel'] else 'OFF (fallback)'}")
-    print(f"{'row':<18}{'median ms':>11}{'vs AdamW':>10}{'per round':>14}{'GB/s':>8}{'B/param':>9}{'vs floor':>10}"
-          f"{'state MB':>10}{'transient MB':>14}{'first ms':>10}{'ratios':>8}")
-    wide = []
+    print(f"{'row':<18}{'median ms':>11}{'vs AdamW':>10}{'per round':>18}{'GB/s':>8}{'B/param':>9}{'vs floor':>10}"
+          f"{'per round':>18}{'state MB':>10}{'transient MB':>14}{'first ms':>10}{'ratios':>8}")
+    noisy, noisy_floor = [], []
     for r in result["rows"]:
         ratio = f"{r['ratio_vs_adamw_fused']:.2f}x" if r["ratio_vs_adamw_fused"] else "-"
         floor = f"{r['ratio_vs_floor']:.2f}x" if r["ratio_vs_floor"] else "-"
-        spread = r.get("ratio_spread")
-        rounds = f"{spread[0]:.2f}-{spread[2]:.2f}" if spread else "-"
+        spread, floor_spread = r.get("ratio_spread"), r.get("floor_spread")
         count = r.get("trust_ratios")
-        if spread and spread[2] - spread[0] > SPREAD_WARNING * spread[1]:
-            wide.append(r["name"])
-        print(f"{r['name']:<18}{r['median_ms']:>11.1f}{ratio:>10}{rounds:>14}{r['gb_per_s']:>8.1f}"
-              f"{r['bytes_per_param']:>9}{floor:>10}{r['state_mb']:>10.0f}{r['transient_mb']:>14.1f}"
-              f"{r['first_step_ms']:>10.1f}{count if count is not None else '-':>8}")
+        if _is_wide(spread):
+            noisy.append(r["name"])
+        if _is_wide(floor_spread):
+            noisy_floor.append(r["name"])
+        print(f"{r['name']:<18}{r['median_ms']:>11.1f}{ratio:>10}{' ' + _spread_text(spread):>18}{r['gb_per_s']:>8.1f}"
+              f"{r['bytes_per_param']:>9}{floor:>10}{' ' + _spread_text(floor_spread):>18}{r['state_mb']:>10.0f}"
+              f"{r['transient_mb']:>14.1f}{r['first_step_ms']:>10.1f}{count if count is not None else '-':>8}")
     cost = result.get("sliced_vs_per_tensor")
     if cost:
         low, mid, high = cost["ratio_spread"]
@@ -420,9 +438,11 @@ def _print(result: dict[str, Any]) -> None:
               f"(per round {low:.3f}-{high:.3f}, median {mid:.3f})")
     print(f"RSS: {result['rss_base_mb']:.0f} MB with params+grads, "
           f"peak {result['peak_rss_mb']:.0f} MB (all rows)")
-    if wide:
-        print(f"warning: the per-round ratio to AdamW spans more than {SPREAD_WARNING:.0%} of its median for "
-              f"{', '.join(wide)}: the machine was too noisy to compare these rows; run again on a quiet one")
+    for against, names in (("AdamW", noisy), ("the floor", noisy_floor)):
+        if names:
+            print(f"warning: the per-round ratio to {against} spans more than {SPREAD_WARNING:.0%} of its median "
+                  f"for {', '.join(names)}: the machine was too noisy to compare these rows with {against}; "
+                  "run again on a quiet one")
 
 
 def main(argv: list[str] | None = None) -> int:
