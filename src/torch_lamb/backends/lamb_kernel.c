@@ -26,9 +26,10 @@
  * m, v and sums w'^2 and u^2 (in double, per block); pass 2 recomputes u and writes p.
  *
  * lamb_fused runs both passes segment by segment (consecutive tensors of about `segment`
- * elements), so that pass 2 finds the segment still in cache, and runs pass 2 backwards, so that
- * even a segment larger than the cache starts on the blocks pass 1 touched last; it forms the
- * trust ratios itself.
+ * elements), so that pass 2 finds the segment still in cache; each thread takes one contiguous share
+ * of a segment's blocks (balanced by elements) in both passes, so that its pass 2 re-reads its own
+ * pass 1's bytes (a thread that finishes first takes what is left of the others' shares); it forms
+ * the trust ratios itself. Every pass splits its blocks that way.
  * lamb_pass1 / lamb_pass2 are the same passes over the whole bucket, for sharded tensors whose
  * squared norms must be summed across ranks (in torch) between the passes.
  * lamb_grad_sums (the clipping norms), lamb_accumulate and lamb_ema are single passes. Built with
@@ -228,6 +229,69 @@ static int64_t *build_blocks(const Bucket *b) {
     }
     starts[b->n] = total;
     return starts;
+}
+
+/* Elements before each block (blocks [0, nblocks], from build_blocks's starts): what the threads'
+ * shares are balanced by. */
+static int64_t *build_offsets(const Bucket *b, const int64_t *starts) {
+    int64_t *before = malloc(sizeof(int64_t) * (starts[b->n] + 1));
+    if (!before) return NULL;
+    int64_t total = 0;
+    for (int64_t i = 0; i < b->n; i++) {
+        for (int64_t k = starts[i]; k < starts[i + 1]; k++) {
+            before[k] = total;
+            total += k + 1 < starts[i + 1] ? BLOCK : b->sizes[i] - (k - starts[i]) * BLOCK;
+        }
+    }
+    before[starts[b->n]] = total;
+    return before;
+}
+
+/* The first block k in [lo, hi] with before[k] >= target. */
+static int64_t first_block_from(const int64_t *before, int64_t lo, int64_t hi, int64_t target) {
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (before[mid] < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* Thread `me` of `nt`'s share of blocks [b0, b1): one contiguous run of about 1/nt of the elements.
+ * Contiguous shares stream faster than blocks dealt out one at a time (each thread's streams stay long,
+ * which suits the hardware prefetchers), and in a segment each thread's pass 2 re-reads what its own
+ * pass 1 left in its own cache. The shares depend only on the sizes. */
+typedef struct { int64_t lo, hi; } Share;
+
+static Share share_of(const int64_t *before, int64_t b0, int64_t b1, int me, int nt) {
+    const int64_t e0 = before[b0], span = before[b1] - e0;
+    Share s;
+    s.lo = me == 0 ? b0 : first_block_from(before, b0, b1, e0 + span * me / nt);
+    s.hi = me + 1 == nt ? b1 : first_block_from(before, b0, b1, e0 + span * (me + 1) / nt);
+    return s;
+}
+
+/* What is left of one thread's share, on a cache line of its own. A thread runs its own share from the
+ * front, then takes what is left of the others' (so a thread slowed by the machine is helped, as with a
+ * dynamic schedule); which thread runs a block never changes the result (sums are per block). */
+typedef struct { int64_t next, end; char pad[48]; } Cursor;
+
+static void deal(Cursor *c, const int64_t *before, int64_t b0, int64_t b1, int nt) {
+    for (int t = 0; t < nt; t++) {
+        const Share s = share_of(before, b0, b1, t, nt);
+        c[t].next = s.lo;
+        c[t].end = s.hi;
+    }
+}
+
+/* Thread me's next block from the cursors c (its own first; *v: how many shares it has finished), or -1. */
+INLINE int64_t next_block(Cursor *c, int me, int nt, int *v) {
+    while (*v < nt) {
+        Cursor *cur = &c[(me + *v) % nt];
+        const int64_t k = __atomic_fetch_add(&cur->next, 1, __ATOMIC_RELAXED);
+        if (k < cur->end) return k;
+        (*v)++;
+    }
+    return -1;
 }
 
 static int64_t find_tensor(int64_t n, const int64_t *starts, int64_t blk) {
@@ -554,10 +618,12 @@ static int segment_sums(const Bucket *b, const int64_t *starts, const double *pa
 static int run_segments(const Bucket *b, int stream) {
     (void)stream; /* used only in the floor's build */
     int64_t *starts = build_blocks(b);
-    double *part = starts ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
+    int64_t *before = starts ? build_offsets(b, starts) : NULL;
+    double *part = before ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
     int64_t *segs = part ? malloc(sizeof(int64_t) * (b->n + 1)) : NULL;
     if (!segs) {
         free(part);
+        free(before);
         free(starts);
         return -1;
     }
@@ -579,28 +645,37 @@ static int run_segments(const Bucket *b, int stream) {
     const int nthreads = b->nthreads > 0 ? (int)b->nthreads : 1;
     double *own = malloc(sizeof(double) * 2 * width * nthreads); /* per thread: the segment's slot sums */
     float *own_ratios = malloc(sizeof(float) * width * nthreads);
-    if (!own || !own_ratios) {
+    Cursor *cursors = malloc(sizeof(Cursor) * 2 * nseg * nthreads); /* per segment, pass 1 then pass 2 */
+    if (!own || !own_ratios || !cursors) {
+        free(cursors);
         free(own_ratios);
         free(own);
         free(segs);
         free(part);
+        free(before);
         free(starts);
         return -1;
     }
 
 #pragma omp parallel num_threads(nthreads)
     {
-        const int me = omp_get_thread_num();
+        const int me = omp_get_thread_num(), nt = omp_get_num_threads();
         double *sums = own + 2 * width * me;
         float *ratios = own_ratios + width * me;
+#pragma omp single
+        for (int64_t sg = 0; sg < nseg; sg++) { /* dealt before any thread starts (the single's barrier) */
+            deal(cursors + 2 * sg * nthreads, before, starts[segs[sg]], starts[segs[sg + 1]], nt);
+            deal(cursors + (2 * sg + 1) * nthreads, before, starts[segs[sg]], starts[segs[sg + 1]], nt);
+        }
         for (int64_t sg = 0; sg < nseg; sg++) {
             const int64_t t0 = segs[sg], t1 = segs[sg + 1];
             const int64_t s0 = SLOT(b, t0), slots = SLOT(b, t1 - 1) - s0 + 1;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t blk = starts[t0]; blk < starts[t1]; blk++) {
+            int done = 0;
+            for (int64_t blk; (blk = next_block(cursors + 2 * sg * nthreads, me, nt, &done)) >= 0;) {
                 const Span s = block_span(b, starts, blk);
                 PASS1_BLOCK(b, s, part + 2 * blk);
             }
+#pragma omp barrier
             if (segment_sums(b, starts, part, t0, t1, sums, slots) && !stream) { /* the same on every thread */
 #pragma omp single
                 {
@@ -619,17 +694,19 @@ static int run_segments(const Bucket *b, int stream) {
                     }
                 }
             }
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t k = starts[t0]; k < starts[t1]; k++) { /* backwards: the last blocks are still cached */
-                const Span s = block_span(b, starts, starts[t1] - 1 - (k - starts[t0]));
+            done = 0; /* no barrier after pass 2: the next segment's pass 1 touches other tensors */
+            for (int64_t blk; (blk = next_block(cursors + (2 * sg + 1) * nthreads, me, nt, &done)) >= 0;) {
+                const Span s = block_span(b, starts, blk); /* mostly the blocks this thread's pass 1 read */
                 PASS2_BLOCK(b, s, ratios[SLOT(b, s.i) - s0]);
             }
         }
     }
+    free(cursors);
     free(own_ratios);
     free(own);
     free(segs);
     free(part);
+    free(before);
     free(starts);
     return 0;
 }
@@ -648,15 +725,33 @@ typedef void (*BlockFn)(const Bucket *b, Span s, double *out);
  * sums into b->sums. */
 static int run_blocks(const Bucket *b, BlockFn fn, int sums) {
     int64_t *starts = build_blocks(b);
-    double *part = starts ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
+    int64_t *before = starts ? build_offsets(b, starts) : NULL;
+    double *part = before ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
     if (!part) {
+        free(before);
         free(starts);
         return -1;
     }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(b->nthreads)
-    for (int64_t blk = 0; blk < starts[b->n]; blk++) fn(b, block_span(b, starts, blk), part + 2 * blk);
+    const int nthreads = b->nthreads > 0 ? (int)b->nthreads : 1;
+    Cursor *cursors = malloc(sizeof(Cursor) * nthreads);
+    if (!cursors) {
+        free(part);
+        free(before);
+        free(starts);
+        return -1;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int me = omp_get_thread_num(), nt = omp_get_num_threads();
+#pragma omp single
+        deal(cursors, before, 0, starts[b->n], nt);
+        int done = 0;
+        for (int64_t blk; (blk = next_block(cursors, me, nt, &done)) >= 0;) fn(b, block_span(b, starts, blk), part + 2 * blk);
+    }
     if (sums) gather_sums(b, starts, part, 0, b->n, sums - 1);
+    free(cursors);
     free(part);
+    free(before);
     free(starts);
     return 0;
 }
