@@ -375,6 +375,36 @@ def test_skip_nonfinite_runs_in_the_kernel_on_the_cpu(monkeypatch) -> None:
         assert torch.equal(x, y)
 
 
+def test_three_threads_give_the_bits_of_one_in_every_single_pass(monkeypatch) -> None:
+    """Accumulation, the EMA, the global clipping norm and the finite check are single passes whose blocks
+    the threads share (contiguous shares, leftovers taken by whoever finishes first); with three threads on
+    this machine's cores one is often descheduled, so shares get taken over. Tensors of one block and of
+    many, fewer blocks than threads in a share: the bits must be those of one thread."""
+    monkeypatch.setattr(cpu_kernel, "SEGMENT_BYTES", 1 << 18)
+    monkeypatch.setattr(cpu_kernel, "MIN_PER_THREAD", 1 << 10)
+
+    def train(threads: int) -> list[torch.Tensor]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            g = torch.Generator().manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (5, 70_000, 16_384, 250_001, 3)]
+            opt = Lamb(params, learning_rate=0.01, weight_decay=0.01, use_ema=True, global_clipnorm=0.5,
+                       gradient_accumulation_steps=2, skip_nonfinite=True, implementation="fused")
+            for _ in range(6):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            return [t.detach().clone() for p in params for t in (p, *opt.state[p].values()) if t.dim() > 0]
+        finally:
+            torch.set_num_threads(previous)
+
+    one, three = train(1), train(3)
+    assert len(one) == 5 * 5  # each parameter, its two moments, its accumulator and its average
+    for a, b in zip(one, three, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("huge", [False, True], ids=["finite_sums", "overflowed_sums"])
 def test_two_threads_give_the_bits_of_one_through_segments_slots_and_re_sums(monkeypatch, huge) -> None:
     """The suite runs one thread; here two share every segment (small segments, many of them), with per-expert

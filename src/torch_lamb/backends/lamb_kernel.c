@@ -274,6 +274,7 @@ static Share share_of(const int64_t *before, int64_t b0, int64_t b1, int me, int
  * front, then takes what is left of the others' (so a thread slowed by the machine is helped, as with a
  * dynamic schedule); which thread runs a block never changes the result (sums are per block). */
 typedef struct { int64_t next, end; char pad[48]; } Cursor;
+_Static_assert(sizeof(Cursor) == 64, "a cursor is one cache line (aligned_alloc takes multiples of 64)");
 
 static void deal(Cursor *c, const int64_t *before, int64_t b0, int64_t b1, int nt) {
     for (int t = 0; t < nt; t++) {
@@ -610,7 +611,8 @@ static int segment_sums(const Bucket *b, const int64_t *starts, const double *pa
 
 /* Both passes segment by segment (see the header); `stream` runs the floor's bodies instead.
  *
- * One barrier per segment (the end of its pass 1): then every thread forms the segment's ratios itself,
+ * One barrier per segment (the end of its pass 1), and one per call, after the shares are dealt: then
+ * every thread forms the segment's ratios itself,
  * from the shared block partials, in the same order (so the same bits), and thread 0 also writes them
  * out; a barrier costs a scheduler time slice whenever a thread is descheduled, so a step pays for as
  * few as the passes need. A segment whose sums overflowed float32 is summed again once, by one thread
@@ -645,7 +647,7 @@ static int run_segments(const Bucket *b, int stream) {
     const int nthreads = b->nthreads > 0 ? (int)b->nthreads : 1;
     double *own = malloc(sizeof(double) * 2 * width * nthreads); /* per thread: the segment's slot sums */
     float *own_ratios = malloc(sizeof(float) * width * nthreads);
-    Cursor *cursors = malloc(sizeof(Cursor) * 2 * nseg * nthreads); /* per segment, pass 1 then pass 2 */
+    Cursor *cursors = aligned_alloc(64, sizeof(Cursor) * 2 * nseg * nthreads); /* per segment: pass 1, pass 2 */
     if (!own || !own_ratios || !cursors) {
         free(cursors);
         free(own_ratios);
@@ -733,7 +735,7 @@ static int run_blocks(const Bucket *b, BlockFn fn, int sums) {
         return -1;
     }
     const int nthreads = b->nthreads > 0 ? (int)b->nthreads : 1;
-    Cursor *cursors = malloc(sizeof(Cursor) * nthreads);
+    Cursor *cursors = aligned_alloc(64, sizeof(Cursor) * nthreads);
     if (!cursors) {
         free(part);
         free(before);
