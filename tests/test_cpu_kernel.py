@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -375,6 +377,17 @@ def test_skip_nonfinite_runs_in_the_kernel_on_the_cpu(monkeypatch) -> None:
         assert torch.equal(x, y)
 
 
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch's (and so the kernel's) thread count for a block; the suite's single thread afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_three_threads_give_the_bits_of_one_in_every_single_pass(monkeypatch) -> None:
     """Accumulation, the EMA, the global clipping norm and the finite check are single passes whose blocks
     the threads share (contiguous shares, leftovers taken by whoever finishes first); with three threads on
@@ -384,9 +397,7 @@ def test_three_threads_give_the_bits_of_one_in_every_single_pass(monkeypatch) ->
     monkeypatch.setattr(cpu_kernel, "MIN_PER_THREAD", 1 << 10)
 
     def train(threads: int) -> list[torch.Tensor]:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with _threads(threads):
             g = torch.Generator().manual_seed(0)
             params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (5, 70_000, 16_384, 250_001, 3)]
             opt = Lamb(params, learning_rate=0.01, weight_decay=0.01, use_ema=True, global_clipnorm=0.5,
@@ -396,8 +407,6 @@ def test_three_threads_give_the_bits_of_one_in_every_single_pass(monkeypatch) ->
                     p.grad = torch.randn(p.shape, generator=g)
                 opt.step()
             return [t.detach().clone() for p in params for t in (p, *opt.state[p].values()) if t.dim() > 0]
-        finally:
-            torch.set_num_threads(previous)
 
     one, three = train(1), train(3)
     assert len(one) == 5 * 5  # each parameter, its two moments, its accumulator and its average
@@ -414,9 +423,7 @@ def test_two_threads_give_the_bits_of_one_through_segments_slots_and_re_sums(mon
     monkeypatch.setattr(cpu_kernel, "MIN_PER_THREAD", 1 << 10)
 
     def train(threads: int) -> list[torch.Tensor]:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with _threads(threads):
             g = torch.Generator().manual_seed(0)
             scale = 1e30 if huge else 1.0
             bank = torch.nn.Parameter(torch.randn(8, 64, 96, generator=g) * scale)
@@ -433,8 +440,6 @@ def test_two_threads_give_the_bits_of_one_through_segments_slots_and_re_sums(mon
                 opt.step()
             ratios = torch.stack([r.ratio for r in opt.last_trust_ratios().values()])
             return [bank.detach().clone(), qkv.detach().clone(), dense.detach().clone(), ratios]
-        finally:
-            torch.set_num_threads(previous)
 
     one, two = train(1), train(2)
     for a, b in zip(one, two, strict=True):

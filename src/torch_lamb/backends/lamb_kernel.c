@@ -247,6 +247,24 @@ static int64_t *build_offsets(const Bucket *b, const int64_t *starts) {
     return before;
 }
 
+/* A call's block tables: block starts per tensor, elements before each block, two partial sums per block. */
+typedef struct { int64_t *starts, *before; double *part; } Blocks;
+
+static void free_blocks(Blocks *bl) {
+    free(bl->part);
+    free(bl->before);
+    free(bl->starts);
+}
+
+static int make_blocks(const Bucket *b, Blocks *bl) {
+    bl->starts = build_blocks(b);
+    bl->before = bl->starts ? build_offsets(b, bl->starts) : NULL;
+    bl->part = bl->before ? malloc(sizeof(double) * 2 * (bl->starts[b->n] + 1)) : NULL;
+    if (bl->part) return 0;
+    free_blocks(bl);
+    return -1;
+}
+
 /* The first block k in [lo, hi] with before[k] >= target. */
 static int64_t first_block_from(const int64_t *before, int64_t lo, int64_t hi, int64_t target) {
     while (lo < hi) {
@@ -619,14 +637,13 @@ static int segment_sums(const Bucket *b, const int64_t *starts, const double *pa
  * (a second barrier, before pass 2 writes p). */
 static int run_segments(const Bucket *b, int stream) {
     (void)stream; /* used only in the floor's build */
-    int64_t *starts = build_blocks(b);
-    int64_t *before = starts ? build_offsets(b, starts) : NULL;
-    double *part = before ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
-    int64_t *segs = part ? malloc(sizeof(int64_t) * (b->n + 1)) : NULL;
+    Blocks bl;
+    if (make_blocks(b, &bl) != 0) return -1;
+    const int64_t *starts = bl.starts;
+    double *part = bl.part;
+    int64_t *segs = malloc(sizeof(int64_t) * (b->n + 1));
     if (!segs) {
-        free(part);
-        free(before);
-        free(starts);
+        free_blocks(&bl);
         return -1;
     }
     int64_t nseg = 0, filled = 0;
@@ -653,9 +670,7 @@ static int run_segments(const Bucket *b, int stream) {
         free(own_ratios);
         free(own);
         free(segs);
-        free(part);
-        free(before);
-        free(starts);
+        free_blocks(&bl);
         return -1;
     }
 
@@ -666,8 +681,8 @@ static int run_segments(const Bucket *b, int stream) {
         float *ratios = own_ratios + width * me;
 #pragma omp single
         for (int64_t sg = 0; sg < nseg; sg++) { /* dealt before any thread starts (the single's barrier) */
-            deal(cursors + 2 * sg * nthreads, before, starts[segs[sg]], starts[segs[sg + 1]], nt);
-            deal(cursors + (2 * sg + 1) * nthreads, before, starts[segs[sg]], starts[segs[sg + 1]], nt);
+            deal(cursors + 2 * sg * nthreads, bl.before, starts[segs[sg]], starts[segs[sg + 1]], nt);
+            deal(cursors + (2 * sg + 1) * nthreads, bl.before, starts[segs[sg]], starts[segs[sg + 1]], nt);
         }
         for (int64_t sg = 0; sg < nseg; sg++) {
             const int64_t t0 = segs[sg], t1 = segs[sg + 1];
@@ -707,9 +722,7 @@ static int run_segments(const Bucket *b, int stream) {
     free(own_ratios);
     free(own);
     free(segs);
-    free(part);
-    free(before);
-    free(starts);
+    free_blocks(&bl);
     return 0;
 }
 
@@ -726,35 +739,26 @@ typedef void (*BlockFn)(const Bucket *b, Span s, double *out);
 /* Run `fn` over every block on b->nthreads threads; with `sums` (a RESCUE_* kind + 1), gather its partial
  * sums into b->sums. */
 static int run_blocks(const Bucket *b, BlockFn fn, int sums) {
-    int64_t *starts = build_blocks(b);
-    int64_t *before = starts ? build_offsets(b, starts) : NULL;
-    double *part = before ? malloc(sizeof(double) * 2 * (starts[b->n] + 1)) : NULL;
-    if (!part) {
-        free(before);
-        free(starts);
-        return -1;
-    }
+    Blocks bl;
+    if (make_blocks(b, &bl) != 0) return -1;
     const int nthreads = b->nthreads > 0 ? (int)b->nthreads : 1;
     Cursor *cursors = aligned_alloc(64, sizeof(Cursor) * nthreads);
     if (!cursors) {
-        free(part);
-        free(before);
-        free(starts);
+        free_blocks(&bl);
         return -1;
     }
 #pragma omp parallel num_threads(nthreads)
     {
         const int me = omp_get_thread_num(), nt = omp_get_num_threads();
 #pragma omp single
-        deal(cursors, before, 0, starts[b->n], nt);
+        deal(cursors, bl.before, 0, bl.starts[b->n], nt);
         int done = 0;
-        for (int64_t blk; (blk = next_block(cursors, me, nt, &done)) >= 0;) fn(b, block_span(b, starts, blk), part + 2 * blk);
+        for (int64_t blk; (blk = next_block(cursors, me, nt, &done)) >= 0;)
+            fn(b, block_span(b, bl.starts, blk), bl.part + 2 * blk);
     }
-    if (sums) gather_sums(b, starts, part, 0, b->n, sums - 1);
+    if (sums) gather_sums(b, bl.starts, bl.part, 0, b->n, sums - 1);
     free(cursors);
-    free(part);
-    free(before);
-    free(starts);
+    free_blocks(&bl);
     return 0;
 }
 
