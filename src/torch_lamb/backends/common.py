@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..optimizer import Lamb
     from ..plan import StepPlan
 
-__all__ = ["TorchOpsBackend", "bad_gradients", "finish_update", "move_averages", "narrowed", "norm_dtype",
+__all__ = ["TorchOpsBackend", "bad_gradients", "dense", "finish_update", "move_averages", "narrowed", "norm_dtype",
            "overwrite_with_averages", "reset_accumulators", "state_grads"]
 
 
@@ -26,12 +26,18 @@ def norm_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def dense(grads: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
+    """``grads`` as packed tensors of ``dtype``, and whether they are copies (then all of them are, so that a
+    caller may write them): a stride-0, transposed or sliced gradient, or one of another dtype, is copied."""
+    if all([g.dtype == dtype and g.is_contiguous() for g in grads]):
+        return grads, False
+    return [torch.empty(g.shape, dtype=dtype, device=g.device).copy_(g) for g in grads], True
+
+
 def state_grads(bucket: Bucket, grads: list[Tensor]) -> tuple[list[Tensor], bool]:
-    """The gradients in the state's dtype (float16/bfloat16 widened to float32), and whether they are copies."""
-    dtype = bucket.momentums[0].dtype
-    if any([g.dtype != dtype for g in grads]):  # low precision, or a `.grad.data` of another dtype
-        return [g.to(dtype) for g in grads], True
-    return grads, False
+    """The gradients in the state's dtype (float16/bfloat16 widened to float32), packed, and whether they are
+    copies."""
+    return dense(grads, bucket.momentums[0].dtype)
 
 
 def narrowed(sums: Tensor) -> Tensor:

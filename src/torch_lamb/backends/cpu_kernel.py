@@ -392,7 +392,8 @@ class CpuKernelBackend:
                 readable = [g if g.stride() == st and g.dtype is dtype else
                             torch.empty_strided(g.shape, st, dtype=dtype).copy_(g) for g, st in zip(grads, strides)]
         elif not all([g.is_contiguous() and g.dtype is dtype for g in grads]):
-            readable = [g.to(dtype, memory_format=torch.contiguous_format) for g in grads]
+            # `.to(memory_format=...)` would hand back a stride-0 (expanded) or transposed tensor uncopied
+            readable = [g if g.is_contiguous() and g.dtype is dtype else g.to(dtype).contiguous() for g in grads]
         bucket.handle.remember(grads, readable)
         return readable
 
