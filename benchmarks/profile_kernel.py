@@ -3,7 +3,7 @@
 ``PYTHONPATH=src python benchmarks/profile_kernel.py [--case bert-base] [--threads 2] [--rounds 9]``
 
 * **Python per step:** the whole ``opt.step()`` against the time spent inside the kernel's C call in the
-  same calls (a timer around ``cpu_kernel._run``): the rest is planning, layout checks and the ctypes call.
+  same calls (a timer around ``cpu_kernel.call_kernel``): the rest is planning, layout checks and the ctypes call.
 * **Kernel against the floor:** the C call against ``lamb_stream`` (the floor's build: the same bytes in
   the same passes and segments, no arithmetic), and fused AdamW for scale.
 * **Arithmetic:** the kernel's and the floor's C calls on one tensor that stays in this CPU's L2 (each
@@ -46,11 +46,11 @@ def _params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.nn.Param
 
 
 class _KernelTimer:
-    """Seconds spent inside the kernel's C calls (wraps ``cpu_kernel._run``)."""
+    """Seconds spent inside the kernel's C calls (wraps ``cpu_kernel.call_kernel``)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._real = cpu_kernel._run
+        self._real = cpu_kernel.call_kernel
 
     def __enter__(self) -> _KernelTimer:
         def timed(name: str, b: object, kernel: object = None) -> None:
@@ -58,11 +58,11 @@ class _KernelTimer:
             self._real(name, b, kernel)
             self.seconds += time.perf_counter() - t0
 
-        cpu_kernel._run = timed
+        cpu_kernel.call_kernel = timed
         return self
 
     def __exit__(self, *exc: object) -> None:
-        cpu_kernel._run = self._real
+        cpu_kernel.call_kernel = self._real
 
 
 def _median(xs: list[float]) -> tuple[float, float, float]:

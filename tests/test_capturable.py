@@ -158,7 +158,7 @@ def test_capturable_equals_the_host_scalar_step(config, implementation):
     _assert_same_bits(got, same_norms)
     for a, b in zip(got, plain):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert opt.iterations == ref.iterations and opt._steps.live
+    assert opt.iterations == ref.iterations and opt.clock.on_device
 
 
 @pytest.mark.parametrize("implementation", CAPTURABLE)
@@ -179,8 +179,15 @@ def test_the_compiled_backend_assembles_its_scalars_on_the_device(monkeypatch):
     opt = Lamb(params, implementation="compiled", capturable=True, **_fresh(cfg))
     grads = _grads(6)
     _train(opt, params, grads[:2])  # a window: the graphs are compiled
-    for bucket in opt._layouts.layout.buckets:
-        bucket.handle.vector.host_tensor = None  # any use of the host buffer raises
+    from torch_lamb.backends.compiled import ScalarVector
+
+    real_fill = ScalarVector.fill
+
+    def device_fill(vector, values, device):  # the vector is assembled on the device, never from the host buffer
+        vector.host_tensor = None  # any use of the host buffer raises
+        return real_fill(vector, values, device)
+
+    monkeypatch.setattr(ScalarVector, "fill", device_fill)
     _refuse_host_reads(monkeypatch)
     _train(opt, params, grads[2:])
     monkeypatch.undo()
@@ -351,7 +358,7 @@ def test_state_dict_and_pickle_count_the_replayed_calls():
         for p, g in zip(params, call_grads):
             p.grad.copy_(g)
         graph.replay()
-    assert opt._iterations == 2 and opt.iterations == 5  # the host's count stopped at the capture
+    assert opt.clock.host_calls == 2 and opt.iterations == 5  # the host's count stopped at the capture
     sd = opt.state_dict()
     assert sd["param_groups"][0]["iterations"] == 5
     for restored in (pickle.loads(pickle.dumps(opt)), None):
@@ -360,7 +367,7 @@ def test_state_dict_and_pickle_count_the_replayed_calls():
         if restored is None:
             opt_c.load_state_dict(sd)
         else:
-            assert restored._iterations == 5 and restored.iterations == 5
+            assert restored.clock.calls == 5 and restored.iterations == 5
             opt_c.load_state_dict(restored.state_dict())
         _train(opt_c, params_c, grads[5:])
         eager = _params()
@@ -373,11 +380,11 @@ def test_load_state_dict_refills_the_device_counters_in_place():
     params = _params()
     opt = Lamb(params, capturable=True, use_ema=True)
     _train(opt, params, _grads(3))
-    counter = opt._steps.calls
+    counter = opt.clock.calls
     sd = copy.deepcopy(opt.state_dict())
     _train(opt, params, _grads(2))
     opt.load_state_dict(sd)
-    assert opt._steps.calls is counter and int(counter) == 3 and opt.iterations == 3
+    assert opt.clock.calls is counter and int(counter) == 3 and opt.iterations == 3
 
 
 def test_switching_capturable_off_hands_the_count_back_to_the_host():
@@ -395,7 +402,7 @@ def test_switching_capturable_off_hands_the_count_back_to_the_host():
     opt.capturable = False
     assert opt.iterations == 3  # the device's count, before the next step hands it back
     _train(opt, params, grads[3:])
-    assert not opt._steps.live and opt._iterations == 4 and opt.iterations == 4
+    assert not opt.clock.on_device and opt.clock.calls == 4 and opt.iterations == 4
     eager = _params()  # the step after the switch starts from the replayed count (bias correction of update 4)
     ref = Lamb(eager, capturable=True)
     _train(ref, eager, grads[:3])
@@ -422,7 +429,7 @@ def test_a_bad_tensor_learning_rate_raises_before_any_change(lr):
     with pytest.raises(ValueError, match="param group 0"):
         opt.step()
     _assert_same_bits(_snapshot(params, opt), before)
-    assert opt.iterations == 1 and int(opt._steps.calls) == 1
+    assert opt.iterations == 1 and int(opt.clock.calls) == 1
 
 
 def test_the_constructor_takes_a_tensor_learning_rate_under_capturable():
@@ -450,7 +457,7 @@ def test_parameters_on_two_devices_raise_before_any_change():
     before = params[0].detach().clone()
     with pytest.raises(ValueError, match="one device"):
         opt.step()
-    assert torch.equal(params[0], before) and not opt._steps.live and opt._iterations == 0
+    assert torch.equal(params[0], before) and not opt.clock.on_device and opt.clock.calls == 0
 
 
 def test_a_tensor_learning_rate_without_capturable_is_read_on_the_host():

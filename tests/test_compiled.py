@@ -52,7 +52,7 @@ def test_a_changing_learning_rate_never_recompiles() -> None:
     _close(p.detach(), q.detach())
 
 
-def test_under_auto_a_failed_compile_falls_back_to_foreach(monkeypatch) -> None:
+def test_under_auto_a_failed_compile_falls_back_to_foreach(monkeypatch, request) -> None:
     """"auto" (which takes "compiled" for CUDA buckets) never asked for a compiler: where the first-use compile
     fails, the bucket takes foreach, with one warning, and the step is foreach's."""
     from torch_lamb import backends
@@ -65,9 +65,9 @@ def test_under_auto_a_failed_compile_falls_back_to_foreach(monkeypatch) -> None:
         raise RuntimeError("no working compiler")
 
     monkeypatch.setattr(backends, "AUTO_ORDER", ("compiled", "foreach"))  # as CUDA_AUTO_ORDER is on a GPU
-    monkeypatch.setattr(backends, "_warned", set())
-    monkeypatch.setattr(backends, "_failed", set())
-    monkeypatch.setattr(compiled, "_compiled", broken)
+    backends.reset_fallbacks()
+    request.addfinalizer(backends.reset_fallbacks)  # the process forgets this test's failed compile
+    monkeypatch.setattr(compiled, "compiled_graph", broken)
     results = []
     for impl in ("auto", "foreach"):
         g = torch.Generator().manual_seed(0)
@@ -80,12 +80,12 @@ def test_under_auto_a_failed_compile_falls_back_to_foreach(monkeypatch) -> None:
                     opt.step()
             else:
                 opt.step()
-        assert {b.backend.name for b in opt._layouts.layout.buckets} == {"foreach"}
+        assert set(opt.backends().values()) == {"foreach"}
         if impl == "auto":  # a rebuilt layout does not try the compile again
             opt.load_state_dict(opt.state_dict())
             p.grad = torch.randn(p.shape, generator=g)
             opt.step()
-            assert attempts == ["phase1"] and {b.backend.name for b in opt._layouts.layout.buckets} == {"foreach"}
+            assert attempts == ["phase1"] and set(opt.backends().values()) == {"foreach"}
         else:
             p.grad = torch.randn(p.shape, generator=g)
             opt.step()
@@ -105,7 +105,7 @@ def test_clipping_norms_compile_before_anything_is_measured(monkeypatch) -> None
     p = torch.nn.Parameter(torch.randn(6, 5))
     opt = Lamb([p], learning_rate=0.01, clipnorm=0.1, implementation="compiled")
     p.grad = torch.ones_like(p)
-    real = compiled._compiled
+    real = compiled.compiled_graph
     seen = []
 
     def spy(fn, features, signature):
@@ -114,7 +114,7 @@ def test_clipping_norms_compile_before_anything_is_measured(monkeypatch) -> None
             raise KeyboardInterrupt
         return real(fn, features, signature)
 
-    monkeypatch.setattr(compiled, "_compiled", spy)
+    monkeypatch.setattr(compiled, "compiled_graph", spy)
     with pytest.raises(KeyboardInterrupt):
         opt.step()
     assert seen == ["phase1", "phase2", "grad_squares"]  # compiled in ready(), before clip_factors measured

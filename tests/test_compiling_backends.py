@@ -27,14 +27,14 @@ def _fail_compiled(monkeypatch) -> Exception:
     """Make the compiled backend's last graph fail to compile (an interrupt of the seconds-long compile)."""
     from torch_lamb.backends import compiled
 
-    real = compiled._compiled
+    real = compiled.compiled_graph
 
     def interrupted(fn, features, signature):
         if fn.__name__ == "phase2":
             raise KeyboardInterrupt
         return real(fn, features, signature)
 
-    monkeypatch.setattr(compiled, "_compiled", interrupted)
+    monkeypatch.setattr(compiled, "compiled_graph", interrupted)
     return KeyboardInterrupt()
 
 
@@ -65,7 +65,7 @@ def compiling(request: pytest.FixtureRequest) -> str:
 
 
 def _buckets(opt: Lamb) -> set[str]:
-    return {b.backend.name for b in opt._layouts.layout.buckets}
+    return set(opt.backends().values())
 
 
 @pytest.mark.parametrize("config", sorted(PIPELINE_CONFIGS))

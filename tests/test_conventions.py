@@ -339,7 +339,7 @@ BAD_EDITS = [  # (what is edited after construction, the error's words)
 
 
 @pytest.mark.parametrize("index", range(len(BAD_EDITS)))
-def test_bad_edits_are_refused_at_the_next_step_before_anything_changes(index):
+def test_bad_edits_are_refused_before_anything_changes(index):
     edit, match = BAD_EDITS[index]
     model = _model()
     opt = Lamb(model.parameters(), clipnorm=1.0, weight_decay=0.1, use_ema=True)
@@ -347,8 +347,8 @@ def test_bad_edits_are_refused_at_the_next_step_before_anything_changes(index):
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     before = copy.deepcopy((_flat(model), opt.state_dict()["state"], opt.iterations))
-    edit(opt)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match):  # an attribute refuses when it is set, a group at the step
+        edit(opt)
         opt.step()
     after = (_flat(model), opt.state_dict()["state"], opt.iterations)
     assert torch.equal(before[0], after[0]) and before[2] == after[2]

@@ -149,7 +149,9 @@ def test_no_compiler_warns_once_takes_foreach_and_fused_raises(fresh_kernel, mon
     monkeypatch.setattr(kernel_build, "compiler", lambda: None)
     status = kernel_status()
     assert not status.available and "compiler" in status.reason and "TORCH_LAMB_CACHE_DIR" in str(status)
-    monkeypatch.setattr("torch_lamb.backends._warned", set())
+    from torch_lamb.backends import reset_fallbacks
+
+    reset_fallbacks()
     results = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -194,8 +196,8 @@ OPT_SHAPES = [(300, 7), (0,), (5,), (40_000,), (1,), (16_385,), (64, 64)]
 def _spy_kernel(monkeypatch) -> list[str]:
     """The kernel entry points that run (a spy on the backend's one call site)."""
     ran: list[str] = []
-    real_run = cpu_kernel._run
-    monkeypatch.setattr(cpu_kernel, "_run", lambda name, b, kernel=None: (ran.append(name), real_run(name, b, kernel)))
+    real_run = cpu_kernel.call_kernel
+    monkeypatch.setattr(cpu_kernel, "call_kernel", lambda name, b, kernel=None: (ran.append(name), real_run(name, b, kernel)))
     return ran
 
 

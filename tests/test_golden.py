@@ -133,7 +133,7 @@ def test_fixture_d_accumulation_and_ema():
     for call, (g, ew) in enumerate(zip(grads, expected_w), start=1):
         w.grad = torch.tensor(g)
         opt.step()
-        assert opt._iterations == call and opt.iterations == call // 2
+        assert opt.clock.calls == call and opt.iterations == call // 2
         _assert_exact(w, ew, rtol=2e-7)
         if call < 6:
             _assert_exact(opt.state[w]["average"], ew, rtol=2e-7)
@@ -190,7 +190,7 @@ def test_accumulation_counters_and_mean():
         _assert_exact(opt.state[w]["gradient_accumulator"], [1.0 * (i + 1), 1.0 + 3.0 * i])
     w.grad = grads[2]
     opt.step()
-    assert opt._iterations == 3 and opt.iterations == 1
+    assert opt.clock.calls == 3 and opt.iterations == 1
     _assert_exact(opt.state[w]["gradient_accumulator"], [0.0, 0.0])
     w_single.grad = (grads[2] + (grads[0] + grads[1])) / 3
     single.step()

@@ -141,4 +141,4 @@ def test_auto_takes_compiled_for_cuda_buckets():
     opt = Lamb([p], learning_rate=0.01)
     p.grad = torch.randn_like(p)
     opt.step()
-    assert {b.backend.name for b in opt._layouts.layout.buckets} == {"compiled"}
+    assert set(opt.backends().values()) == {"compiled"}

@@ -180,8 +180,8 @@ def test_slices_run_in_the_kernel(monkeypatch, split) -> None:
     if "fused" not in impls.available():
         pytest.skip("no CPU kernel")
     ran: list[tuple[str, int, int]] = []
-    real = cpu_kernel._run
-    monkeypatch.setattr(cpu_kernel, "_run", lambda name, b, kernel=None: (
+    real = cpu_kernel.call_kernel
+    monkeypatch.setattr(cpu_kernel, "call_kernel", lambda name, b, kernel=None: (
         ran.append((name, b.n, b.slots if b.group else b.n)), real(name, b, kernel)))
     _train_sliced("auto", split, {"global_clipnorm": 1.0, "gradient_accumulation_steps": 2}, steps=4)
     slots = 1 + (E if split == "per_index_dim0" else 3)  # the dense tensor and the slices
@@ -393,8 +393,8 @@ def test_slices_the_kernel_refuses_do_not_take_other_tensors_with_them(monkeypat
     if "fused" not in impls.available():
         pytest.skip("no CPU kernel")
     ran: list[tuple[str, int]] = []
-    real = cpu_kernel._run
-    monkeypatch.setattr(cpu_kernel, "_run",
+    real = cpu_kernel.call_kernel
+    monkeypatch.setattr(cpu_kernel, "call_kernel",
                         lambda name, b, kernel=None: (ran.append((name, b.n)), real(name, b, kernel)))
     _train_sliced("auto", "per_index_dim2", {}, steps=2)
     assert ran == [("lamb_fused", 1)] * 2  # the dense tensor alone

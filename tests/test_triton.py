@@ -28,7 +28,7 @@ def _needs_triton() -> None:
 
 
 def _buckets(opt: Lamb) -> set[str]:
-    return {b.backend.name for b in opt._layouts.layout.buckets}
+    return set(opt.backends().values())
 
 
 def test_bfloat16_rounds_to_nearest_even() -> None:

@@ -65,14 +65,15 @@ def _run(opt, params, grads) -> None:
 
 
 class _Recorder(Lamb):
-    """Lamb that keeps the trust ratios of its last update."""
+    """Lamb that tracks its trust ratios (the public telemetry) and shows the last update's as floats."""
 
-    def step(self, closure=None):
-        self.last: dict[str, float] = {}
-        return super().step(closure)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.track_trust_ratios(True)
 
-    def _update_stats(self, bucket, stats: TrustStats) -> None:
-        self.last.update(zip(bucket.names, stats.trust_ratio.tolist()))
+    @property
+    def last(self) -> dict[str, float]:
+        return {name: float(record.ratio) for name, record in self.last_trust_ratios().items()}
 
 
 # ------------------------------------------------------------------ weight_decay_mode="adaptive"

@@ -132,32 +132,15 @@ def resolve(name: str, value: Any, *, step: int | None = None, **bounds: Any) ->
     return number(name, value, **bounds)
 
 
-OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum", "ema_overwrite_frequency",
-           "loss_scale_factor", "gradient_accumulation_steps")
-
-
-def _optional_int(name: str, value: Any, low: int) -> int | None:
+def optional_int(name: str, value: Any, low: int) -> int | None:
+    """None, or an int (not a bool) >= ``low``."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
         raise ValueError(f"`{name}` must be an integer >= {low} or None. Received: {name}={value!r}")
     return value
 
 
-def options(**values: Any) -> dict[str, Any]:
-    """The optimizer-wide options (:data:`OPTIONS`), checked: at construction, and again at each step
-    since they are plain attributes a user may edit."""
-    clips = {k: values[k] for k in ("clipnorm", "clipvalue", "global_clipnorm") if values[k] is not None}
-    if len(clips) > 1:
-        raise ValueError(
-            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
-            f"Received: {', '.join(f'{k}={v!r}' for k, v in clips.items())}"
-        )
-    if not isinstance(values["use_ema"], bool):
-        raise ValueError(f"`use_ema` must be a bool. Received: use_ema={values['use_ema']!r}")
-    out = {k: optional_positive(k, values[k])
-           for k in ("clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor")}
-    out["use_ema"] = values["use_ema"]
-    out["ema_momentum"] = number("ema_momentum", values["ema_momentum"], low=0.0, high=1.0, high_open=False)
-    out["ema_overwrite_frequency"] = _optional_int("ema_overwrite_frequency", values["ema_overwrite_frequency"], 1)
-    out["gradient_accumulation_steps"] = _optional_int(
-        "gradient_accumulation_steps", values["gradient_accumulation_steps"], 2)
-    return out
+def flag(name: str, value: Any) -> bool:
+    """A bool (not 0/1, not a tensor)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
+    return value

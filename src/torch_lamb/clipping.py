@@ -8,16 +8,11 @@ inputs are overwritten (used on the optimizer's own working buffers).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .layout import Bucket
-    from .plan import StepPlan
-
-__all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "clip_factors", "global_clip_factor",
+__all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_clip_factor",
            "global_norm", "norm_clip_factors", "scale_by_factors"]
 
 
@@ -79,27 +74,3 @@ def clip_by_global_norm(
     if not grads:
         return grads
     return scale_by_factors(grads, factor.to(grads[0].device), inplace=inplace)
-
-
-def clip_factors(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], plan: StepPlan) -> list[Tensor | None]:
-    """Per bucket, the per-entry factors that ``clipnorm`` or ``global_clipnorm`` multiply the gradients by.
-
-    Each backend measures its gradients as the update will use them (``grad_squares``); the squares are
-    added up per tensor (``clipnorm`` is per tensor, also for a tensor with trust-ratio slices), and
-    sharded buckets sum them across ranks with one collective each.
-    """
-    if plan.clip.kind not in ("norm", "global"):
-        return [None] * len(buckets)
-    norms = []
-    for bucket, bucket_grads in zip(buckets, grads):
-        squares = bucket.backend.grad_squares(bucket, bucket_grads, plan)
-        # A global norm adds each slice's squares as those of a parameter of its own, where they are
-        # complete after the bucket's reduction; clipnorm (and a sharded slice's norm) needs the tensor's.
-        if plan.clip.kind == "norm" or bucket.reduce is not bucket.tensor_reduce:
-            squares = bucket.per_tensor(squares)
-        reduce = bucket.tensor_reduce
-        norms.append(torch.sqrt(reduce(squares) if reduce is not None else squares))
-    if plan.clip.kind == "norm":
-        return [b.per_entry(norm_clip_factors(n, plan.clip.value)) for b, n in zip(buckets, norms)]
-    factor = global_clip_factor(global_norm(norms), plan.clip.value)
-    return [factor.to(n.device, torch.float32).expand(len(b.weights)) for b, n in zip(buckets, norms)]

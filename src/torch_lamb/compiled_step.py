@@ -20,24 +20,28 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .optimizer import Lamb
-
 __all__ = ["register", "run_in_graph"]
 
-_OPTIMIZERS: dict[int, weakref.ref[Lamb]] = {}
+StepFn = Callable[[list[Tensor], list["Tensor | None"]], Any]
+"""The eager step a graph's op runs: ``fn(params as the graph hands them, their gradients)``."""
+
+_STEPS: dict[int, weakref.WeakMethod] = {}
 _KEYS = itertools.count(1)
 
 
-def register(opt: Lamb) -> int:
-    """A key under which the op finds ``opt`` (made eagerly: a registration inside a traced frame would be lost)."""
+def register(step: StepFn) -> int:
+    """A key under which the op finds the bound method ``step`` (made eagerly: a registration inside a traced
+    frame would be lost). Held weakly: a graph never keeps an optimizer alive."""
+    for dead in [k for k, ref in _STEPS.items() if ref() is None]:  # optimizers gone since the last one
+        del _STEPS[dead]
     key = next(_KEYS)
-    _OPTIMIZERS[key] = weakref.ref(opt, lambda _ref, key=key: _OPTIMIZERS.pop(key, None))
+    _STEPS[key] = weakref.WeakMethod(step)  # type: ignore[arg-type]
     return key
 
 
@@ -46,19 +50,11 @@ _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") 
 
 @torch.library.custom_op("torch_lamb::step", mutates_args=("params",), tags=_TAGS)
 def _step_op(params: list[Tensor], grads: list[Tensor | None], key: int) -> None:
-    opt = _OPTIMIZERS[key]()
-    if opt is None:  # pragma: no cover - a graph that outlived its optimizer
+    ref = _STEPS.get(key)
+    step = ref() if ref is not None else None
+    if step is None:  # pragma: no cover - a graph that outlived its optimizer
         raise RuntimeError("torch_lamb: the optimizer of this compiled step no longer exists.")
-    mine = opt._graph_params
-    # The graph normally hands over the parameters themselves; where it hands copies, they carry the
-    # graph's view of the parameters in and the step's result out.
-    copies = [(a, p) for a, p in zip(params, mine) if a.data_ptr() != p.data_ptr()]
-    if copies:
-        torch._foreach_copy_([p for _, p in copies], [a for a, _ in copies])
-    opt._layouts.absorb_version_bumps(opt, mine)
-    opt._step(None, list(grads))
-    if copies:
-        torch._foreach_copy_([a for a, _ in copies], [p for _, p in copies])
+    step(params, list(grads))
 
 
 @_step_op.register_fake
@@ -66,6 +62,6 @@ def _(params: list[Tensor], grads: list[Tensor | None], key: int) -> None:
     return None
 
 
-def run_in_graph(opt: Lamb, params: list[Tensor]) -> None:
-    """Inside a traced frame: record the optimizer's step as one op of the graph."""
-    _step_op(params, [p.grad for p in params], opt._compile_key)
+def run_in_graph(key: int, params: list[Tensor]) -> None:
+    """Inside a traced frame: record the step registered under ``key`` as one op of the graph."""
+    _step_op(params, [p.grad for p in params], key)

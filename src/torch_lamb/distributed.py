@@ -40,8 +40,11 @@ _HOST_READS: contextvars.ContextVar[bool] = contextvars.ContextVar("torch_lamb_h
 
 
 @contextlib.contextmanager
-def no_host_reads() -> Iterator[None]:
-    """Within: norms never read a tensor on the host (``capturable=True``)."""
+def no_host_reads(active: bool = True) -> Iterator[None]:
+    """Within (when ``active``): norms never read a tensor on the host (``capturable=True``)."""
+    if not active:
+        yield
+        return
     token = _HOST_READS.set(False)
     try:
         yield

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .distributed import Reducer, full_norms
 
-__all__ = ["LambScalars", "TrustStats", "foreach_add_scalar_", "foreach_lerp_", "lamb_reference", "lamb_scalars",
-           "lamb_update"]
+__all__ = ["LambScalars", "TrustStats", "bias_correction", "foreach_add_scalar_", "foreach_lerp_", "lamb_reference",
+           "lamb_scalars", "lamb_update"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -126,37 +126,44 @@ def _complement(beta: float | Tensor) -> float:
     return f32(1.0 - f32(float(beta)))
 
 
+def bias_correction(beta: float | Tensor, step: int | Tensor) -> float | Tensor:
+    """``1 - beta ** t`` in float32, as Keras forms it: on the host for an int step (libm's ``powf``, as torch's
+    0-dim float32 pow), or as a 0-dim float32 tensor for a float32 device step (``capturable``)."""
+    base = f32(float(beta))
+    if isinstance(step, Tensor):
+        return 1 - torch.pow(base, step)
+    return f32(1.0 - _pow32(base, f32(step)))
+
+
 def lamb_scalars(
     *,
-    lr: float,
+    lr: float | Tensor,
     beta_1: float | Tensor,
     beta_2: float | Tensor,
     epsilon: float,
     weight_decay: float | None,
-    step: int,
+    step: int | Tensor,
     weight_decay_mode: str = "decoupled",
     min_trust_ratio: float | None = None,
     max_trust_ratio: float | None = None,
 ) -> LambScalars:
-    """The scalars of update number ``step`` (1-based), computed on the host.
+    """The scalars of update number ``step`` (1-based): host floats, or, for a device ``step`` (a float32 0-dim
+    tensor) and a device ``lr``, the bias corrections and the learning rate with its decay factor on the device.
 
     ``weight_decay_mode="decoupled"`` is Keras's decay before the update, outside the ratio;
     ``"adaptive"`` is the paper's ``u + weight_decay * w`` inside the ratio.
     """
-    t = f32(step)
-    b1p = _pow32(f32(float(beta_1)), t)
-    b2p = _pow32(f32(float(beta_2)), t)
-    lr32 = f32(lr)
+    lr32 = lr if isinstance(lr, Tensor) else f32(lr)
     adaptive = weight_decay_mode == "adaptive"
-    decay = None
+    decay: float | Tensor | None = None
     if weight_decay is not None and not adaptive:
-        decay = f32(1.0 - f32(f32(weight_decay) * lr32))
+        decay = 1 - lr32 * f32(weight_decay) if isinstance(lr32, Tensor) else f32(1.0 - f32(f32(weight_decay) * lr32))
     return LambScalars(
         lr=lr32,
         one_minus_beta_1=_complement(beta_1),
         one_minus_beta_2=_complement(beta_2),
-        bias_correction_1=f32(1.0 - b1p),
-        bias_correction_2=f32(1.0 - b2p),
+        bias_correction_1=bias_correction(beta_1, step),
+        bias_correction_2=bias_correction(beta_2, step),
         epsilon=float(epsilon),
         decay_factor=decay,
         adaptive_weight_decay=weight_decay if adaptive and weight_decay is not None else None,

@@ -1,210 +1,185 @@
-"""The plan of one ``Lamb.step()`` call: every host-side scalar, decided before anything changes.
+"""The plan of one ``step()`` call: a pure function of the config, the groups' values and the clock.
 
-:func:`plan_step` reads the optimizer's options, its param groups (which users and schedulers may
-have edited since the last call) and its counters, checks all of them, and returns a frozen
-:class:`StepPlan`. Whatever can fail fails here, so a call that raises has changed nothing. The
-backends only read the plan; :mod:`torch_lamb.nonfinite` transforms it (``dataclasses.replace``).
+:func:`plan_step` decides whether the call updates or only accumulates and computes every scalar of the
+call in Keras's float32 rounding: the bias corrections (written once, :func:`~torch_lamb.functional.
+bias_correction`, for a host step or a device one), the EMA weight, the accumulation divisor and whether the
+averages overwrite the weights. Two inputs change its form, never its values:
+
+* the clock on the device (``capturable``, or ``skip_nonfinite`` deciding on a GPU): the scalars that change
+  from call to call without the host are 0-dim device tensors derived from the device counters (a built-in
+  schedule's learning rate and its decay factor too, and a 0-dim tensor ``lr``);
+* ``found`` (``skip_nonfinite``): whether the call's gradients hold inf or NaN. A host bool makes a skipped
+  call run nothing; a device flag masks the scalars (learning rate and moment weights 0, decay 1, epsilon at
+  least 1, EMA weight 0, overwrite off) so that a skipped call changes nothing without a host read.
+
+The backends only read the plan; the clock only advances from it (:meth:`StepPlan.advance`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
-from . import _validation as check
-from .backends import IMPLEMENTATIONS
+from .clock import StepClock
+from .config import ClipSpec, GroupOptions, LambConfig
 from .functional import LambScalars, f32, lamb_scalars
 
-if TYPE_CHECKING:
-    from .optimizer import Lamb
+__all__ = ["StepPlan", "plan_step"]
 
-__all__ = ["ClipSpec", "GroupHyper", "StepPlan", "plan_step"]
-
-WEIGHT_DECAY_MODES = ("decoupled", "adaptive")
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """Keras's gradient clipping of this call: at most one kind."""
-
-    kind: str | None = None  # None, "value", "norm" (per tensor) or "global"
-    value: float = 0.0
-
-
-@dataclass(frozen=True)
-class GroupHyper:
-    """One param group's resolved hyperparameters for this call (callables and schedules evaluated).
-
-    ``lr`` is a 0-dim tensor only under ``capturable`` (torch's convention: the step reads it on the device,
-    never on the host; :mod:`torch_lamb.capturable` puts it, and its decay factor, into the scalars).
-    """
-
-    lr: float | Tensor
-    beta_1: float
-    beta_2: float
-    epsilon: float
-    weight_decay: float | None
-    weight_decay_mode: str
-    min_trust_ratio: float | None
-    max_trust_ratio: float | None
-
-    def scalars(self, step: int) -> LambScalars:
-        lr = 0.0 if isinstance(self.lr, Tensor) else self.lr  # a tensor: torch_lamb.capturable sets lr and decay
-        return lamb_scalars(
-            lr=lr, beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
-            weight_decay=self.weight_decay, step=step, weight_decay_mode=self.weight_decay_mode,
-            min_trust_ratio=self.min_trust_ratio, max_trust_ratio=self.max_trust_ratio,
-        )
+_FILL, _FILL_ACCUMULATING = -1.0, 0.0  # every gradient element of a skipped call (device mode)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Everything one call does, as host values (or, under ``capturable`` or a device-side guard, 0-dim
-    device tensors where a value changes without the host: :mod:`torch_lamb.capturable`).
+    """Everything one call does: host values, or 0-dim device tensors where a value changes without the host.
 
-    ``call`` counts calls (it drives schedules, accumulation windows and the EMA overwrite period);
-    ``iterations`` counts updates applied before this call, as Keras's ``iterations``.
+    ``call`` counts calls (schedules, accumulation windows, the EMA overwrite period); the bias corrections
+    count applied updates.
     """
 
     call: int
-    iterations: int
     updating: bool  # False: an accumulation micro-step (gradients are only accumulated)
+    accumulating: bool  # gradient_accumulation_steps is set (accumulators exist)
     loss_scale: float | None
     accumulation: float | Tensor | None  # at an update under accumulation: the window's divisor
-    accumulating: bool  # gradient_accumulation_steps is set (accumulators exist)
     clip: ClipSpec
-    groups: tuple[GroupHyper, ...]
     scalars: tuple[LambScalars, ...] | None  # per group, on updating calls
     ema_weight: float | Tensor | None  # lerp weight of the averages this call (None: no EMA)
-    ema_momentum: float  # the configured momentum (the guard derives its own weights from it)
     overwrite: bool  # copy the averages into the weights after this call's EMA
-    scheduled: tuple[float | None, ...] = ()  # per group, the scheduled learning rate (None: the group's own)
     overwrite_keep: Tensor | None = None  # device guard: 1 to overwrite, 0 to keep (a skipped call)
     apply: bool = True  # False: the call changes no tensor (a skipped non-finite call)
+    skip: bool | Tensor = False  # the gradients are replaced by `fill` (True) or where the device flag is set
+    fill: float = 0.0
+    found: bool | Tensor = False  # skip_nonfinite: the call's gradients hold inf or NaN
+    applied: bool | Tensor = True  # an updating call applies its update (False or a device flag: it is empty)
+    window: int | Tensor | None = None  # skip_nonfinite: the window's finite micro-steps including this call
 
-    def write_back(self, opt: Lamb) -> None:
-        """Show this call's values in the groups, in both spellings (after every check passed)."""
-        marks = []
-        for group, lr, hyper in zip(opt.param_groups, self.scheduled, self.groups):
-            if lr is not None:
-                group["lr"] = lr
-            group["beta_1"], group["beta_2"], group["epsilon"] = hyper.beta_1, hyper.beta_2, hyper.epsilon
-            group["betas"], group["eps"] = (hyper.beta_1, hyper.beta_2), hyper.epsilon
-            marks.append((hyper.beta_1, hyper.beta_2, hyper.epsilon))
-        opt._alias_marks = marks
-
-    def with_step(self, step: int) -> StepPlan:
-        """The same plan with bias corrections for update number ``step``."""
-        if self.scalars is None:
-            return self
-        return replace(self, scalars=tuple(g.scalars(step) for g in self.groups))
+    def advance(self, clock: StepClock) -> None:
+        """Count this call once it has run."""
+        clock.advance(updating=self.updating, accumulating=self.accumulating, skipped=self.found,
+                      applied=self.applied, window=self.window)
 
 
-def live_values(group: dict[str, Any], mark: tuple[Any, Any, Any] | None,
-                sources: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """``(beta_1, beta_2, epsilon)`` for this call, whichever spelling was edited since the last write.
-
-    torch's schedulers (``OneCycleLR``, ``CyclicLR``) read and write ``betas``; users may write
-    ``beta_1``/``beta_2``/``epsilon`` or ``eps``. Both spellings changed, to different values, is an error.
-    """
-    canonical = (group["beta_1"], group["beta_2"], group["epsilon"])
-    betas = group.get("betas", canonical[:2])
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"`betas` must be a pair (beta_1, beta_2). Received: betas={betas!r}")
-    alias = (betas[0], betas[1], group.get("eps", canonical[2]))
-    if mark is None or _same(alias, mark) or _same(alias, canonical):
-        chosen = canonical
-    elif _same(canonical, mark):
-        chosen = alias
-    else:
-        raise ValueError(
-            f"`betas`/`eps` {alias[:2]}, {alias[2]} and `beta_1`/`beta_2`/`epsilon` {canonical} were both "
-            "changed, to different values: set one spelling."
-        )
-    values = dict(zip(("beta_1", "beta_2", "epsilon"), chosen))
-    for key, fn in sources.items():
-        values[key] = fn
-    return values["beta_1"], values["beta_2"], values["epsilon"]
+def _steady_weight(config: LambConfig) -> float:
+    """The EMA's lerp weight once an update has been applied: ``1 - ema_momentum`` in float32."""
+    return f32(1.0 - f32(config.ema_momentum))
 
 
-def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    return all(x is y or (not callable(x) and not callable(y) and bool(x == y)) for x, y in zip(a, b))
-
-
-def resolve_group(group: dict[str, Any], index: int, lr: float | None,
-                  live: tuple[Any, Any, Any] | None = None, capturable: bool = False) -> GroupHyper:
-    """Check a group's (possibly edited) values and evaluate its callables; errors name the group.
-
-    Under ``capturable`` a 0-dim tensor ``lr`` stays a tensor, checked without reading its value."""
-    where = f" (param group {index})"
-    try:
-        beta_1, beta_2, epsilon = live if live is not None else (group["beta_1"], group["beta_2"], group["epsilon"])
-        beta_1 = check.resolve("beta_1", beta_1, high=1.0)  # float32 rounding below 1 (check.number)
-        beta_2 = check.resolve("beta_2", beta_2, high=1.0)
-        if not isinstance(group["layer_adaptation"], bool):
-            raise ValueError(f"`layer_adaptation` must be a bool. Received: {group['layer_adaptation']!r}")
-        mode = group["weight_decay_mode"]
-        if mode not in WEIGHT_DECAY_MODES:
-            raise ValueError(f"`weight_decay_mode` must be one of {list(WEIGHT_DECAY_MODES)}. Received: {mode!r}")
-        if lr is None and capturable and isinstance(group["lr"], Tensor):
-            lr_value: float | Tensor = check.tensor_learning_rate("lr", group["lr"], group["params"])
-        else:
-            lr_value = check.number("lr", group["lr"] if lr is None else lr)
-        return GroupHyper(
-            lr=lr_value,
-            beta_1=beta_1,
-            beta_2=beta_2,
-            epsilon=check.number("epsilon", epsilon),
-            weight_decay=check.optional_nonnegative("weight_decay", group["weight_decay"]),
-            weight_decay_mode=mode,
-            min_trust_ratio=check.optional_nonnegative("min_trust_ratio", group["min_trust_ratio"]),
-            max_trust_ratio=check.optional_nonnegative("max_trust_ratio", group["max_trust_ratio"]),
-        )
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{err}{where}") from None
-
-
-def plan_step(opt: Lamb) -> StepPlan:
-    """The plan of the next call of ``opt.step()`` (raises, changing nothing, on any bad value)."""
-    if opt.implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"`implementation` must be one of {list(IMPLEMENTATIONS)}. Received: {opt.implementation!r}")
-    check.options(**{k: getattr(opt, k) for k in check.OPTIONS})  # plain attributes: maybe edited
-    call = opt._iterations
-    n = opt.gradient_accumulation_steps
+def plan_step(config: LambConfig, groups: tuple[GroupOptions, ...], clock: StepClock,
+              found: bool | Tensor | None = None, dtype: torch.dtype = torch.float32) -> StepPlan:
+    """The plan of the next call (``found``: ``skip_nonfinite``'s verdict; ``dtype``: the state's, for the masked
+    device scalars)."""
+    call = clock.host_calls
+    n = config.gradient_accumulation_steps
     updating = not n or (call + 1) % n == 0
-    iterations = call // n if n else call
-    lrs = opt._scheduled_learning_rates(call)
-    groups = tuple(
-        resolve_group(g, i, lr, live_values(g, mark, sources), opt.capturable)
-        for i, (g, lr, mark, sources) in enumerate(zip(opt.param_groups, lrs, opt._alias_marks, opt._hyper_sources))
+    frequency = config.ema_overwrite_frequency
+    plan = StepPlan(
+        call=call, updating=updating, accumulating=bool(n), loss_scale=config.loss_scale_factor,
+        accumulation=float(n) if n and updating else None, clip=config.clip, scalars=None, ema_weight=None,
+        overwrite=bool(config.use_ema and frequency and ((call // n if n else call) + 1) % frequency == 0),
     )
-    if opt.clipvalue is not None:
-        clip = ClipSpec("value", opt.clipvalue)
-    elif opt.clipnorm is not None:
-        clip = ClipSpec("norm", opt.clipnorm)
-    elif opt.global_clipnorm is not None:
-        clip = ClipSpec("global", opt.global_clipnorm)
-    else:
-        clip = ClipSpec()
-    ema_weight = None
-    if opt.use_ema:  # momentum 0 until the first update has completed (Keras copies the weights then)
-        ema_weight = 1.0 if iterations == 0 else f32(1.0 - f32(opt.ema_momentum))
-    frequency = opt.ema_overwrite_frequency
-    return StepPlan(
-        call=call,
-        iterations=iterations,
-        updating=updating,
-        loss_scale=opt.loss_scale_factor,
-        accumulation=float(n) if n and updating else None,
-        accumulating=bool(n),
-        clip=clip,
-        groups=groups,
-        scalars=tuple(g.scalars(iterations + 1) for g in groups) if updating else None,
-        ema_weight=ema_weight,
-        ema_momentum=opt.ema_momentum,
-        overwrite=bool(opt.use_ema and frequency and (iterations + 1) % frequency == 0),
-        scheduled=tuple(lrs),
-    )
+    if clock.on_device:
+        return _device_plan(plan, config, groups, clock, found, dtype)
+    return _host_plan(plan, config, groups, clock, found)
 
+
+def _host_plan(plan: StepPlan, config: LambConfig, groups: tuple[GroupOptions, ...], clock: StepClock,
+               found: bool | None) -> StepPlan:
+    updates = clock.value("updates")
+    changes: dict[str, object] = {}
+    if found is not None:  # skip_nonfinite, decided on the host
+        window = clock.value("window") + (not found) if plan.accumulating else None
+        empty = window == 0 if plan.accumulating else found
+        changes.update(found=found, applied=not empty, window=window)
+        if found and not (plan.updating and plan.accumulating and not empty):
+            return replace(plan, apply=False, overwrite=False, **changes)
+        if plan.updating and plan.accumulating:
+            changes["accumulation"] = float(window)  # type: ignore[arg-type]
+    if config.use_ema:  # momentum 0 until the first update has completed (Keras copies the weights then)
+        changes["ema_weight"] = 1.0 if updates == 0 else _steady_weight(config)
+    if plan.updating:
+        changes["scalars"] = tuple(lamb_scalars(**_scalar_args(g), step=updates + 1) for g in groups)
+    if found:  # the end of a window with finite micro-batches: they apply, this one does not
+        changes.update(skip=True, fill=_FILL_ACCUMULATING, ema_weight=None, overwrite=False)
+    return replace(plan, **changes)
+
+
+def _scalar_args(g: GroupOptions) -> dict[str, object]:
+    return {"lr": 0.0 if isinstance(g.lr, Tensor) else g.lr, "beta_1": g.beta_1, "beta_2": g.beta_2,
+            "epsilon": g.epsilon, "weight_decay": g.weight_decay, "weight_decay_mode": g.weight_decay_mode,
+            "min_trust_ratio": g.min_trust_ratio, "max_trust_ratio": g.max_trust_ratio}
+
+
+def _device_plan(plan: StepPlan, config: LambConfig, groups: tuple[GroupOptions, ...], clock: StepClock,
+                 found: Tensor | None, dtype: torch.dtype) -> StepPlan:
+    """The scalars that change without the host, derived on the device from the counters (and masked by a
+    device-side ``found``)."""
+    calls, updates = clock.calls, clock.updates
+    assert isinstance(calls, Tensor) and isinstance(updates, Tensor)
+    device = updates.device
+    changes: dict[str, object] = {}
+    empty: Tensor | None = None
+    if found is not None:
+        found = found.to(device)
+        window = clock.window + (~found).long() if plan.accumulating else None
+        empty = (window == 0) if window is not None else found
+        changes.update(found=found, applied=~empty, window=window, skip=found,
+                       fill=_FILL_ACCUMULATING if plan.accumulating else _FILL)
+        if plan.updating and plan.accumulating:
+            changes["accumulation"] = window.clamp(min=1).to(device, dtype)  # type: ignore[union-attr]
+        if plan.overwrite:
+            changes["overwrite_keep"] = (~found).to(device, dtype)
+    if plan.updating:
+        t = updates.to(torch.float32) + 1
+        evaluated: dict[int, Tensor] = {}  # groups that follow one schedule evaluate it once
+        scalars = [_device_scalars(g, t, _device_lr(g, calls, device, evaluated)) for g in groups]
+        if empty is not None:
+            scalars = [_masked(s, g, empty, dtype) for s, g in zip(scalars, groups)]
+        changes["scalars"] = tuple(scalars)
+    if config.use_ema:  # momentum 0 until the first applied update has completed; 0 when skipped
+        one = clock.constant("ema_first", 1.0, device)
+        weight = torch.where(updates == 0, one, clock.constant("ema_steady", _steady_weight(config), device))
+        changes["ema_weight"] = weight if found is None else torch.where(found, torch.zeros_like(weight), weight)
+    return replace(plan, **changes)
+
+
+def _device_lr(g: GroupOptions, calls: Tensor, device: torch.device, done: dict[int, Tensor]) -> Tensor | None:
+    """The group's learning rate as a float32 device tensor when it changes without the host (None: the group's
+    float, a constant of the call)."""
+    if g.schedule is not None:
+        if id(g.schedule) not in done:
+            done[id(g.schedule)] = g.schedule(calls).to(torch.float32)
+        return done[id(g.schedule)]
+    if isinstance(g.lr, Tensor):
+        return g.lr.to(device, torch.float32)
+    return None
+
+
+def _device_scalars(g: GroupOptions, t: Tensor, lr: Tensor | None) -> LambScalars:
+    """The group's scalars for the device step ``t``: :func:`~torch_lamb.functional.lamb_scalars` with its bias
+    corrections (and a device learning rate with its decay factor) as 0-dim float32 tensors."""
+    return lamb_scalars(**{**_scalar_args(g), **({"lr": lr} if lr is not None else {})}, step=t)
+
+
+def _masked(s: LambScalars, g: GroupOptions, empty: Tensor, dtype: torch.dtype) -> LambScalars:
+    """``s`` with no-op factors where the update is empty (a skipped call), chosen on the device."""
+    zero = torch.zeros((), dtype=dtype, device=empty.device)
+
+    def masked(value: float | Tensor, off: float) -> Tensor:
+        on = value if isinstance(value, Tensor) else torch.full_like(zero, value)
+        return torch.where(empty, torch.full_like(on, off), on)
+
+    return LambScalars(
+        lr=masked(s.lr, 0.0),
+        one_minus_beta_1=masked(s.one_minus_beta_1, 0.0),
+        one_minus_beta_2=masked(s.one_minus_beta_2, 0.0),
+        bias_correction_1=s.bias_correction_1,
+        bias_correction_2=s.bias_correction_2,
+        epsilon=masked(s.epsilon, max(g.epsilon, 1.0)),  # a skipped call with epsilon=0 must not form 0/0
+        decay_factor=None if s.decay_factor is None else masked(s.decay_factor, 1.0),
+        adaptive_weight_decay=s.adaptive_weight_decay,
+        min_trust_ratio=s.min_trust_ratio,
+        max_trust_ratio=s.max_trust_ratio,
+    )

@@ -59,8 +59,8 @@ class _Recorder:
 class TrustRatioTelemetry:
     """Mixin that gives an optimizer ``track_trust_ratios`` / ``last_trust_ratios``.
 
-    The optimizer calls ``self._update_stats(bucket, stats)`` after each bucket's update; this mixin
-    records the stats only while tracking is on.
+    The optimizer hands each update's per-bucket stats to :meth:`_record_trust_stats`; this mixin records
+    them only while tracking is on.
     """
 
     _trust_recorder: _Recorder | None = None
@@ -83,10 +83,12 @@ class TrustRatioTelemetry:
         """Whether trust ratios are being recorded."""
         return self._trust_recorder is not None
 
-    def _record_trust_stats(self, names: list[str | None], stats: TrustStats) -> None:
+    def _record_trust_stats(self, step: int, records: list[tuple[list[str | None], TrustStats]]) -> None:
+        """Keep the stats of the update of call ``step`` (references: no copy, no sync)."""
         rec = self._trust_recorder
         if rec is not None:
-            rec.record(int(getattr(self, "_iterations", 0)), names, stats)
+            for names, stats in records:
+                rec.record(step, names, stats)
 
     def last_trust_ratios(self) -> dict[str, TrustRatio]:
         """``{param name: TrustRatio(ratio, weight_norm, update_norm)}`` of the latest update.

@@ -1,37 +1,28 @@
-"""Steps that every torch-op backend shares after its update: accumulators, EMA, master copies."""
+"""What the torch-op backends share: the steps after an update (accumulators, EMA, master copies), the
+finite check, and the per-call object that carries a bucket's formed gradients from ``grad_squares`` to
+``update``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..bucket import Bucket, dense
+from ..config import LambConfig
 from ..distributed import host_reads_allowed
-from ..functional import foreach_lerp_
+from ..functional import TrustStats, foreach_lerp_
+from ..plan import StepPlan
 
-if TYPE_CHECKING:
-    from ..functional import TrustStats
-    from ..layout import Bucket
-    from ..optimizer import Lamb
-    from ..plan import StepPlan
-
-__all__ = ["TorchOpsBackend", "bad_gradients", "dense", "finish_update", "move_averages", "narrowed", "norm_dtype",
-           "overwrite_with_averages", "reset_accumulators", "state_grads"]
+__all__ = ["TorchCall", "TorchOpsBackend", "bad_gradients", "finish_update", "move_averages", "narrowed",
+           "norm_dtype", "overwrite_with_averages", "reset_accumulators", "state_grads"]
 
 
 def norm_dtype(t: Tensor) -> torch.dtype:
     """Norms are summed in float32 at least (float64 for float64 tensors)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def dense(grads: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
-    """``grads`` as packed tensors of ``dtype``, and whether they are copies (then all of them are, so that a
-    caller may write them): a stride-0, transposed or sliced gradient, or one of another dtype, is copied."""
-    if all([g.dtype == dtype and g.is_contiguous() for g in grads]):
-        return grads, False
-    return [torch.empty(g.shape, dtype=dtype, device=g.device).copy_(g) for g in grads], True
 
 
 def state_grads(bucket: Bucket, grads: list[Tensor]) -> tuple[list[Tensor], bool]:
@@ -103,27 +94,58 @@ def bad_gradients(bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
     return (~(torch.stack(torch._foreach_norm(grads, ord=float("inf"))) < limit)).float().sum()  # NaN is bad
 
 
-class TorchOpsBackend:
-    """What the torch-op backends share: they take every bucket, keep no view of it, and finish an
-    update with the same steps; each supplies its LAMB function (``lamb``) and its gradient pipeline."""
+class TorchCall:
+    """One call of a torch-op backend on one bucket: the gradients formed for the update (unscaled,
+    accumulated) are made once, by whichever of ``grad_squares`` and ``update`` runs first."""
 
+    def __init__(self, backend: TorchOpsBackend, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
+        self.backend, self.bucket, self.grads, self.plan = backend, bucket, grads, plan
+        self._formed: tuple[list[Tensor], bool] | None = None
+
+    def formed(self) -> tuple[list[Tensor], bool]:
+        """The gradients the update uses, before clipping, and whether they are ours to clip in place."""
+        if self._formed is None:
+            self._formed = self.backend.form(self.bucket, self.grads, self.plan)
+        return self._formed
+
+    def accumulate(self) -> None:
+        self.backend.accumulate(self.bucket, self.grads, self.plan)
+
+    def grad_squares(self) -> Tensor:
+        return self.backend.squares(self.formed()[0])
+
+    def update(self, clip_factors: Tensor | None) -> TrustStats:
+        work, owned = self.formed()
+        work = self.backend.clip(work, owned, self.plan, clip_factors)
+        assert self.plan.scalars is not None
+        bucket = self.bucket
+        stats = self.backend.lamb(
+            bucket.weights, work, bucket.momentums, bucket.velocities, self.plan.scalars[bucket.group_index],
+            decay_mask=bucket.decay_mask, adapt_mask=bucket.adapt_mask, reduce=bucket.reduce,
+        )
+        finish_update(bucket, self.plan)
+        return stats
+
+
+class TorchOpsBackend:
+    """What the torch-op backends share: they take every bucket, keep no view of it, and finish an update with
+    the same steps; each supplies its LAMB function (``lamb``) and its gradient pipeline (``form``, ``clip``,
+    ``accumulate``, ``squares``)."""
+
+    name: str
     lamb: Callable[..., TrustStats]
 
-    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+    def refuses(self, bucket: Bucket, config: LambConfig) -> str | None:
         return None
 
     def prepare(self, bucket: Bucket) -> Any:
         return None
 
-    def _update(self, bucket: Bucket, formed: list[Tensor], plan: StepPlan) -> TrustStats:
-        """LAMB on the formed (unscaled, accumulated, clipped) gradients, then the update's last steps."""
-        assert plan.scalars is not None
-        stats = self.lamb(
-            bucket.weights, formed, bucket.momentums, bucket.velocities, plan.scalars[bucket.group_index],
-            decay_mask=bucket.decay_mask, adapt_mask=bucket.adapt_mask, reduce=bucket.reduce,
-        )
-        finish_update(bucket, plan)
-        return stats
+    def begin(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Any:
+        return TorchCall(self, bucket, grads, plan)
+
+    def ready(self, call: Any, clipping: bool) -> None:
+        return None
 
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         if plan.ema_weight is not None:

@@ -26,20 +26,18 @@ import shutil
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..bucket import Bucket, packed
+from ..config import LambConfig
 from ..distributed import host_reads_allowed
 from ..functional import LOW_PRECISION, TrustStats
+from ..plan import StepPlan
 from .common import TorchOpsBackend, narrowed, state_grads
 from .foreach import ForeachBackend
-
-if TYPE_CHECKING:
-    from ..layout import Bucket
-    from ..optimizer import Lamb
-    from ..plan import StepPlan
 
 __all__ = ["SCALARS", "CompiledBackend", "ScalarVector", "scalar_values", "trust_ratios", "unavailable"]
 
@@ -219,7 +217,7 @@ def _options() -> dict[str, Any]:
     return {k: v for k, v in _OPTIONS.items() if hasattr(inductor_config, k)}
 
 
-def _compiled(fn: Callable[..., Any], features: Features, signature: tuple[Any, ...]) -> Callable[..., Any]:
+def compiled_graph(fn: Callable[..., Any], features: Features, signature: tuple[Any, ...]) -> Callable[..., Any]:
     """The compiled ``fn`` for these features and input shapes/dtypes/device (made once per process)."""
     key = (fn.__name__, features, signature)
     compiled = _COMPILED.get(key)
@@ -304,14 +302,13 @@ class _Graphs:
         key = (fn.__name__, flags)
         compiled = self.graphs.get(key)
         if compiled is None:
-            compiled = self.graphs[key] = _compiled(fn, self.features[flags], _signature(*lists))
+            compiled = self.graphs[key] = compiled_graph(fn, self.features[flags], _signature(*lists))
         return compiled
 
     def scalars(self, values: dict[str, float | Tensor | None], device: torch.device) -> Tensor:
         return self.vector.fill(values, device)
 
 
-_FOREACH = ForeachBackend()
 
 
 def _scratch(*lists: Sequence[Tensor]) -> list[list[Tensor]]:
@@ -357,58 +354,72 @@ class CompiledBackend(TorchOpsBackend):
 
     name = "compiled"
 
-    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+    def refuses(self, bucket: Bucket, config: LambConfig) -> str | None:
         return unavailable(bucket.device.type)
 
     def prepare(self, bucket: Bucket) -> _Graphs:
         return _Graphs()
 
-    def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
-        _FOREACH.accumulate(bucket, grads, plan)  # one add per micro-step: no graph needed
+    def begin(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> CompiledCall:
+        return CompiledCall(bucket, grads, plan)
 
-    @staticmethod
-    def _flags(bucket: Bucket, plan: StepPlan, factors: bool) -> tuple[Any, ...]:
-        """What of this call decides the graphs (a few bools), with its :class:`Features` made once per bucket
-        (the masks are fixed while the layout holds, so a step never rebuilds or hashes them)."""
-        s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
-        flags = (
-            plan.loss_scale is not None, plan.accumulation is not None,
-            "value" if plan.clip.kind == "value" else ("factors" if factors else None),
-            s is not None and s.decay_factor is not None, s is not None and s.adaptive_weight_decay is not None,
-            s is not None and s.min_trust_ratio is not None, s is not None and s.max_trust_ratio is not None,
-            plan.ema_weight is not None,
+    def ready(self, call: CompiledCall, clipping: bool) -> None:
+        call.ready(clipping)
+
+
+def _flags(bucket: Bucket, plan: StepPlan, factors: bool) -> tuple[Any, ...]:
+    """What of this call decides the graphs (a few bools), with its :class:`Features` made once per bucket (the
+    masks are fixed while the layout holds, so a step never rebuilds or hashes them)."""
+    s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
+    flags = (
+        plan.loss_scale is not None, plan.accumulation is not None,
+        "value" if plan.clip.kind == "value" else ("factors" if factors else None),
+        s is not None and s.decay_factor is not None, s is not None and s.adaptive_weight_decay is not None,
+        s is not None and s.min_trust_ratio is not None, s is not None and s.max_trust_ratio is not None,
+        plan.ema_weight is not None,
+    )
+    graphs: _Graphs = bucket.handle
+    if flags not in graphs.features:
+        n = len(bucket.weights)
+        decay, off = tuple(bucket.decay_mask), (False,) * n
+        graphs.features[flags] = Features(
+            loss_scale=flags[0], accumulate=flags[1], clip=flags[2],
+            decay=decay if flags[3] else off, adaptive=decay if flags[4] else off,
+            adapt=tuple(bucket.adapt_mask) if bucket.adapt_mask is not None else (True,) * n,
+            low=bucket.weights[0].dtype in LOW_PRECISION, bounds=(flags[5], flags[6]), ema=flags[7],
+            mirror=bool(bucket.mirrors),
         )
-        graphs: _Graphs = bucket.handle
-        if flags not in graphs.features:
-            n = len(bucket.weights)
-            decay, off = tuple(bucket.decay_mask), (False,) * n
-            graphs.features[flags] = Features(
-                loss_scale=flags[0], accumulate=flags[1], clip=flags[2],
-                decay=decay if flags[3] else off, adaptive=decay if flags[4] else off,
-                adapt=tuple(bucket.adapt_mask) if bucket.adapt_mask is not None else (True,) * n,
-                low=bucket.weights[0].dtype in LOW_PRECISION, bounds=(flags[5], flags[6]), ema=flags[7],
-                mirror=bool(bucket.mirrors),
-            )
-        return flags
+    return flags
 
-    def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
+
+class CompiledCall:
+    """One call of the compiled phases on one bucket."""
+
+    def __init__(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
+        self.bucket, self.grads, self.plan = bucket, packed(grads), plan  # a graph per layout, not per stride
+
+    def accumulate(self) -> None:
+        ForeachBackend.accumulate(self.bucket, self.grads, self.plan)  # one add per micro-step: no graph needed
+
+    def grad_squares(self) -> Tensor:
+        bucket, plan = self.bucket, self.plan
         graphs: _Graphs = bucket.handle
-        flags = self._flags(bucket, plan, False)
+        flags = _flags(bucket, plan, False)
         s = graphs.scalars(scalar_values(bucket, plan), bucket.device)
-        grads, _ = state_grads(bucket, grads)
+        grads, _ = state_grads(bucket, self.grads)
         fn = graphs.graph(grad_squares, flags, bucket.momentums, bucket.accumulators)
-        sums = fn(grads, bucket.accumulators, s, bucket.momentums[0].dtype)
-        return narrowed(sums)
+        return narrowed(fn(grads, bucket.accumulators, s, bucket.momentums[0].dtype))
 
-    def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clipping: bool) -> None:
+    def ready(self, clipping: bool) -> None:
         """Compile this update's graphs before any bucket is written: each new one runs once on scratch zeros
         laid out as the bucket is. A compile that fails (or is interrupted) then leaves everything as it was."""
+        bucket, plan = self.bucket, self.plan
         graphs: _Graphs = bucket.handle
-        flags = self._flags(bucket, plan, clipping)
+        flags = _flags(bucket, plan, clipping)
         if flags in graphs.warm:
             return
         factors = torch.ones(len(bucket.weights), device=bucket.device) if clipping else None  # scratch factors
-        w, g, m, v, acc, avg, mirrors = _scratch(bucket.weights, grads, bucket.momentums, bucket.velocities,
+        w, g, m, v, acc, avg, mirrors = _scratch(bucket.weights, self.grads, bucket.momentums, bucket.velocities,
                                                  bucket.accumulators, bucket.averages, bucket.mirrors)
         s = graphs.scalars(scalar_values(bucket, plan), bucket.device).clone()
         sums = graphs.graph(phase1, flags, bucket.weights, bucket.momentums, bucket.accumulators)(
@@ -416,18 +427,19 @@ class CompiledBackend(TorchOpsBackend):
         graphs.graph(phase2, flags, bucket.weights, bucket.momentums, bucket.averages, bucket.mirrors)(
             w, m, v, avg, mirrors, sums, s)
         if clipping:  # the clipping norms' graph
-            measure = self._flags(bucket, plan, False)
+            measure = _flags(bucket, plan, False)
             graphs.graph(grad_squares, measure, bucket.momentums, bucket.accumulators)(
                 state_grads(bucket, g)[0], acc, s, bucket.momentums[0].dtype)
         graphs.warm.add(flags)
 
-    def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
+    def update(self, clip_factors: Tensor | None) -> TrustStats:
+        bucket, plan = self.bucket, self.plan
         graphs: _Graphs = bucket.handle
-        flags = self._flags(bucket, plan, clip_factors is not None)
+        flags = _flags(bucket, plan, clip_factors is not None)
         s = graphs.scalars(scalar_values(bucket, plan), bucket.device)
         factors = clip_factors.to(bucket.device, torch.float32) if clip_factors is not None else None
         sums = graphs.graph(phase1, flags, bucket.weights, bucket.momentums, bucket.accumulators)(
-            bucket.weights, grads, bucket.momentums, bucket.velocities, bucket.accumulators, factors, s)
+            bucket.weights, self.grads, bucket.momentums, bucket.velocities, bucket.accumulators, factors, s)
         if bucket.reduce is not None:
             sums = bucket.reduce(sums)
         weight_norm, update_norm, ratio = graphs.graph(phase2, flags, bucket.weights, bucket.momentums,

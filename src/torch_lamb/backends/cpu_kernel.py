@@ -17,22 +17,19 @@ import array
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from ..bucket import Bucket, dense
+from ..config import LambConfig
 from ..distributed import Reducer
 from ..functional import LambScalars, TrustStats, trust_ratio
+from ..plan import StepPlan
 from . import kernel_build
 from .common import narrowed
 from .kernel_build import FIX_HINT
 from .kernel_build import Bucket as _Struct
-
-if TYPE_CHECKING:
-    from ..layout import Bucket
-    from ..optimizer import Lamb
-    from ..plan import StepPlan
 
 __all__ = ["FIX_HINT", "CpuKernelBackend", "GradientPipeline", "KernelBucket", "floor_stream",
            "unavailable"]
@@ -176,15 +173,17 @@ class KernelBucket:
         starts = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
         return starts.index_select(0, entry) + offset * tensors[0].element_size()
 
-    def _struct(self, params: Sequence[Tensor] | None, grads: Sequence[Tensor] | None) -> tuple[_Struct, list[object]]:
-        """The call's struct (a pass that reads no p or no g gets None for it), and what must outlive it."""
+    def _struct(self, params: Sequence[Tensor] | None, grads: Sequence[Tensor] | None,
+                grad_table: array.array | Tensor | None = None) -> tuple[_Struct, list[object]]:
+        """The call's struct (a pass that reads no p or no g gets None for it), and what must outlive it;
+        ``grad_table``: the gradients' pointers, read once per call (:meth:`table`)."""
         b = _Struct()
         keep: list[object] = []
         if params is not None:
             keep.append(ptrs := self._pointers(params))
             b.p, b.p_dtype = _addr(ptrs), dtype_code(params[0].dtype)
         if grads is not None:
-            keep.append(ptrs := self._table(grads))
+            keep.append(ptrs := grad_table if grad_table is not None else self._table(grads))
             b.g, b.g_dtype = _addr(ptrs), dtype_code(grads[0].dtype)
         b.n, b.m, b.v = self.n, _addr(self.m), _addr(self.v)
         b.sizes, b.decay_mask = self.sizes.data_ptr(), self.decay_mask.data_ptr()
@@ -197,19 +196,11 @@ class KernelBucket:
 
     def _pointers(self, tensors: Sequence[Tensor]) -> array.array | Tensor:
         known = self._known.get(id(tensors))
-        if known is not None:
-            return known
-        if self.readable is not None and self.readable[1] is tensors:
-            if self.readable[2] is None:
-                self.readable = (*self.readable[:2], self._table(tensors))
-            return self.readable[2]
+        return known if known is not None else self._table(tensors)
+
+    def table(self, tensors: Sequence[Tensor]) -> array.array | Tensor:
+        """The pointers the kernel reads for ``tensors`` (a call's gradients: read once, passed to each pass)."""
         return self._table(tensors)
-
-    def remember(self, grads: Sequence[Tensor], readable: Sequence[Tensor]) -> None:
-        """This call's gradients (as given, and as the kernel reads them): their pointers are read once."""
-        self.readable = (grads, readable, None)
-
-    readable: tuple[Sequence[Tensor], Sequence[Tensor], array.array | Tensor | None] | None = None
 
     def _options(self, b: _Struct, *options: tuple[str, str, float | None]) -> None:
         for flag, name, value in options:
@@ -244,11 +235,12 @@ class KernelBucket:
         pipeline: GradientPipeline | None = None,
         ema_weight: float | None = None,
         mirrors: Sequence[Tensor] | None = None,
+        grad_table: array.array | Tensor | None = None,
     ) -> TrustStats:
         """One LAMB update of the bucket (host scalars only); ``mirrors``: the low-precision copies of
         float32 master ``params``, rounded from them in pass 2."""
         s, n = scalars, self.slots
-        b, keep = self._struct(params, grads)
+        b, keep = self._struct(params, grads, grad_table)
         if mirrors:
             keep.append(mirror_ptrs := self._pointers(mirrors))
             b.flags |= self.flags["F_MIRROR"]
@@ -272,50 +264,53 @@ class KernelBucket:
             b.ratios = ratio.data_ptr()
             streams = 4 + bool(b.flags & self.flags["F_ACCUMULATE"]) + (ema_weight is not None)
             b.segment = max(1, SEGMENT_BYTES // (4 * streams))
-            _run("lamb_fused", b)
+            call_kernel("lamb_fused", b)
             norms = torch.sqrt(narrowed(sums))
             return TrustStats(norms[:n], norms[n:], ratio)
-        _run("lamb_pass1", b)
+        call_kernel("lamb_pass1", b)
         norms = torch.sqrt(reduce(narrowed(sums)))
         weight_norm, update_norm = norms[:n], norms[n:]
         ratio = trust_ratio(weight_norm, update_norm, scalars, self.adapt_list)
         scale = (ratio * s.lr).to(torch.float32).contiguous()
         b.scale = scale.data_ptr()
-        _run("lamb_pass2", b)
+        call_kernel("lamb_pass2", b)
         return TrustStats(weight_norm, update_norm, ratio)
 
-    def gradient_squares(self, grads: Sequence[Tensor], pipeline: GradientPipeline) -> Tensor:
+    def gradient_squares(self, grads: Sequence[Tensor], pipeline: GradientPipeline,
+                         grad_table: array.array | Tensor | None = None) -> Tensor:
         """Per tensor, the sum of squares (float64) of the gradients ``pipeline`` forms, before clipping."""
-        b, keep = self._struct(None, grads)
+        b, keep = self._struct(None, grads, grad_table)
         self._pipeline(b, keep, GradientPipeline(pipeline.loss_scale, pipeline.accumulation_steps))
         sums = torch.empty(2 * self.slots, dtype=torch.float64)
         b.sums = sums.data_ptr()
-        _run("lamb_grad_sums", b)
+        call_kernel("lamb_grad_sums", b)
         return sums[: self.slots]
 
-    def accumulate(self, grads: Sequence[Tensor], loss_scale: float | None) -> None:
+    def accumulate(self, grads: Sequence[Tensor], loss_scale: float | None,
+                   grad_table: array.array | Tensor | None = None) -> None:
         """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
-        b, _keep = self._struct(None, grads)
+        b, _keep = self._struct(None, grads, grad_table)
         b.acc = _addr(self.acc)
         self._options(b, ("F_LOSS_SCALE", "loss_scale", loss_scale))
-        _run("lamb_accumulate", b)
+        call_kernel("lamb_accumulate", b)
 
-    def count_bad(self, grads: Sequence[Tensor], limit: float) -> Tensor:
+    def count_bad(self, grads: Sequence[Tensor], limit: float,
+                  grad_table: array.array | Tensor | None = None) -> Tensor:
         """Per tensor, the number of gradient elements that are NaN or at least ``limit`` in magnitude."""
-        b, _keep = self._struct(None, grads)
+        b, _keep = self._struct(None, grads, grad_table)
         sums = torch.empty(2 * self.slots, dtype=torch.float64)
         b.sums, b.limit = sums.data_ptr(), limit
-        _run("lamb_count_bad", b)
+        call_kernel("lamb_count_bad", b)
         return sums[: self.slots]
 
     def ema(self, params: Sequence[Tensor], weight: float) -> None:
         """``avg = lerp(avg, p, weight)`` over the bucket's averages, in one pass."""
         b, _keep = self._struct(params, None)
         b.avg, b.ema_weight = _addr(self.avg), weight
-        _run("lamb_ema", b)
+        call_kernel("lamb_ema", b)
 
 
-def _run(name: str, b: _Struct, kernel: kernel_build.Kernel | None = None) -> None:
+def call_kernel(name: str, b: _Struct, kernel: kernel_build.Kernel | None = None) -> None:
     if getattr((kernel or _kernel()).lib, name)(ctypes.byref(b)) != 0:
         raise MemoryError(f"torch_lamb CPU kernel: allocation failed in {name}")
 
@@ -333,7 +328,7 @@ def floor_stream(params: Sequence[Tensor], grads: Sequence[Tensor]):
         b, _keep = view._struct(params, grads)
         sums, ratios = torch.empty(2 * view.n, dtype=torch.float64), torch.empty(view.n, dtype=torch.float32)
         b.sums, b.ratios, b.segment = sums.data_ptr(), ratios.data_ptr(), max(1, SEGMENT_BYTES // 16)
-        _run("lamb_stream", b, kernel)
+        call_kernel("lamb_stream", b, kernel)
 
     stream.scratch = scratch  # type: ignore[attr-defined]
     return stream
@@ -344,10 +339,10 @@ class CpuKernelBackend:
 
     name = "fused"
 
-    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+    def refuses(self, bucket: Bucket, config: LambConfig) -> str | None:
         if bucket.device.type != "cpu":
             return "the fused kernel runs on CPU tensors only"
-        if opt.capturable:
+        if config.capturable:
             return "capturable=True needs device-tensor scalars, which the CPU kernel does not take"
         reason = unavailable()
         if reason is not None:
@@ -375,52 +370,61 @@ class CpuKernelBackend:
             mirrors=bucket.mirrors,
         )
 
-    @staticmethod
-    def _readable(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
-        """Gradients the kernel can read as raw arrays of the parameters' dtype: contiguous copies, or
-        copies in the parameters' dtype (``p.grad.data = other`` can change it), where they are not.
+    def begin(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> KernelCall:
+        return KernelCall(bucket, grads, plan)
 
-        The phases of one call get the same list, so that it is checked and its pointers read once.
-        """
-        if bucket.handle.readable is not None and bucket.handle.readable[0] is grads:
-            return bucket.handle.readable[1]
-        dtype = bucket.mirrors[0].dtype if bucket.mirrors else bucket.weights[0].dtype
-        readable = grads
-        strides = bucket.handle.strides
-        if strides is not None:  # strided trust-ratio slices: each gradient must share its moment's strides
-            if not all([g.stride() == st and g.dtype is dtype for g, st in zip(grads, strides)]):
-                readable = [g if g.stride() == st and g.dtype is dtype else
-                            torch.empty_strided(g.shape, st, dtype=dtype).copy_(g) for g, st in zip(grads, strides)]
-        elif not all([g.is_contiguous() and g.dtype is dtype for g in grads]):
-            # `.to(memory_format=...)` would hand back a stride-0 (expanded) or transposed tensor uncopied
-            readable = [g if g.is_contiguous() and g.dtype is dtype else g.to(dtype).contiguous() for g in grads]
-        bucket.handle.remember(grads, readable)
-        return readable
-
-    def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
-        bucket.handle.accumulate(self._readable(bucket, grads), plan.loss_scale)
-        bucket.handle.readable = None  # the call's last phase: hold no gradient past it
-
-    def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
-        pipeline = GradientPipeline(plan.loss_scale, plan.accumulation)
-        return narrowed(bucket.handle.gradient_squares(self._readable(bucket, grads), pipeline))
-
-    def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
-        assert plan.scalars is not None
-        pipeline = GradientPipeline(
-            loss_scale=plan.loss_scale, accumulation_steps=plan.accumulation,
-            clipvalue=plan.clip.value if plan.clip.kind == "value" else None, clip_factors=clip_factors,
-        )
-        stats = bucket.handle.update(
-            bucket.weights, self._readable(bucket, grads), plan.scalars[bucket.group_index], reduce=bucket.reduce,
-            pipeline=pipeline, ema_weight=plan.ema_weight, mirrors=bucket.mirrors,
-        )
-        bucket.handle.readable = None  # the call's last phase: hold no gradient past it
-        return stats
+    def ready(self, call: KernelCall, clipping: bool) -> None:
+        return None
 
     def ema(self, bucket: Bucket, plan: StepPlan) -> None:
         if plan.ema_weight is not None:
             bucket.handle.ema(bucket.weights, plan.ema_weight)
 
     def bad_gradients(self, bucket: Bucket, grads: list[Tensor], limit: float) -> Tensor:
-        return (bucket.handle.count_bad(self._readable(bucket, grads), limit) > 0).sum().to(torch.float32)
+        call = KernelCall(bucket, grads, None)
+        return (bucket.handle.count_bad(call.readable, limit, call.table) > 0).sum().to(torch.float32)
+
+
+def _readable(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
+    """Gradients the kernel can read as raw arrays of the parameters' dtype: the packed ones as they are, and
+    packed copies of the others (stride 0, transposed, sliced, or of another dtype: ``p.grad.data = other``)."""
+    dtype = bucket.mirrors[0].dtype if bucket.mirrors else bucket.weights[0].dtype
+    strides = bucket.handle.strides
+    if strides is None:
+        return dense(grads, dtype)[0]
+    # strided trust-ratio slices: each gradient must share its moment's strides
+    if all([g.stride() == st and g.dtype is dtype for g, st in zip(grads, strides)]):
+        return grads
+    return [g if g.stride() == st and g.dtype is dtype else torch.empty_strided(g.shape, st, dtype=dtype).copy_(g)
+            for g, st in zip(grads, strides)]
+
+
+class KernelCall:
+    """One call of the kernel on one bucket: the gradients made readable and their pointers read once, shared by
+    the call's passes."""
+
+    def __init__(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan | None) -> None:
+        self.bucket, self.plan = bucket, plan
+        self.readable = _readable(bucket, grads)
+        self.table = bucket.handle.table(self.readable)
+
+    def accumulate(self) -> None:
+        assert self.plan is not None
+        self.bucket.handle.accumulate(self.readable, self.plan.loss_scale, self.table)
+
+    def grad_squares(self) -> Tensor:
+        assert self.plan is not None
+        pipeline = GradientPipeline(self.plan.loss_scale, self.plan.accumulation)
+        return narrowed(self.bucket.handle.gradient_squares(self.readable, pipeline, self.table))
+
+    def update(self, clip_factors: Tensor | None) -> TrustStats:
+        plan, bucket = self.plan, self.bucket
+        assert plan is not None and plan.scalars is not None
+        pipeline = GradientPipeline(
+            loss_scale=plan.loss_scale, accumulation_steps=plan.accumulation,
+            clipvalue=plan.clip.value if plan.clip.kind == "value" else None, clip_factors=clip_factors,
+        )
+        return bucket.handle.update(
+            bucket.weights, self.readable, plan.scalars[bucket.group_index], reduce=bucket.reduce,
+            pipeline=pipeline, ema_weight=plan.ema_weight, mirrors=bucket.mirrors, grad_table=self.table,
+        )

@@ -1,31 +1,33 @@
-"""The reference backend: Keras's pipeline and update in their literal per-tensor form (the spec)."""
+"""The reference backend: Keras's pipeline and update in their literal per-tensor form.
+
+It is deliberately independent of the other backends: each expression is written as Keras writes it
+(``keras/src/optimizers/lamb.py`` and ``base_optimizer.py``), one tensor at a time, so that it can serve as
+the oracle every faster backend is tested against, bit for bit where they share the expression forms.
+It is slow, and never picked under ``implementation="auto"``.
+"""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from ..bucket import Bucket
 from ..distributed import local_squared_norms
-from ..functional import TrustStats, lamb_reference
+from ..functional import lamb_reference
+from ..plan import StepPlan
 from .common import TorchOpsBackend
-
-if TYPE_CHECKING:
-    from ..layout import Bucket
-    from ..plan import StepPlan
 
 __all__ = ["ReferenceBackend"]
 
 
 class ReferenceBackend(TorchOpsBackend):
-    """One tensor at a time, each expression as Keras writes it. Slow; every other backend is tested against it."""
+    """One tensor at a time, each expression as Keras writes it."""
 
     name = "reference"
     lamb = staticmethod(lamb_reference)
 
     @staticmethod
-    def _formed(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> list[Tensor]:
+    def form(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> tuple[list[Tensor], bool]:
         """``g / loss_scale``, then ``(acc + g) / N`` at the end of an accumulation window (new tensors)."""
         out = []
         for i, g in enumerate(grads):
@@ -35,22 +37,23 @@ class ReferenceBackend(TorchOpsBackend):
             if plan.accumulation is not None:
                 g = (bucket.accumulators[i] + g) / plan.accumulation
             out.append(g)
-        return out
+        return out, False
 
-    def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
+    @staticmethod
+    def squares(formed: list[Tensor]) -> Tensor:
+        # float64 where float32 would overflow; a strided gradient is summed as its own packed tensor would be
+        return torch.cat([local_squared_norms([g.contiguous()]) for g in formed])
+
+    @staticmethod
+    def clip(formed: list[Tensor], owned: bool, plan: StepPlan, clip_factors: Tensor | None) -> list[Tensor]:
+        if plan.clip.kind == "value":
+            return [torch.clamp(g, -plan.clip.value, plan.clip.value) for g in formed]
+        if clip_factors is not None:
+            return [g * f.to(g.dtype) for g, f in zip(formed, clip_factors.unbind(0))]
+        return formed
+
+    @staticmethod
+    def accumulate(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
         for acc, g in zip(bucket.accumulators, grads):
             g = g.to(acc.dtype)
             acc.copy_(acc + (g / plan.loss_scale if plan.loss_scale is not None else g))
-
-    def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
-        formed = self._formed(bucket, grads, plan)
-        # float64 where float32 would overflow; a slice's strided view is summed as its own tensor would be
-        return torch.cat([local_squared_norms([g.contiguous()]) for g in formed])
-
-    def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
-        formed = self._formed(bucket, grads, plan)
-        if plan.clip.kind == "value":
-            formed = [torch.clamp(g, -plan.clip.value, plan.clip.value) for g in formed]
-        elif clip_factors is not None:
-            formed = [g * f.to(g.dtype) for g, f in zip(formed, clip_factors.unbind(0))]
-        return self._update(bucket, formed, plan)

@@ -32,20 +32,18 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..bucket import Bucket
+from ..config import LambConfig
 from ..functional import LOW_PRECISION, TrustStats
+from ..plan import StepPlan
 from .common import TorchOpsBackend, narrowed
 from .compiled import LR, SCALARS, ScalarVector, scalar_values, trust_ratios
 from .foreach import ForeachBackend
-
-if TYPE_CHECKING:
-    from ..layout import Bucket
-    from ..optimizer import Lamb
-    from ..plan import StepPlan
 
 __all__ = ["TritonBackend", "interpreted", "unavailable"]
 
@@ -130,15 +128,12 @@ class TritonBucket:
         self.grad_pointers: tuple[int, ...] = ()
         self.grad_table: Tensor | None = None
         self.grads_aligned = False
-        self.call: CallGrads | None = None  # this call's gradients, shared by its phases
         self.warm: set[tuple[Any, ...]] = set()
 
     def call_grads(self, grads: list[Tensor], state_dtype: torch.dtype) -> CallGrads:
         """This call's gradients as the kernels read them: contiguous, of one dtype (the state's where their
         dtypes differ: ``p.grad.data = other`` can change one), with their pointer table (rebuilt only when
-        an address changed). Made once per call: its phases get the same list."""
-        if self.call is not None and self.call.given is grads:
-            return self.call
+        an address changed). Made once per call (:class:`TritonCall`): its phases get the same one."""
         readable = grads
         if any([not g.is_contiguous() for g in readable]):
             readable = [g.contiguous() for g in readable]
@@ -149,15 +144,14 @@ class TritonBucket:
             self.grad_table = _table(readable, self.chunk_entry.device)
             self.grad_pointers = pointers
             self.grads_aligned = all(address % 16 == 0 for address in pointers)
-        self.call = CallGrads(grads, readable, self.grad_table, readable[0].dtype, self.aligned and self.grads_aligned)
-        return self.call
+        return CallGrads(grads, readable, self.grad_table, readable[0].dtype, self.aligned and self.grads_aligned)
 
 
 @dataclass
 class CallGrads:
     """One call's gradients, prepared for the kernels (see :meth:`TritonBucket.call_grads`)."""
 
-    given: list[Tensor]  # the list the phases of the call get (its identity ties them together)
+    given: list[Tensor]  # the gradients as the bucket has them
     readable: list[Tensor]  # held: the table points into them
     table: Tensor
     dtype: torch.dtype
@@ -171,16 +165,13 @@ def _table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     return table if device.type == "cpu" else table.pin_memory().to(device, non_blocking=True)
 
 
-_FOREACH = ForeachBackend()
-
-
 class TritonBackend(TorchOpsBackend):
     """CUDA tensors (CPU ones under the interpreter) of any float dtype, float32 state for low precision;
     contiguous entries only (a trust-ratio slice along a later dim is a strided view)."""
 
     name = "triton"
 
-    def refuses(self, bucket: Bucket, opt: Lamb) -> str | None:
+    def refuses(self, bucket: Bucket, config: LambConfig) -> str | None:
         reason = unavailable(bucket.device.type)
         if reason is not None:
             return reason
@@ -195,85 +186,102 @@ class TritonBackend(TorchOpsBackend):
     def prepare(self, bucket: Bucket) -> TritonBucket:
         return TritonBucket(bucket)
 
-    def accumulate(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
-        _FOREACH.accumulate(bucket, grads, plan)  # one add per micro-step: foreach is already one pass
+    def begin(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> TritonCall:
+        return TritonCall(bucket, grads, plan)
 
-    @staticmethod
-    def _constants(bucket: Bucket, plan: StepPlan, factors: bool, call: CallGrads) -> dict[str, Any]:
-        """The compile-time constants of this call's kernels (a change compiles new ones, once)."""
-        types = kernels().TYPES
-        s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
-        handle: TritonBucket = bucket.handle
-        weights = bucket.weights[0].dtype
-        return {
-            "LOSS_SCALE": plan.loss_scale is not None,
-            "ACCUMULATE": plan.accumulation is not None,
-            "CLIP": _CLIP_CODES["value" if plan.clip.kind == "value" else
-                                ("factors" if factors else None)],
-            "DECAY": s is not None and s.decay_factor is not None,
-            "ADAPTIVE": s is not None and s.adaptive_weight_decay is not None,
-            "W_TYPE": types[weights],
-            "S_TYPE": types[bucket.momentums[0].dtype],
-            "MIRROR": bool(bucket.mirrors),
-            "MIRROR_TYPE": types[bucket.mirrors[0].dtype] if bucket.mirrors else tl_float32(),
-            "EMA": plan.ema_weight is not None and bool(bucket.averages),
-            "EMA_ROUNDED": weights in LOW_PRECISION,  # no master: the average follows the rounded weights
-            "G_TYPE": types[call.dtype],
-            "ALIGNED": call.aligned,
-            "CHUNK": handle.chunk,
-            "BLOCK": handle.block,
-        }
+    def ready(self, call: TritonCall, clipping: bool) -> None:
+        call.ready(clipping)
 
-    @staticmethod
-    def _pass1(bucket: Bucket, call: CallGrads, s: Tensor, factors: Tensor | None, constants: dict[str, Any],
-               measure: bool) -> Tensor:
-        """Pass 1 (with ``measure``: only the formed gradients' squares) and the per-entry sums (float64)."""
-        handle: TritonBucket = bucket.handle
-        k = kernels()
-        n = len(bucket.momentums)
-        if handle.chunks:
-            launch(k.lamb_pass1, handle, (handle.chunks,),
-                   handle.chunk_entry, handle.chunk_start, handle.numels, handle.decay, call.table,
-                   handle.tables["weights"], handle.tables["momentums"], handle.tables["velocities"],
-                   handle.tables["accumulators"], factors if factors is not None else s, s, handle.partials,
-                   handle.chunks, MEASURE=measure, **{key: constants[key] for key in _PASS1})
-        launch(k.entry_sums, handle, (n,), handle.first_chunk, handle.partials, handle.sums, handle.chunks, n,
-               BLOCK=handle.block)
-        return handle.sums[:n] if measure else handle.sums
 
-    @staticmethod
-    def _pass2(bucket: Bucket, scale: Tensor, s: Tensor, constants: dict[str, Any]) -> None:
-        handle: TritonBucket = bucket.handle
-        if handle.chunks:
-            t = handle.tables
-            launch(kernels().lamb_pass2, handle, (handle.chunks,),
-                   handle.chunk_entry, handle.chunk_start, handle.numels, handle.decay, t["weights"],
-                   t["momentums"], t["velocities"], t["averages"], t["mirrors"], scale, s,
-                   **{key: constants[key] for key in _PASS2})
+def _constants(bucket: Bucket, plan: StepPlan, factors: bool, call: CallGrads) -> dict[str, Any]:
+    """The compile-time constants of this call's kernels (a change compiles new ones, once)."""
+    types = kernels().TYPES
+    s = plan.scalars[bucket.group_index] if plan.scalars is not None else None
+    handle: TritonBucket = bucket.handle
+    weights = bucket.weights[0].dtype
+    return {
+        "LOSS_SCALE": plan.loss_scale is not None,
+        "ACCUMULATE": plan.accumulation is not None,
+        "CLIP": _CLIP_CODES["value" if plan.clip.kind == "value" else ("factors" if factors else None)],
+        "DECAY": s is not None and s.decay_factor is not None,
+        "ADAPTIVE": s is not None and s.adaptive_weight_decay is not None,
+        "W_TYPE": types[weights],
+        "S_TYPE": types[bucket.momentums[0].dtype],
+        "MIRROR": bool(bucket.mirrors),
+        "MIRROR_TYPE": types[bucket.mirrors[0].dtype] if bucket.mirrors else tl_float32(),
+        "EMA": plan.ema_weight is not None and bool(bucket.averages),
+        "EMA_ROUNDED": weights in LOW_PRECISION,  # no master: the average follows the rounded weights
+        "G_TYPE": types[call.dtype],
+        "ALIGNED": call.aligned,
+        "CHUNK": handle.chunk,
+        "BLOCK": handle.block,
+    }
 
-    def grad_squares(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> Tensor:
-        handle: TritonBucket = bucket.handle
-        call = handle.call_grads(grads, bucket.momentums[0].dtype)
-        s = handle.vector.fill(scalar_values(bucket, plan), bucket.device)
-        constants = self._constants(bucket, plan, False, call)
-        return narrowed(self._pass1(bucket, call, s, None, constants, measure=True).clone())
 
-    def ready(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clipping: bool) -> None:
+def _pass1(bucket: Bucket, call: CallGrads, s: Tensor, factors: Tensor | None, constants: dict[str, Any],
+           measure: bool) -> Tensor:
+    """Pass 1 (with ``measure``: only the formed gradients' squares) and the per-entry sums (float64)."""
+    handle: TritonBucket = bucket.handle
+    k = kernels()
+    n = len(bucket.momentums)
+    if handle.chunks:
+        launch(k.lamb_pass1, handle, (handle.chunks,),
+               handle.chunk_entry, handle.chunk_start, handle.numels, handle.decay, call.table,
+               handle.tables["weights"], handle.tables["momentums"], handle.tables["velocities"],
+               handle.tables["accumulators"], factors if factors is not None else s, s, handle.partials,
+               handle.chunks, MEASURE=measure, **{key: constants[key] for key in _PASS1})
+    launch(k.entry_sums, handle, (n,), handle.first_chunk, handle.partials, handle.sums, handle.chunks, n,
+           BLOCK=handle.block)
+    return handle.sums[:n] if measure else handle.sums
+
+
+def _pass2(bucket: Bucket, scale: Tensor, s: Tensor, constants: dict[str, Any]) -> None:
+    handle: TritonBucket = bucket.handle
+    if handle.chunks:
+        t = handle.tables
+        launch(kernels().lamb_pass2, handle, (handle.chunks,),
+               handle.chunk_entry, handle.chunk_start, handle.numels, handle.decay, t["weights"],
+               t["momentums"], t["velocities"], t["averages"], t["mirrors"], scale, s,
+               **{key: constants[key] for key in _PASS2})
+
+
+class TritonCall:
+    """One call of the Triton kernels on one bucket: its gradients prepared once, shared by its phases."""
+
+    def __init__(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
+        self.bucket, self.plan, self.given = bucket, plan, grads
+        self._grads: CallGrads | None = None
+
+    @property
+    def grads(self) -> CallGrads:
+        if self._grads is None:
+            self._grads = self.bucket.handle.call_grads(self.given, self.bucket.momentums[0].dtype)
+        return self._grads
+
+    def accumulate(self) -> None:
+        ForeachBackend.accumulate(self.bucket, self.given, self.plan)  # one add per micro-step: one pass already
+
+    def grad_squares(self) -> Tensor:
+        bucket, plan = self.bucket, self.plan
+        s = bucket.handle.vector.fill(scalar_values(bucket, plan), bucket.device)
+        constants = _constants(bucket, plan, False, self.grads)
+        return narrowed(_pass1(bucket, self.grads, s, None, constants, measure=True).clone())
+
+    def ready(self, clipping: bool) -> None:
         """Compile this update's kernels before any bucket is written: one run on a scratch bucket of one
         element per role, in this bucket's dtypes (Triton compiles per dtype and constants, not per shape)."""
+        bucket, plan, call = self.bucket, self.plan, self.grads
         handle: TritonBucket = bucket.handle
-        call = handle.call_grads(grads, bucket.momentums[0].dtype)
-        constants = self._constants(bucket, plan, clipping, call)
+        constants = _constants(bucket, plan, clipping, call)
         key = tuple(constants.values())
         if key in handle.warm:
             return
         factors = torch.ones(1, dtype=torch.float32, device=bucket.device) if clipping else None  # scratch
-        from ..layout import Bucket as LayoutBucket
 
         def one(tensors: list[Tensor]) -> list[Tensor]:
             return [torch.zeros(1, dtype=tensors[0].dtype, device=tensors[0].device)] if tensors else []
 
-        scratch = LayoutBucket(
+        scratch = Bucket(
             group_index=bucket.group_index, weights=one(bucket.weights), mirrors=one(bucket.mirrors),
             momentums=one(bucket.momentums), velocities=one(bucket.velocities),
             accumulators=one(bucket.accumulators), averages=one(bucket.averages), decay_mask=[True])
@@ -282,20 +290,19 @@ class TritonBackend(TorchOpsBackend):
             handle.interpreted, handle.chunk, handle.block)
         scratch_call = scratch.handle.call_grads(one(call.readable), bucket.momentums[0].dtype)
         s = handle.vector.fill(scalar_values(bucket, plan), bucket.device).clone()
-        self._pass1(scratch, scratch_call, s, factors, constants, measure=False)  # the real bucket's constants
-        self._pass2(scratch, torch.zeros(1, dtype=torch.float32, device=bucket.device), s, constants)
+        _pass1(scratch, scratch_call, s, factors, constants, measure=False)  # the real bucket's constants
+        _pass2(scratch, torch.zeros(1, dtype=torch.float32, device=bucket.device), s, constants)
         if factors is not None:  # the clipping norms' variant of pass 1
-            self._pass1(scratch, scratch_call, s, None, self._constants(bucket, plan, False, call), measure=True)
+            _pass1(scratch, scratch_call, s, None, _constants(bucket, plan, False, call), measure=True)
         handle.warm.add(key)
 
-    def update(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan, clip_factors: Tensor | None) -> TrustStats:
+    def update(self, clip_factors: Tensor | None) -> TrustStats:
+        bucket, plan, call = self.bucket, self.plan, self.grads
         handle: TritonBucket = bucket.handle
-        call = handle.call_grads(grads, bucket.momentums[0].dtype)
-        handle.call = None  # the last phase of the call: the gradients are not held past it
         s = handle.vector.fill(scalar_values(bucket, plan), bucket.device)
         factors = clip_factors.to(bucket.device, torch.float32).contiguous() if clip_factors is not None else None
-        constants = self._constants(bucket, plan, clip_factors is not None, call)
-        sums = self._pass1(bucket, call, s, factors, constants, measure=False)
+        constants = _constants(bucket, plan, clip_factors is not None, call)
+        sums = _pass1(bucket, call, s, factors, constants, measure=False)
         if bucket.reduce is not None:
             sums = bucket.reduce(sums)
         hyper = plan.scalars[bucket.group_index] if plan.scalars is not None else None
@@ -303,7 +310,8 @@ class TritonBackend(TorchOpsBackend):
                   hyper is not None and hyper.max_trust_ratio is not None)
         weight_norm, update_norm, ratio = trust_ratios(sums, len(bucket.momentums), bounds, handle.adapt, s)
         torch.mul(ratio, s[LR], out=handle.scale)
-        self._pass2(bucket, handle.scale, s, constants)
+        _pass2(bucket, handle.scale, s, constants)
+        self._grads = None  # the call's last phase: the gradients are not held past it
         return TrustStats(weight_norm, update_norm, ratio)
 
 
