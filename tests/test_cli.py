@@ -1,5 +1,5 @@
-"""The ``torch-lamb`` command's surface: ``--version`` and ``--help`` without importing torch, and a package
-whose names load on first use."""
+"""The ``torch-lamb`` command's surface: ``--version`` and ``--help`` without importing torch, no abbreviated
+options, help texts without doubled defaults or raw markup, and a package whose names load on first use."""
 
 from __future__ import annotations
 
@@ -76,3 +76,28 @@ def test_the_package_loads_its_names_on_first_use() -> None:
     missing = _run("-c", "import torch_lamb; torch_lamb.no_such_name")
     assert missing.returncode == 1 and "AttributeError: module 'torch_lamb' has no attribute 'no_such_name'" in (
         missing.stderr)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--vers"], ["demo", "--qui"], ["demo", "--out=x", "--batch", "64"], ["bench", "--qui"], ["bench", "--cas", "tiny"],
+])
+def test_abbreviated_options_are_refused(argv: list[str]) -> None:
+    done = _run("-m", "torch_lamb", *argv)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "torch-lamb" not in done.stdout  # not taken as --version, nor run
+    assert "unrecognized arguments" in done.stderr or "required: command" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_help_states_each_default_once_without_markup(command: str) -> None:
+    done = _run("-m", "torch_lamb", command, "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())  # argparse wraps lines: join them
+    assert "``" not in text and ":func:" not in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for option_help in re.split(r"\s--(?=[a-z])", text):
+        assert option_help.count("default") <= 1, option_help
+    if command == "demo":
+        for default in ("(default: torch_lamb_demo)", "(default: 128,512,2048,8192;", "(default: lamb,adamw)",
+                        "(default: 0.1)", "(default: cpu)", "(default: 1,"):
+            assert default in text, default
