@@ -130,7 +130,7 @@ def run(case: str, dtype: torch.dtype, device: torch.device, rounds: int, deadli
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="default: bert-base and bert-large")
     ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="default: both")

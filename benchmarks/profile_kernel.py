@@ -30,7 +30,7 @@ import torch
 
 from torch_lamb import Lamb
 from torch_lamb.backends import cpu_kernel
-from torch_lamb.bench import BETAS, CASES, EPS, LR, WD, _cpu_model
+from torch_lamb.bench import BETAS, CASES, EPS, LR, WD, _cpu_model, plural
 
 SEGMENTS_MIB = (1, 2, 4, 8, 16, 32, 128, 1024)
 
@@ -131,7 +131,7 @@ def profile(case: str, rounds: int) -> dict[str, tuple[float, float, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--case", default="bert-base", choices=sorted(CASES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no CPU kernel here: {cpu_kernel.unavailable()}")
         return 2
     r = profile(args.case, args.rounds)
-    print(f"case {args.case}, {args.threads} threads, {args.rounds} rounds, {_cpu_model()}, torch {torch.__version__}")
+    print(f"case {args.case}, {plural(args.threads, 'thread')}, {plural(args.rounds, 'round')}, {_cpu_model()}, "
+          f"torch {torch.__version__}")
     step, kernel = r["step"][1], r["kernel"][1]
 
     def line(name: str, key: str, unit: str = "ms", scale: float = 1e3, against: float | None = None,

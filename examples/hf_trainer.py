@@ -49,7 +49,8 @@ def accuracy(model: torch.nn.Module, data: Synthetic) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--steps", type=int, default=100, help="optimizer updates (Trainer max_steps)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--accum", type=int, default=2, help="Trainer gradient_accumulation_steps")

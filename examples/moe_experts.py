@@ -67,7 +67,8 @@ def make_data(n: int, experts: int, dim: int, seed: int) -> tuple[torch.Tensor, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--dim", type=int, default=16, help="token width")
     p.add_argument("--hidden", type=int, default=32, help="hidden width of each expert")

@@ -23,7 +23,8 @@ def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--steps", type=int, default=200, help="optimizer updates (each of --accum micro-batches)")
     p.add_argument("--accum", type=int, default=4, help="micro-batches per update (gradient accumulation)")
     p.add_argument("--micro-batch", type=int, default=32)

@@ -200,3 +200,13 @@ def test_kernel_profile_script_runs() -> None:
     for section in ("inside the kernel's C call", "Python around it", "kernel / floor", "kernel, data in L2",
                     "floor, data from DRAM", "of which the C call", "32 MiB"):
         assert section in proc.stdout, (section, proc.stdout)
+
+
+def test_bench_text_counts_in_words(capsys: pytest.CaptureFixture[str]) -> None:
+    """One thread and one round read as such (the header used to say "1 threads")."""
+    assert bench.main(["--case", "tiny", "--rounds", "1", "--threads", "1", "--no-progress",
+                       "--rows", "lamb-fused,adamw-fused"]) == 0
+    out = capsys.readouterr().out
+    assert ", 1 thread; kernel:" in out and " params, 1 round, fused kernel" in out
+    assert "1 threads" not in out and "1 rounds" not in out
+    assert [bench.plural(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]

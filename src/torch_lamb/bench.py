@@ -99,6 +99,11 @@ SLICED, PER_TENSOR = "lamb-fused-sliced", "lamb-fused"  # the report gives the c
 QUICK_CASES = ["small-many", "bert-base"]  # --quick: these cases, 3 rounds, QUICK_ROWS for bert-base
 QUICK_ROWS = ["lamb-fused", "lamb-fused-all", "adamw-fused", "floor"]
 QUICK_ROUNDS = 3
+# measured (docs/performance.md, The benchmark)
+QUICK_COST = "40 s on 2 idle cores, 2.5 minutes on a busy machine; peaks at 5.6 GB of memory"
+# the --help description: plain text (the module docstring's first line is reStructuredText)
+DESCRIPTION = ("Time a LAMB optimizer step against torch's AdamW, timm's Lamb and a memory-traffic floor, on "
+               "parameter sets shaped like real models. Also: python -m torch_lamb.bench.")
 _PROGRESS = {"on": True}
 
 
@@ -310,7 +315,8 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
     names = rows or CASE_ROWS.get(case, DEFAULT_ROWS)
     progress(f"case {case}: {len(shapes)} tensors, {numel / 1e6:.1f}M {str(dtype).removeprefix('torch.')} params, "
-             f"{len(names)} rows, {rounds} rounds; needs about {memory_estimate(numel, names, dtype) / 2**30:.1f} GiB")
+             f"{plural(len(names), 'row')}, {plural(rounds, 'round')}; "
+             f"needs about {memory_estimate(numel, names, dtype) / 2**30:.1f} GiB")
     g = torch.Generator().manual_seed(0)
     params = []
     for s in shapes:
@@ -399,6 +405,11 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
     }
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 thread``, ``2 threads``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _spread(ratios: list[float]) -> list[float] | None:
     """[min, median, max] of per-round ratios (None without any)."""
     return [min(ratios), statistics.median(ratios), max(ratios)] if ratios else None
@@ -415,7 +426,7 @@ def _spread_text(spread: list[float] | None) -> str:
 def _print(result: dict[str, Any]) -> None:
     print(f"\ncase {result['case']}: {result['tensors']} tensors, "
           f"{result['params'] / 1e6:.2f}M {result['dtype']} params, "
-          f"{result['rounds']} rounds, fused kernel {'on' if result['fused_kernel'] else 'OFF (fallback)'}")
+          f"{plural(result['rounds'], 'round')}, fused kernel {'on' if result['fused_kernel'] else 'OFF (fallback)'}")
     print(f"{'row':<18}{'median ms':>11}{'vs AdamW':>10}{'per round':>18}{'GB/s':>8}{'B/param':>9}{'vs floor':>10}"
           f"{'per round':>18}{'state MB':>10}{'transient MB':>14}{'first ms':>10}{'ratios':>8}")
     noisy, noisy_floor = [], []
@@ -447,13 +458,13 @@ def _print(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code."""
-    ap = argparse.ArgumentParser(prog="torch-lamb bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="torch-lamb bench", description=DESCRIPTION, allow_abbrev=False)
     ap.add_argument("--case", action="append", choices=sorted(CASES),
                     help="parameter set (repeatable; default: bert-base and small-many)")
-    ap.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default 7; --quick: {QUICK_ROUNDS})")
+    ap.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default: 7; --quick: {QUICK_ROUNDS})")
     ap.add_argument("--quick", action="store_true",
-                    help=f"under a minute: cases {' and '.join(QUICK_CASES)} ({','.join(QUICK_ROWS)} for bert-base), "
-                    f"{QUICK_ROUNDS} rounds")
+                    help=f"cases {' and '.join(QUICK_CASES)} ({','.join(QUICK_ROWS)} for bert-base), "
+                    f"{QUICK_ROUNDS} rounds: {QUICK_COST}")
     ap.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -497,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json == "-":
         print(json.dumps(report, indent=1))
     else:
-        print(f"torch {report['torch']}, {report['cpu']}, {report['threads']} threads; kernel: cold compile "
+        print(f"torch {report['torch']}, {report['cpu']}, {plural(report['threads'], 'thread')}; kernel: cold compile "
               f"{cold if cold is not None else float('nan'):.2f} s, load from cache {cached:.3f} s")
         print(status)
         for c in report["cases"]:

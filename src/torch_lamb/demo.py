@@ -31,9 +31,12 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from .bench import plural
+
 __all__ = ["build_parser", "main"]
 
 BASE_BATCH = 128
+QUICK_TIME = "45 s on 2 idle cores, up to 2 minutes on a busy machine"  # measured: docs/demo.md, Timings
 # Base learning rates at BASE_BATCH: what the default run's selection on validation picked on our
 # machine (--quick uses them as they are; the default run selects again from BASE_GRID).
 BASE_LR = {"lamb": 0.01, "adamw": 0.003, "sgd": 0.03}
@@ -91,7 +94,10 @@ class RunResult:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (exit code 2, as argparse)."""
+    """argparse with a one-line error message (exit code 2, as argparse) and no abbreviated options."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -228,33 +234,34 @@ def build_parser() -> argparse.ArgumentParser:
             f"rule: {LR_RULE}. No weight decay; the same betas and epsilon. Base lrs are chosen on a "
             "validation split at batch 128; at the largest batch each optimizer also gets an lr grid "
             "(picked on validation, reported on test). Prints a table and writes results.csv, "
-            "results.json and PNG plots into --out. Without Fashion-MNIST it falls back to "
-            "scikit-learn's digits."
+            "results.json and PNG plots (matplotlib; --no-plots skips them) into --out. Without "
+            "Fashion-MNIST it falls back to scikit-learn's digits."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help=f"batches {q['batches']}, {q['epochs']} epochs, grid {q['grid']}, fixed base lrs: "
-                      "under a minute on 2 cores")
+                      help=f"batches {_listed(q['batches'])}, {q['epochs']} epochs, lr grid {_listed(q['grid'])}, "
+                      f"fixed base lrs: {QUICK_TIME}")
     mode.add_argument("--full", action="store_true",
-                      help=f"batches {f['batches']}, {f['seeds']} seeds, a finer lr grid")
-    p.add_argument("--out", type=_out_dir, default=Path("torch_lamb_demo"), help="output folder")
+                      help=f"batches {_listed(f['batches'])}, {f['seeds']} seeds, base-lr selection on each seed")
+    p.add_argument("--out", type=_out_dir, default=Path("torch_lamb_demo"),
+                   help="output folder, created if needed (default: torch_lamb_demo)")
     p.add_argument("--batch-sizes", type=_int_list, default=None, metavar="B,B,...",
-                   help=f"batch sizes (default {d['batches']})")
+                   help=f"batch sizes (default: {_listed(d['batches'])}; --full adds {f['batches'][-1]})")
     p.add_argument("--epochs", type=_positive, default=None,
-                   help=f"epochs per run (default {d['epochs']}; {DIGITS_EPOCHS} on the digits fallback)")
+                   help=f"epochs per run (default: {d['epochs']}; {DIGITS_EPOCHS} on the digits fallback)")
     p.add_argument("--seeds", type=_positive, default=None,
-                   help="seeds per configuration (default 1; --full: 3)")
+                   help=f"seeds per configuration (default: {d['seeds']}; --full: {f['seeds']})")
     p.add_argument("--optimizers", type=_optimizers, default=("lamb", "adamw"), metavar="NAMES",
-                   help="comma-separated subset of lamb,adamw,sgd")
+                   help="comma-separated subset of lamb,adamw,sgd (default: lamb,adamw)")
     p.add_argument("--base-lr", type=_base_lrs, default=None, metavar="NAME=LR,...",
                    help=f"base lrs at batch {BASE_BATCH}, skipping their selection (--quick uses "
                    + ", ".join(f"{k}={v}" for k, v in BASE_LR.items()) + ")")
     p.add_argument("--lr-grid", type=_float_list, default=None, metavar="X,X,...",
-                   help=f"multipliers of the rule's lr tried at the largest batch (default {d['grid']})")
+                   help=f"multipliers of the rule's lr tried at the largest batch (default: {_listed(d['grid'])}; "
+                   f"--quick: {_listed(q['grid'])})")
     p.add_argument("--warmup", type=_fraction, default=WARMUP_FRACTION, metavar="F",
-                   help="fraction of each run's steps spent warming up")
+                   help=f"fraction of each run's steps spent warming up (default: {WARMUP_FRACTION:g})")
     p.add_argument("--data", type=_data_dir, default=None, metavar="DIR",
                    help="folder with the Fashion-MNIST IDX files (else $TORCH_LAMB_DATA, Debian's "
                    "/usr/share/datasets/fashion-mnist, ./data/FashionMNIST/raw, the cache)")
@@ -262,13 +269,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch Fashion-MNIST (30 MB) into --data DIR or the cache, verified, before training")
     p.add_argument("--mirror", default=None, metavar="URL", help="base URL for --download")
     p.add_argument("--digits", action="store_true", help="use scikit-learn's digits even if Fashion-MNIST is here")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, mps or auto")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, mps or auto (default: cpu)")
     p.add_argument("--threads", type=_positive, default=None,
-                   help="torch CPU threads (default 1: steady on a shared machine; 2 is faster on an idle one)")
+                   help="torch CPU threads (default: 1, steady on a shared machine; 2 is faster on an idle one)")
     p.add_argument("--save-trust-ratios", action="store_true",
                    help="store every Lamb step's per-layer trust ratios in results.json")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-plots", action="store_true",
+                   help="write results.csv and results.json only (no matplotlib needed)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (tqdm)")
     return p
+
+
+def _listed(values: tuple[Any, ...]) -> str:
+    """``(512, 8192)`` as ``512,8192``: the form the options take."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _check_before_work(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What would otherwise fail minutes into a run, checked before any: the output folder takes a file, and
+    matplotlib imports (unless --no-plots). Each failure is one line and exit code 2, as a bad option is."""
+    import tempfile
+
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=args.out, prefix=".torch-lamb-write-check-"):
+            pass
+    except OSError as err:  # os.access says yes to root everywhere, /proc included: only a real write tells
+        parser.error(f"argument --out: cannot write into {str(args.out)!r}: {err.strerror or err}")
+    if not args.no_plots:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot
+        except ImportError as err:
+            from ._hints import install_hint
+
+            parser.error(f"the plots need matplotlib, which this Python cannot import ({err}): install it with "
+                         f"{install_hint(['matplotlib'], 'demo')}, or run with --no-plots")
 
 
 # ----------------------------------------------------------------------------- data
@@ -352,8 +390,10 @@ def _get_data(args: argparse.Namespace, note: Any) -> Data:
     try:
         return load_digits()
     except ImportError:
-        raise SystemExit("torch-lamb demo: the digits fallback needs scikit-learn "
-                         "(pip install 'torch-lamb[demo]'), or get Fashion-MNIST as above") from None
+        from ._hints import install_hint
+
+        raise SystemExit("torch-lamb demo: the digits fallback needs scikit-learn: install it with "
+                         f"{install_hint(['scikit-learn'], 'demo')}, or get Fashion-MNIST as above") from None
 
 
 # ----------------------------------------------------------------------------- training
@@ -725,7 +765,9 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns a process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_before_work(parser, args)
     mode = MODES["quick" if args.quick else "full" if args.full else "default"]
     t_start = time.perf_counter()
 
@@ -752,7 +794,6 @@ def main(argv: list[str] | None = None) -> int:
     opts = list(args.optimizers)
     select = mode["select"] and args.base_lr is None
     base = {o: (args.base_lr or {}).get(o, BASE_LR[o]) for o in opts}
-    args.out.mkdir(parents=True, exist_ok=True)
 
     # Plan every run up front, so that the bar knows the total.
     plan: list[tuple[str, str, int, float, int]] = []  # phase, optimizer, batch, multiplier or base lr, seed
@@ -766,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch-lamb demo: {data.name} ({n_train} train / {data.y_val.shape[0]} validation / "
           f"{data.y_test.shape[0]} test, from {data.source}), MLP {data.n_features}-128-128-10, {epochs} epochs, "
-          f"device {device}, {torch.get_num_threads()} threads, seeds {seeds}")
+          f"device {device}, {plural(torch.get_num_threads(), 'thread')}, seeds {seeds}")
     print(f"learning-rate rule: {lr_rule(args.warmup)}")
     print(f"{len(plan)} runs, {total_steps} steps in all")
     bar = None
@@ -775,8 +816,10 @@ def main(argv: list[str] | None = None) -> int:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total_steps, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
-        except ImportError:  # pragma: no cover - tqdm ships in the demo extra
-            note("install tqdm for a progress bar")
+        except ImportError:  # tqdm ships in the demo extra; without it the run goes on, without a bar
+            from ._hints import install_hint
+
+            note(f"no progress bar: tqdm is not installed ({install_hint(['tqdm'], 'demo')})")
     results: list[RunResult] = []
 
     def run(phase: str, o: str, b: int, m: float, s: int, peak: float) -> None:
@@ -827,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": elapsed, "results": rows,
     }
     (args.out / "results.json").write_text(json.dumps(meta, indent=1))
-    pngs = plots(args.out, results)
+    pngs = [] if args.no_plots else plots(args.out, results)
     print(f"\n{elapsed:.0f} s of training; wrote {args.out / 'results.csv'}, {args.out / 'results.json'}, "
           + ", ".join(str(p) for p in pngs))
     return 0

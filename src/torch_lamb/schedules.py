@@ -4,6 +4,12 @@ Each schedule is called with the optimizer's raw step counter (an ``int``, start
 returns a Python ``float``: it runs on the host, so evaluating it never touches a device. The
 argument names, defaults and formulas are those of ``keras.optimizers.schedules``.
 
+Arguments are checked when a schedule is made, each error naming the argument and its accepted range.
+The ranges are Keras's where Keras gives a usable learning rate, and narrower only where Keras's own
+schedule would return an inf, a NaN or a negative rate (which the optimizer refuses at that step, long
+into a run): a negative ``power``, ``decay_rate``, ``alpha``, ``m_mul`` or learning rate, ``t_mul`` < 1,
+``decay_steps`` that is not a finite number > 0, and boundaries that are negative, unsorted or repeated.
+
 The built-in schedules also take the step as a 0-dim integer tensor (``tensor_steps = True``) and then
 return a 0-dim float64 tensor on its device, computed with torch ops in the same double-precision
 formula (so its float32 rounding is the float one's): ``capturable=True`` evaluates them so on the
@@ -12,8 +18,10 @@ device step counter, where a captured CUDA graph advances them.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -84,27 +92,49 @@ def takes_tensor_steps(schedule: Any) -> bool:
     return owner is not None and bool(owner.__dict__.get("tensor_steps", False))
 
 
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{name}` must be a number > 0. Received: {name}={value!r}")
-    return value
+def _number(name: str, value: Any, *, low: float | None = None, low_open: bool = False, why: str = "") -> Any:
+    """A schedule's numeric argument, checked when the schedule is made (not at its first call, minutes into a run).
+
+    Python ints and floats are kept as given (so ``get_config`` and the formulas see them unchanged); other
+    real numbers (numpy scalars) become Python floats. Bools, strings, tensors and non-finite values are refused.
+    """
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if not ok:
+        bound = "" if low is None else f" {'>' if low_open else '>='} {low:g}"
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"`{name}` must be a finite number{bound}{reason}. Received: {name}={value!r}")
+    return value if type(value) in (int, float) else float(value)
 
 
-def _finite(name: str, value: Any, low: float | None = None) -> Any:
-    """A schedule's numeric argument, checked when the schedule is made (not at its first call)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if value is None and name == "warmup_target":
-        return value
-    if not ok or (low is not None and value < low):
-        bound = f" >= {low}" if low is not None else ""
-        raise ValueError(f"`{name}` must be a finite number{bound}. Received: {name}={value!r}")
-    return value
+def _steps(name: str, value: Any) -> Any:
+    """A number of steps that divides the step counter: finite and > 0 (Keras checks only > 0)."""
+    return _number(name, value, low=0.0, low_open=True)
+
+
+def _rate(name: str, value: Any) -> Any:
+    """A learning rate a schedule returns or starts from: the optimizer refuses a negative one at its step."""
+    return _number(name, value, low=0.0, why="a learning rate")
 
 
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
+        raise ValueError(f"`{name}` must be a bool (True or False). Received: {name}={value!r}")
     return value
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"`name` must be a str. Received: name={value!r}")
+    return value
+
+
+def _numbers(name: str, value: Any, check: Callable[[str, Any], Any]) -> list[Any]:
+    """A sequence of numbers (a list, tuple or 1-d array), each checked by ``check`` under the name ``name[i]``."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"`{name}` must be a list of numbers. Received: {name}={value!r}")
+    return [check(f"{name}[{i}]", item) for i, item in enumerate(value)]
 
 
 class LearningRateSchedule:
@@ -142,11 +172,12 @@ class ExponentialDecay(LearningRateSchedule):
         staircase: bool = False,
         name: str = "ExponentialDecay",
     ) -> None:
-        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _positive("decay_steps", decay_steps)
-        self.decay_rate = _finite("decay_rate", decay_rate)
+        self.initial_learning_rate = _rate("initial_learning_rate", initial_learning_rate)
+        self.decay_steps = _steps("decay_steps", decay_steps)
+        # a negative base alternates the sign (staircase) or has no real power (NaN in Keras)
+        self.decay_rate = _number("decay_rate", decay_rate, low=0.0)
         self.staircase = _flag("staircase", staircase)
-        self.name = name
+        self.name = _name(name)
 
     tensor_steps = True
 
@@ -166,15 +197,24 @@ class PiecewiseConstantDecay(LearningRateSchedule):
         values: Sequence[float],
         name: str = "PiecewiseConstant",
     ) -> None:
-        if len(boundaries) != len(values) - 1:
+        checked_boundaries = _numbers("boundaries", boundaries, lambda n, v: _number(n, v, low=0.0, why="a step"))
+        checked_values = _numbers("values", values, _rate)
+        if not checked_boundaries or len(checked_boundaries) != len(checked_values) - 1:
+            # Keras indexes boundaries[0] at every call: no boundaries crash there
             raise ValueError(
-                "The length of `boundaries` should be 1 less than the length of `values`. "
-                f"Received: boundaries={boundaries!r} of length {len(boundaries)}, "
-                f"and values={values!r} of length {len(values)}."
+                "`boundaries` must hold at least one step and exactly one less than `values`. "
+                f"Received: boundaries={boundaries!r} of length {len(checked_boundaries)}, "
+                f"and values={values!r} of length {len(checked_values)}."
             )
-        self.boundaries = list(boundaries)
-        self.values = list(values)
-        self.name = name
+        for i, (low, high) in enumerate(itertools.pairwise(checked_boundaries)):
+            if not low < high:  # Keras adds up every range a step falls in: unsorted ranges overlap
+                raise ValueError(
+                    "`boundaries` must be strictly increasing. "
+                    f"Received: boundaries={boundaries!r} (boundaries[{i}]={low!r} >= boundaries[{i + 1}]={high!r})"
+                )
+        self.boundaries = checked_boundaries
+        self.values = checked_values
+        self.name = _name(name)
 
     tensor_steps = True
 
@@ -203,12 +243,13 @@ class PolynomialDecay(LearningRateSchedule):
         cycle: bool = False,
         name: str = "PolynomialDecay",
     ) -> None:
-        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _positive("decay_steps", decay_steps)
-        self.end_learning_rate = _finite("end_learning_rate", end_learning_rate)
-        self.power = _finite("power", power)
+        self.initial_learning_rate = _rate("initial_learning_rate", initial_learning_rate)
+        self.decay_steps = _steps("decay_steps", decay_steps)
+        self.end_learning_rate = _rate("end_learning_rate", end_learning_rate)
+        # a negative power divides by `(1 - p) = 0` at the end of each decay (Keras returns inf there)
+        self.power = _number("power", power, low=0.0)
         self.cycle = _flag("cycle", cycle)
-        self.name = name
+        self.name = _name(name)
 
     tensor_steps = True
 
@@ -235,11 +276,12 @@ class InverseTimeDecay(LearningRateSchedule):
         staircase: bool = False,
         name: str = "InverseTimeDecay",
     ) -> None:
-        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _positive("decay_steps", decay_steps)
-        self.decay_rate = _finite("decay_rate", decay_rate)
+        self.initial_learning_rate = _rate("initial_learning_rate", initial_learning_rate)
+        self.decay_steps = _steps("decay_steps", decay_steps)
+        # a negative rate drives `1 + decay_rate * p` through 0: an infinite, then a negative lr (as in Keras)
+        self.decay_rate = _number("decay_rate", decay_rate, low=0.0)
         self.staircase = _flag("staircase", staircase)
-        self.name = name
+        self.name = _name(name)
 
     tensor_steps = True
 
@@ -262,14 +304,13 @@ class CosineDecay(LearningRateSchedule):
         warmup_target: float | None = None,
         warmup_steps: int = 0,
     ) -> None:
-        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _positive("decay_steps", decay_steps)
-        self.alpha = _finite("alpha", alpha)
-        self.name = name
-        self.warmup_target = _finite("warmup_target", warmup_target)
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0. Received: warmup_steps={warmup_steps!r}")
-        self.warmup_steps = _finite("warmup_steps", warmup_steps, low=0.0)
+        self.initial_learning_rate = _rate("initial_learning_rate", initial_learning_rate)
+        self.decay_steps = _steps("decay_steps", decay_steps)
+        # the floor is `alpha * lr`: a negative alpha ends on a negative lr; above 1 the schedule rises, as in Keras
+        self.alpha = _number("alpha", alpha, low=0.0, why="the final fraction of the lr")
+        self.name = _name(name)
+        self.warmup_target = None if warmup_target is None else _rate("warmup_target", warmup_target)
+        self.warmup_steps = _number("warmup_steps", warmup_steps, low=0.0)
 
     def _decay(self, step: Step, decay_from: float) -> Step:
         cosine = 0.5 * (1.0 + _cos(math.pi * (step / self.decay_steps)))
@@ -306,12 +347,14 @@ class CosineDecayRestarts(LearningRateSchedule):
         alpha: float = 0.0,
         name: str = "SGDRDecay",
     ) -> None:
-        self.initial_learning_rate = _finite("initial_learning_rate", initial_learning_rate)
-        self.first_decay_steps = _positive("first_decay_steps", first_decay_steps)
-        self.t_mul = _finite("t_mul", t_mul)
-        self.m_mul = _finite("m_mul", m_mul)
-        self.alpha = _finite("alpha", alpha)
-        self.name = name
+        self.initial_learning_rate = _rate("initial_learning_rate", initial_learning_rate)
+        self.first_decay_steps = _steps("first_decay_steps", first_decay_steps)
+        # below 1 the periods shrink to a finite total, after which Keras's log() turns every lr into NaN
+        self.t_mul = _number("t_mul", t_mul, low=1.0, why="each period's length over the previous one's")
+        # a negative m_mul makes every other period's lr negative
+        self.m_mul = _number("m_mul", m_mul, low=0.0, why="each period's peak over the previous one's")
+        self.alpha = _number("alpha", alpha, low=0.0, why="the final fraction of the lr")
+        self.name = _name(name)
 
     tensor_steps = True
 

@@ -1,7 +1,9 @@
 """Build, verify and load the CPU kernel (``lamb_kernel.c`` beside this file).
 
-The kernel is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``) the first time
-it is needed, never at import. The library is cached under ``${TORCH_LAMB_CACHE_DIR:-~/.cache/torch_lamb}``
+The kernel is compiled with the system C compiler the first time it is needed, never at import: ``$CC``
+when it is set (split as a shell would, so ``CC="ccache gcc"`` works), else ``gcc``, else ``cc``. A ``$CC``
+that cannot be found or fails leaves the kernel off with a reason naming ``$CC``: it is never quietly
+replaced by another compiler. The library is cached under ``${TORCH_LAMB_CACHE_DIR:-~/.cache/torch_lamb}``
 by a hash of the source, compiler, flags and CPU (``-march=native`` code must never reach another CPU
 through a shared cache), with a SHA-256 digest of its bytes beside it:
 
@@ -19,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -99,8 +102,33 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "torch_lamb"
 
 
+def _cc_variable() -> str:
+    """``$CC`` as set (blank counts as unset)."""
+    return os.environ.get("CC", "").strip()
+
+
 def compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    """The compiler command as one shell-quoted string (its program resolved on ``$PATH``), or None without one.
+
+    When ``$CC`` is set it is the only candidate, so that the compiler a user names is the one that runs.
+    """
+    cc = _cc_variable()
+    if cc:
+        try:
+            program, *args = shlex.split(cc)
+        except ValueError:  # unbalanced quotes
+            return None
+        found = shutil.which(program)
+        return shlex.join([found, *args]) if found else None
+    found = shutil.which("gcc") or shutil.which("cc")
+    return shlex.join([found]) if found else None
+
+
+def _no_compiler_reason() -> str:
+    cc = _cc_variable()
+    if cc:
+        return f"$CC={cc!r} was not found (or is not a command); fix it, or unset CC to use gcc or cc"
+    return "no C compiler found (neither gcc nor cc is on $PATH; set $CC to one)"
 
 
 def cpu_identity() -> str:
@@ -136,9 +164,13 @@ def _build(target: Path, cc: str, flags: list[str]) -> None:
     os.close(fd)
     digest_tmp = tmp + ".sha256"
     try:
-        result = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True)
+        try:
+            result = subprocess.run([*shlex.split(cc), *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True)
+        except OSError as err:  # found but not runnable (permissions, a bad interpreter line)
+            raise KernelError(f"{_named(cc)} could not be run: {err}") from None
         if result.returncode != 0:
-            raise KernelError(f"{cc} failed: {result.stderr.decode(errors='replace')[:400].strip()}")
+            output = (result.stderr or result.stdout).decode(errors="replace")[:400].strip()
+            raise KernelError(f"{_named(cc)} failed (exit status {result.returncode}): {output or 'no output'}")
         Path(digest_tmp).write_text(_digest(Path(tmp)))
         os.replace(digest_tmp, _digest_path(target))
         os.replace(tmp, target)
@@ -146,6 +178,11 @@ def _build(target: Path, cc: str, flags: list[str]) -> None:
         for leftover in (tmp, digest_tmp):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def _named(cc: str) -> str:
+    """The compiler as an error names it: ``$CC=...`` when it came from ``$CC``."""
+    return f"$CC={_cc_variable()!r} ({cc})" if _cc_variable() else cc
 
 
 def parse_abi(text: str) -> tuple[dict[str, tuple[int, int]], dict[str, int], int]:
@@ -212,7 +249,7 @@ def load_kernel(floor: bool = False) -> Kernel | None:
 def _build_and_load(floor: bool) -> Kernel:
     cc = compiler()
     if cc is None:
-        raise KernelError("no C compiler found")
+        raise KernelError(_no_compiler_reason())
     flags = FLAGS + (["-DLAMB_FLOOR"] if floor else [])
     recipe = " ".join([cc, *flags, cpu_identity()]).encode()
     key = hashlib.sha256(SOURCE.read_bytes() + recipe).hexdigest()[:16]
