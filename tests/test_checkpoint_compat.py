@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
-import make_checkpoints as fixture  # noqa: E402
+import make_checkpoints as fixture
 
 SAVED = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "pre_clock_checkpoints.pt"), weights_only=True)
 

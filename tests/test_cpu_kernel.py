@@ -197,7 +197,8 @@ def _spy_kernel(monkeypatch) -> list[str]:
     """The kernel entry points that run (a spy on the backend's one call site)."""
     ran: list[str] = []
     real_run = cpu_kernel.call_kernel
-    monkeypatch.setattr(cpu_kernel, "call_kernel", lambda name, b, kernel=None: (ran.append(name), real_run(name, b, kernel)))
+    monkeypatch.setattr(cpu_kernel, "call_kernel",
+                        lambda name, b, kernel=None: (ran.append(name), real_run(name, b, kernel)))
     return ran
 
 

@@ -356,13 +356,12 @@ def test_without_tqdm_the_demo_runs_without_a_bar_and_says_how_to_get_one(
 
 
 def test_install_hints_name_packages_not_an_index_that_lacks_torch_lamb() -> None:
-    """torch-lamb is on no package index: no message tells a user to `pip install 'torch-lamb[...]'`.
-    (backends/triton.py still does; it belongs to the optimizer core's owner.)"""
+    """torch-lamb is on no package index: no message tells a user to `pip install 'torch-lamb[...]'`."""
     from torch_lamb._hints import install_hint
 
     src = Path(__file__).resolve().parents[1] / "src" / "torch_lamb"
     offenders = [p.relative_to(src).as_posix() for p in src.rglob("*.py")
-                 if "install 'torch-lamb[" in p.read_text() and p.relative_to(src).as_posix() != "backends/triton.py"]
+                 if "torch-lamb[" in p.read_text()]
     assert offenders == []
     hint = install_hint(["matplotlib", "tqdm"], "demo")
     assert hint.startswith(f"`{sys.executable} -m pip install matplotlib tqdm`")

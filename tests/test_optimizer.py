@@ -232,7 +232,8 @@ def test_pickle_round_trip_continues_identically():
     _train(model, opt, _batches(3))
     clone = pickle.loads(pickle.dumps(opt))
     assert clone.clock.calls == 3 and clone.gradient_accumulation_steps == 2 and clone.use_ema
-    for p, q in zip([p for g in opt.param_groups for p in g["params"]], [q for g in clone.param_groups for q in g["params"]]):
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p, q in zip(params, [q for g in clone.param_groups for q in g["params"]]):
         assert torch.equal(opt.state[p]["velocity"], clone.state[q]["velocity"])
     copied = copy.deepcopy(opt)
     assert copied.iterations == opt.iterations

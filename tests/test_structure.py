@@ -37,7 +37,8 @@ def _imports() -> dict[str, set[str]]:
                 target = node.module.removeprefix("torch_lamb").lstrip(".")
                 candidates = [target] + [f"{target}.{a.name}" if target else a.name for a in node.names]
             elif isinstance(node, ast.Import):
-                candidates = [a.name.removeprefix("torch_lamb.") for a in node.names if a.name.startswith("torch_lamb.")]
+                candidates = [a.name.removeprefix("torch_lamb.") for a in node.names
+                              if a.name.startswith("torch_lamb.")]
             else:
                 continue
             found |= {c or "__init__" for c in candidates if (c or "__init__") in modules and c != name}
@@ -55,7 +56,7 @@ def test_the_import_graph_has_no_circle() -> None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                raise AssertionError(f"import circle: {' -> '.join(path[path.index(nxt):] + [nxt])}")
+                raise AssertionError(f"import circle: {' -> '.join([*path[path.index(nxt):], nxt])}")
             if nxt not in state:
                 visit(nxt)
         path.pop()

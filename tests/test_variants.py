@@ -13,7 +13,6 @@ import torch
 
 import torch_lamb
 from torch_lamb import Lamb
-from torch_lamb.functional import TrustStats
 
 LR, BETAS, EPS, WD = 0.01, (0.9, 0.999), 1e-6, 0.1
 

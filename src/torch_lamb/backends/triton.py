@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._hints import install_hint
 from ..bucket import Bucket
 from ..config import LambConfig
 from ..functional import LOW_PRECISION, TrustStats
@@ -71,7 +72,8 @@ def unavailable(device_type: str = "cuda") -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as err:
-        return f"Triton is not installed ({type(err).__name__}: {err}); pip install 'torch-lamb[triton]'"
+        hint = install_hint(["triton"], "triton")
+        return f"Triton is not installed ({type(err).__name__}: {err}); install it with {hint}"
     if device_type == "cpu":
         return None if interpreted() else "Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
     if device_type != "cuda":
