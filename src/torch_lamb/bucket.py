@@ -20,7 +20,7 @@ from .distributed import Reducer, local
 from .functional import TrustStats
 from .plan import StepPlan
 
-__all__ = ["Backend", "Bucket", "Call", "dense", "packed"]
+__all__ = ["Backend", "Bucket", "Call", "Cut", "dense", "entries", "packed"]
 
 
 @dataclass(eq=False)
@@ -44,8 +44,9 @@ class Bucket:
     dtensor: bool = False
     backend: Backend | None = None
     handle: Any = None  # the backend's prebuilt view of the bucket (the kernel's pointer arrays)
-    splits: list[tuple[int, list[int]] | None] | None = None  # per tensor, (dim, entry lengths); None: none sliced
-    entry_tensor: Tensor | None = None  # with splits: each entry's tensor index (int64, on the bucket's device)
+    cuts: list[Cut | None] | None = None  # per tensor, how it is cut into entries; None: each tensor is one entry
+    units: Tensor | None = None  # per entry, its clipping unit (int64, on the device); None: the entries are the units
+    unit_count: int = 0  # clipnorm's units: whole tensors, or the logical tensors of an engine's fragments
     bases: list[Tensor] = field(default_factory=list)  # every tensor written, whole (their pointers are checked)
     slots: list[tuple[Tensor, str, Tensor]] = field(default_factory=list)  # (parameter, state key, slot) used
 
@@ -53,37 +54,47 @@ class Bucket:
     def device(self) -> torch.device:
         return self.weights[0].device
 
-    @property
-    def tensor_count(self) -> int:
-        return len(self.indices)
-
     def grads(self, all_grads: Sequence[Tensor | None]) -> list[Tensor]:
         """This bucket's gradient entries (local shards for DTensor parameters) out of every parameter's."""
         if self.dtensor:
             grads = [local(all_grads[i]) for i in self.indices]
         else:
             grads = [all_grads[i] for i in self.indices]  # type: ignore[misc]
-        if self.splits is None:
+        if self.cuts is None:
             return grads  # type: ignore[return-value]
-        return [v for g, split in zip(grads, self.splits)
-                for v in ((g,) if split is None else g.split(split[1], split[0]))]  # type: ignore[union-attr]
+        return [v for g, cut in zip(grads, self.cuts) for v in entries(g, cut)]  # type: ignore[arg-type]
 
-    def per_tensor(self, entry_sums: Tensor) -> Tensor:
-        """Per-entry sums added up per tensor (the identity without slices)."""
-        if self.entry_tensor is None:
+    def per_unit(self, entry_sums: Tensor) -> Tensor:
+        """Per-entry sums added up per clipping unit (the identity when the entries are the units)."""
+        if self.units is None:
             return entry_sums
-        out = torch.zeros(self.tensor_count, dtype=entry_sums.dtype, device=entry_sums.device)
-        return out.index_add_(0, self.entry_tensor.to(entry_sums.device), entry_sums)
+        out = torch.zeros(self.unit_count, dtype=entry_sums.dtype, device=entry_sums.device)
+        return out.index_add_(0, self.units.to(entry_sums.device), entry_sums)
 
-    def per_entry(self, tensor_values: Tensor) -> Tensor:
-        """Per-tensor values repeated for each entry (the identity without slices)."""
-        if self.entry_tensor is None:
-            return tensor_values
-        return tensor_values.index_select(0, self.entry_tensor.to(tensor_values.device))
+    def per_entry(self, unit_values: Tensor) -> Tensor:
+        """Per-unit values repeated for each entry (the identity when the entries are the units)."""
+        if self.units is None:
+            return unit_values
+        return unit_values.index_select(0, self.units.to(unit_values.device))
 
     def written(self) -> list[Tensor]:
         """Every entry a backend writes for this bucket (views, for sliced tensors)."""
         return [*self.weights, *self.mirrors, *self.momentums, *self.velocities, *self.accumulators, *self.averages]
+
+
+Cut = tuple[int, list[int]] | tuple[tuple[int, int], ...]
+"""How a tensor is cut into entries: ``(dim, lengths)`` for trust-ratio slices (they tile it), or
+``((start, numel), ...)`` for an engine's fragments of its flattened elements (padding between them is left out)."""
+
+
+def entries(t: Tensor, cut: Cut | None) -> tuple[Tensor, ...]:
+    """The entries of ``t`` (a parameter, a state slot or a gradient) under ``cut``: views of it."""
+    if cut is None:
+        return (t,)
+    if isinstance(cut[0], int):
+        return tuple(t.split(cut[1], cut[0]))  # type: ignore[arg-type]
+    flat = t.reshape(-1)
+    return tuple(flat.narrow(0, start, numel) for start, numel in cut)  # type: ignore[misc]
 
 
 def dense(grads: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:

@@ -27,7 +27,7 @@ from .clock import COUNTERS, StepClock
 from .config import VARIANT_KEYS, check_variant
 from .distributed import is_dtensor, local
 from .functional import LOW_PRECISION
-from .rules import ADAPT_EXCLUDED, DECAY_EXCLUDED, SLICES, checked
+from .rules import ADAPT_EXCLUDED, DECAY_EXCLUDED, RULE_KEYS, SLICES, checked
 from .state import MASTER, VELOCITY, state_dtype
 
 __all__ = ["COUNTER_KEYS", "Loaded", "check_state_dict", "counters_in", "restore_groups", "restore_state",
@@ -51,8 +51,9 @@ def _where(index: int) -> str:
 
 
 def check_state_dict(state_dict: Any, live_groups: Sequence[dict[str, Any]], slot_keys: Sequence[str],
-                     accumulation_steps: int | None) -> Loaded:
-    """Check ``state_dict`` against the live groups; raise, naming the value, before anything changes."""
+                     accumulation_steps: int | None, given: set[int] | None = None) -> Loaded:
+    """Check ``state_dict`` against the live groups; raise, naming the value, before anything changes. ``given``:
+    the tensors the optimizer was given; a group holding others (an engine's flat partitions) keeps its rules."""
     if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) or not isinstance(
             state_dict.get("state"), dict):
         raise ValueError("Not an optimizer state dict: it must be a dict with 'state' (a dict) and 'param_groups' "
@@ -75,7 +76,8 @@ def check_state_dict(state_dict: Any, live_groups: Sequence[dict[str, Any]], slo
                              f"{len(live['params'])}.")
         try:
             _check_values(saved)
-            rules.append(_check_rules(saved, live, index))
+            swapped = given is not None and not all(id(p) in given for p in live["params"])
+            rules.append(dict.fromkeys(RULE_KEYS) if swapped else _check_rules(saved, live, index))
         except (ValueError, TypeError) as err:
             raise type(err)(f"{err} ({_where(index)})") from None
         ids_to_params.update(zip(saved["params"], live["params"]))
@@ -108,6 +110,8 @@ def _check_state(saved_state: dict[Any, Any], ids_to_params: dict[Any, Tensor], 
     sharded = False
     for pid, p in ids_to_params.items():
         value = saved_state.get(pid)
+        if value is None and local(p).numel() == 0:
+            continue  # a piece of nothing (FSDP1 gives a rank none of some parameters): its slots are made afresh
         if not isinstance(value, dict):
             raise ValueError(f"The state dict has no state for parameter {pid!r} (a dict of tensors). Received: "
                              f"{value!r}")

@@ -7,7 +7,7 @@ inputs are overwritten (used on the optimizer's own working buffers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -54,11 +54,15 @@ def norm_clip_factors(norms: Tensor, clipnorm: float) -> Tensor:
     return clipnorm / torch.clamp_min(norms, clipnorm)
 
 
-def global_norm(norms: Sequence[Tensor]) -> Tensor:
-    """``sqrt(sum ||g_i||^2)`` from per-tensor norms (1-D tensors, possibly on several devices)."""
-    device = norms[0].device  # summed in float64: many large per-tensor norms must not overflow
+def global_norm(norms: Sequence[Tensor], reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``sqrt(sum ||g_i||^2)`` from per-tensor norms (1-D tensors, possibly on several devices); ``reduce`` sums the
+    squared total over ranks whose tensors are others (a rank with none adds 0)."""
+    device = norms[0].device if norms else torch.device("cpu")  # summed in float64: no overflow
     squares = [torch.sum(torch.square(n.to(device, torch.float64))) for n in norms]
-    return torch.sqrt(torch.stack(squares).sum())
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=device)
+    if reduce is not None:
+        total = reduce(total.reshape(1)).reshape(())
+    return torch.sqrt(total)
 
 
 def global_clip_factor(norm: Tensor, clipnorm: float) -> Tensor:

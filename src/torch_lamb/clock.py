@@ -71,6 +71,18 @@ class StepClock:
             elif v.device != device:
                 self.counts[k] = v.to(device)
 
+    def settle(self, devices: list[torch.device], capturable: bool, skip_nonfinite: bool) -> None:
+        """Where the counters live for a call on ``devices``: on the device under ``capturable`` (one device: a
+        CUDA graph is captured on one) or a device-side ``skip_nonfinite``, else on the host."""
+        if capturable and len(set(devices)) > 1:
+            raise ValueError("capturable=True needs every parameter on one device: its step counters live there. "
+                             f"Received parameters on {', '.join(sorted(set(map(str, devices))))}; use one "
+                             "optimizer per device.")
+        if devices and (capturable or (skip_nonfinite and any(d.type != "cpu" for d in devices))):
+            self.to_device(devices[0])
+        else:
+            self.to_host()  # capturable switched off: replays advanced the device counts (a host sync)
+
     def to_host(self) -> None:
         """Host counters again (a host sync): the device counts, which replays may have advanced, are the truth."""
         if self.on_device:

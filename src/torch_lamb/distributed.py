@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "ReducerKey",
     "dtensor_reducer",
     "full_norms",
+    "group_key",
     "host_reads_allowed",
     "is_dtensor",
     "local",
@@ -109,11 +111,9 @@ def is_dtensor(t: Tensor) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
 
 
-ReducerKey = tuple[object, tuple[int, ...]]
-"""``(mesh, mesh dims)``: where a tensor's local squared sums must be summed (meshes are hashable)."""
-
-_REDUCERS: dict[ReducerKey, Reducer] = {}
-
+ReducerKey = tuple[object, object]
+"""Where a tensor's local squared sums must be summed: ``(mesh, mesh dims)`` for a DTensor, or
+``("group", process group)`` for a piece handed out by another sharding engine (both hashable)."""
 
 def reducer_key(t: Tensor) -> ReducerKey | None:
     """``(mesh, shard mesh dims)`` of a DTensor, or None for a plain or fully replicated tensor.
@@ -146,22 +146,32 @@ def dtensor_reducer(t: Tensor) -> Reducer | None:
     return reducer_for(reducer_key(t))
 
 
+def group_key(group: object) -> ReducerKey:
+    """The key of a reducer over a process group, held weakly: an optimizer that outlives
+    ``destroy_process_group()`` must not keep the group alive until the interpreter tears it down."""
+    return ("group", weakref.ref(group))
+
+
 def reducer_for(key: ReducerKey | None) -> Reducer | None:
-    """The :data:`Reducer` over the mesh dims of ``key`` (one ``all_reduce`` per dim; None: no collective)."""
+    """The :data:`Reducer` of ``key``: one ``all_reduce`` per sharded mesh dim, or one over the process group
+    (None: no collective)."""
     if key is None:
         return None
-    cached = _REDUCERS.get(key)
-    if cached is not None:
-        return cached
     import torch.distributed as dist
 
-    mesh, dims = key
-    groups = [mesh.get_group(d) for d in dims]  # type: ignore[attr-defined]
+    if isinstance(key[0], str):
+        groups = [key[1]]  # a weak reference
+    else:
+        mesh, dims = key
+        groups = [weakref.ref(mesh.get_group(d)) for d in dims]  # type: ignore[attr-defined, union-attr]
 
     def reduce(squares: Tensor) -> Tensor:
-        for g in groups:
-            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=g)
+        for ref in groups:
+            group = ref()  # type: ignore[operator]
+            if group is None:
+                raise RuntimeError("torch_lamb: the process group of these sharded parameters was destroyed.")
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
         return squares
 
-    _REDUCERS[key] = reduce
-    return reduce
+    return reduce  # not kept in a module-level cache: a process group held there outlives destroy_process_group()
+    # and is torn down with the interpreter, which can abort it ("terminate called without an active exception")

@@ -22,21 +22,25 @@ from .backends import fall_back
 from .backends.common import overwrite_with_averages, reset_accumulators
 from .bucket import Bucket, Call
 from .clipping import global_clip_factor, global_norm, norm_clip_factors
+from .clock import StepClock
+from .config import GroupOptions, LambConfig
+from .distributed import reducer_for
 from .functional import TrustStats
 from .nonfinite import FiniteCopies
-from .plan import StepPlan
+from .plan import StepPlan, plan_step
+from .shards import Engine
 
-__all__ = ["TrustRecord", "run"]
+__all__ = ["TrustRecord", "clip_factors", "join", "run"]
 
 TrustRecord = tuple[list[str | None], TrustStats]
 """One bucket's entry names and the trust statistics of its update."""
 
 
 def run(buckets: Sequence[Bucket], idle: Sequence[Bucket], grads: list[list[Tensor]], plan: StepPlan,
-        auto: bool, finite_copies: FiniteCopies) -> list[TrustRecord]:
+        auto: bool, finite_copies: FiniteCopies, sharding: Engine | None = None) -> list[TrustRecord]:
     """Run ``plan`` on the ``buckets`` that have gradients (``grads``: theirs, as :meth:`Bucket.grads` gives them)
     and the ``idle`` ones that have none; returns the trust statistics of an update call (``auto``: a bucket
-    whose compile fails falls back to foreach)."""
+    whose compile fails falls back to foreach; ``sharding``: the engine whose ranks share the global norm)."""
     if not plan.apply:
         return []
     if isinstance(plan.skip, Tensor):  # a device-side skip: finite copies, filled where the call is skipped
@@ -47,7 +51,7 @@ def run(buckets: Sequence[Bucket], idle: Sequence[Bucket], grads: list[list[Tens
     records: list[TrustRecord] = []
     if plan.updating:
         calls = _ready(buckets, grads, calls, plan, auto)
-        factors = clip_factors(buckets, calls, plan)  # reads only
+        factors = clip_factors(buckets, calls, plan, sharding)  # reads only
         records = [(b.names, call.update(f)) for b, call, f in zip(buckets, calls, factors)]
     else:
         for call in calls:
@@ -82,7 +86,8 @@ def _ready(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], calls: list
     return out
 
 
-def clip_factors(buckets: Sequence[Bucket], calls: Sequence[Call], plan: StepPlan) -> list[Tensor | None]:
+def clip_factors(buckets: Sequence[Bucket], calls: Sequence[Call], plan: StepPlan,
+                 sharding: Engine | None = None) -> list[Tensor | None]:
     """Per bucket, the per-entry factors that ``clipnorm`` or ``global_clipnorm`` multiply the gradients by.
 
     Each backend measures its gradients as the update will use them (``grad_squares``); the squares are added
@@ -91,16 +96,39 @@ def clip_factors(buckets: Sequence[Bucket], calls: Sequence[Call], plan: StepPla
     """
     if plan.clip.kind not in ("norm", "global"):
         return [None] * len(buckets)
+    engine_norm = sharding.global_grad_norm() if sharding is not None and plan.clip.kind == "global" else None
+    if engine_norm is not None:  # the engine measured every gradient of the step (DeepSpeed: before its calls)
+        factor = global_clip_factor(engine_norm, plan.clip.value)
+        return [factor.to(b.device, torch.float32).expand(len(b.weights)) for b in buckets]
     norms = []
     for bucket, call in zip(buckets, calls):
         squares = call.grad_squares()
         # A global norm adds each slice's squares as those of a parameter of its own, where they are complete
         # after the bucket's reduction; clipnorm (and a sharded slice's norm) needs the tensor's.
         if plan.clip.kind == "norm" or bucket.reduce is not bucket.tensor_reduce:
-            squares = bucket.per_tensor(squares)
+            squares = bucket.per_unit(squares)
         reduce = bucket.tensor_reduce
         norms.append(torch.sqrt(reduce(squares) if reduce is not None else squares))
     if plan.clip.kind == "norm":
         return [b.per_entry(norm_clip_factors(n, plan.clip.value)) for b, n in zip(buckets, norms)]
-    factor = global_clip_factor(global_norm(norms), plan.clip.value)
+    factor = global_clip_factor(_global_norm(norms, sharding), plan.clip.value)
     return [factor.to(n.device, torch.float32).expand(len(b.weights)) for b, n in zip(buckets, norms)]
+
+
+def _global_norm(norms: list[Tensor], sharding: Engine | None) -> Tensor:
+    """The norm of every gradient of the step from the buckets' norms, summed over the ranks of an engine that
+    splits whole tensors among them."""
+    key = sharding.global_reduce if sharding is not None else None
+    return global_norm(norms, reducer_for(key))
+
+
+def join(config: LambConfig, options: tuple[GroupOptions, ...], clock: StepClock, sharding: Engine) -> StepPlan:
+    """A rank with no gradient this call joins the collectives its engine's other ranks run (``skip_nonfinite``'s
+    count, ``global_clipnorm``'s squared norm, with its share 0) and plans the call as they do."""
+    found = None
+    if config.skip_nonfinite:
+        found = bool(reducer_for(sharding.global_reduce)(torch.zeros(1)).sum() > 0)  # type: ignore[misc]
+    plan = plan_step(config, options, clock, found)
+    if plan.apply and plan.updating and plan.clip.kind == "global":
+        _global_norm([], sharding)
+    return plan

@@ -26,14 +26,21 @@ import torch
 from torch import Tensor
 
 from .backends import select
-from .bucket import Bucket
+from .bucket import Bucket, Cut, entries
 from .config import LambConfig
-from .distributed import is_dtensor, local, reducer_for, reducer_key
-from .rules import GroupRules
-from .slices import LocalSlices, local_slices
+from .distributed import ReducerKey, is_dtensor, local, reducer_for, reducer_key
+from .rules import ADAPT_EXCLUDED, DECAY_EXCLUDED, GroupRules
+from .shards import Fragment, Shards
+from .slices import local_slices
 from .state import ACCUMULATOR, AVERAGE, MASTER, MOMENTUM, VELOCITY
 
-__all__ = ["Layout", "LayoutCache", "build", "read_grads"]
+__all__ = ["FragmentRule", "Layout", "LayoutCache", "ShardsOf", "build", "read_grads"]
+
+ShardsOf = Callable[[Tensor, str], "Shards | None"]
+"""How a sharding engine's tensor maps onto logical tensors (:mod:`torch_lamb.shards`)."""
+FragmentRule = Callable[[str, "Fragment"], bool]
+"""Whether a rule (``exclude_from_weight_decay``, ``exclude_from_layer_adaptation``) selects a fragment's logical
+tensor (by its name, or the identity of its parameter)."""
 
 
 @dataclass(eq=False)
@@ -76,27 +83,34 @@ class LayoutCache:
     def invalidate(self) -> None:
         self.layout = None
 
+    def holds(self, params: list[Tensor]) -> bool:
+        """Whether the cached layout was built for exactly these parameters."""
+        layout = self.layout
+        return layout is not None and len(layout.params) == len(params) and all(map(operator.is_, layout.params,
+                                                                                    params))
+
     def get(self, groups: Sequence[dict[str, Any]], rules: Sequence[GroupRules], state: dict[Any, dict[str, Tensor]],
             config: LambConfig, params: list[Tensor], grads: list[Tensor | None], missing: tuple[bool, ...],
-            names: Callable[[], dict[int, str]]) -> Layout:
+            names: Callable[[], dict[int, str]], shards_of: ShardsOf | None = None,
+            fragment_rule: FragmentRule | None = None, holds: bool | None = None) -> Layout:
         """The layout for this step (checks only; raises before anything changes).
 
         Reused while the parameters are the same objects and keep their storage (checked every step),
         and the state slots keep theirs (checked after any read of ``optimizer.state``, the only way user
         code reaches them). The gradients must match the parameters' shapes and devices recorded with it;
-        a gradient of another dtype is converted by the backends.
+        a gradient of another dtype is converted by the backends. ``holds``: :meth:`holds` already asked.
         """
         key = (
             missing,
             tuple([(g["weight_decay"] is None, g["layer_adaptation"], id(r)) for g, r in zip(groups, rules)]),
-            config, len(state),  # `del opt.state[p]` and `opt.state.clear()` rebuild too
+            config, len(state), shards_of,  # `del opt.state[p]` and `opt.state.clear()` rebuild too
         )
         layout = self.layout
         present = grads if not any(missing) else [g for g in grads if g is not None]
         reads = getattr(state, "reads", None)
         if (
             self.reuse and layout is not None and not layout.rebuild_every_step and layout.key == key
-            and all(map(operator.is_, layout.params, params))
+            and (holds if holds is not None else self.holds(params))
             and _pointers(layout.params_written) == layout.param_pointers
             and ((reads is not None and reads == layout.state_reads) or _state_unchanged(state, layout))
         ):
@@ -109,7 +123,8 @@ class LayoutCache:
         known = names()
         check_state_shapes(state, params, known)
         check_no_overlap(params, known)
-        layout = self.layout = build(groups, rules, state, config, key, params, known)
+        layout = self.layout = build(groups, rules, state, config, key, params, known, missing, shards_of,
+                                     fragment_rule)
         layout.grad_spec, layout.grad_params = spec, with_grads
         layout.state_reads = getattr(state, "reads", None)
         return layout
@@ -137,42 +152,71 @@ def check_state_shapes(state: dict[Any, dict[str, Tensor]], params: Sequence[Ten
                 )
 
 
+@dataclass(frozen=True)
+class _Pieces:
+    """How one parameter enters a bucket: its cut into entries and, per entry, its name and flags."""
+
+    cut: Cut | None
+    names: list[str | None]
+    decay: list[bool]
+    adapt: list[bool]
+    own_units: bool  # each entry is a clipping unit of its own (an engine's fragments); else one per tensor
+    entry_key: ReducerKey | None
+    tensor_key: ReducerKey | None
+    scattered: bool = False
+
+
+def _pieces(p: Tensor, group: dict[str, Any], rule: GroupRules, i: int, name: str, shards: Shards | None,
+            fragment_rule: FragmentRule) -> _Pieces:
+    decays = group["weight_decay"] is not None
+    adapts = bool(group["layer_adaptation"])
+    if shards is not None and shards.fragments is not None:  # an engine's flat piece of many tensors
+        frags = shards.fragments
+        return _Pieces(tuple((f.start, f.numel) for f in frags), [f.name for f in frags],
+                       [decays and not fragment_rule(DECAY_EXCLUDED, f) for f in frags],
+                       [adapts and not fragment_rule(ADAPT_EXCLUDED, f) for f in frags], True, shards.reduce,
+                       shards.reduce)
+    tensor_key = shards.reduce if shards is not None else reducer_key(p)
+    decay, adapt = decays and not rule.decay_excluded[i], adapts and not rule.adapt_excluded[i]
+    if rule.slices[i] is None:
+        return _Pieces(None, [name], [decay], [adapt], False, tensor_key, tensor_key)
+    sliced = local_slices(p, rule.slices[i], name)
+    n = len(sliced.lengths)
+    # slices one element wide go apart: a backend that cannot take them must not take the bucket
+    return _Pieces((sliced.dim, list(sliced.lengths)), list(sliced.names), [decay] * n, [adapt] * n, False,
+                   sliced.reduce, tensor_key, sliced.scattered)
+
+
 def build(groups: Sequence[dict[str, Any]], rules: Sequence[GroupRules], state: dict[Any, dict[str, Tensor]],
-           config: LambConfig, key: tuple[Any, ...], params: list[Tensor], names: dict[int, str]) -> Layout:
+          config: LambConfig, key: tuple[Any, ...], params: list[Tensor], names: dict[int, str],
+          missing: tuple[bool, ...], shards_of: ShardsOf | None = None,
+          fragment_rule: FragmentRule | None = None) -> Layout:
     active: dict[tuple[Any, ...], Bucket] = {}
     idle: dict[tuple[Any, ...], Bucket] = {}
     position = -1
     for gi, (group, rule) in enumerate(zip(groups, rules)):
-        fixed = [not group["layer_adaptation"] or e for e in rule.adapt_excluded]  # ratio 1
         for i, p in enumerate(group["params"]):
             position += 1
             own = dict.__getitem__(state, p)
-            has_grad = p.grad is not None
+            has_grad = not missing[position]
             if not has_grad and AVERAGE not in own and ACCUMULATOR not in own:
                 continue  # nothing to do for it this call
             master = MASTER in own
-            sliced = local_slices(p, rule.slices[i], names[id(p)]) if rule.slices[i] is not None else None
-            tensor_key = reducer_key(p)
-            entry_key = sliced.reduce if sliced is not None else tensor_key
-            # slices one element wide go apart: a backend that cannot take them must not take the bucket
-            scattered = sliced is not None and sliced.scattered
-            bkey = (gi, p.device, p.dtype, is_dtensor(p), entry_key, tensor_key, master, scattered)
+            shards = shards_of(p, names[id(p)]) if shards_of is not None else None
+            pieces = _pieces(p, group, rule, i, names[id(p)], shards, fragment_rule or _no_rule)
+            bkey = (gi, p.device, p.dtype, is_dtensor(p), pieces.entry_key, pieces.tensor_key, master,
+                    pieces.scattered)
             buckets = active if has_grad else idle
             b = buckets.get(bkey)
             if b is None:
-                b = buckets[bkey] = Bucket(
-                    gi, adapt_mask=[] if any(fixed) else None, reduce=reducer_for(entry_key),
-                    tensor_reduce=reducer_for(tensor_key), dtensor=is_dtensor(p),
-                )
-            _add_tensor(b, p, own, master, sliced, names[id(p)], position,
-                        decay=group["weight_decay"] is not None and not rule.decay_excluded[i],
-                        adapt=None if b.adapt_mask is None else not fixed[i])
+                b = buckets[bkey] = Bucket(gi, adapt_mask=[], reduce=reducer_for(pieces.entry_key),
+                                           tensor_reduce=reducer_for(pieces.tensor_key), dtensor=is_dtensor(p))
+            _add_tensor(b, p, own, master, pieces, position)
     buckets = [*active.values(), *idle.values()]
     for b in buckets:
-        if b.splits is not None:
-            b.entry_tensor = torch.tensor(
-                [t for t, split in enumerate(b.splits) for _ in (split[1] if split else (0,))], device=b.device
-            )
+        if all(b.adapt_mask):  # type: ignore[arg-type]
+            b.adapt_mask = None  # every entry takes the trust ratio
+        b.units = torch.tensor(b.units, dtype=torch.int64, device=b.device) if b.units is not None else None
         b.backend, b.handle = select(b, config)
     written = [t for b in buckets for t in b.bases]
     owned = {id(local(p)) for p in params}
@@ -182,10 +226,11 @@ def build(groups: Sequence[dict[str, Any]], rules: Sequence[GroupRules], state: 
                   slots=[s for b in buckets for s in b.slots])
 
 
-def _add_tensor(
-    b: Bucket, p: Tensor, state: dict[str, Tensor], master: bool, sliced: LocalSlices | None,
-    name: str, position: int, *, decay: bool, adapt: bool | None,
-) -> None:
+def _no_rule(key: str, fragment: Fragment) -> bool:
+    return False
+
+
+def _add_tensor(b: Bucket, p: Tensor, state: dict[str, Tensor], master: bool, pieces: _Pieces, position: int) -> None:
     """Append parameter ``p`` to bucket ``b``: its whole tensors to ``bases``, its entries to the lists."""
     slots = [
         ("weights", local(state[MASTER]) if master else local(p)),
@@ -195,21 +240,24 @@ def _add_tensor(
         ("accumulators", local(state[ACCUMULATOR]) if ACCUMULATOR in state else None),
         ("averages", local(state[AVERAGE]) if AVERAGE in state else None),
     ]
-    count = 1 if sliced is None else len(sliced.lengths)
+    count = len(pieces.names)
     b.slots.extend((p, key, state[key]) for key in (MASTER, MOMENTUM, VELOCITY, ACCUMULATOR, AVERAGE) if key in state)
     for attr, t in slots:
         if t is None:
             continue
         b.bases.append(t)
-        getattr(b, attr).extend((t,) if sliced is None else t.split(sliced.lengths, sliced.dim))
-    if sliced is not None and b.splits is None:
-        b.splits = [None] * len(b.indices)  # the tensors added before had one entry each
-    if b.splits is not None:
-        b.splits.append(None if sliced is None else (sliced.dim, list(sliced.lengths)))
-    if b.adapt_mask is not None:
-        b.adapt_mask.extend([bool(adapt)] * count)
-    b.decay_mask.extend([decay] * count)
-    b.names.extend([name] if sliced is None else sliced.names)
+        getattr(b, attr).extend(entries(t, pieces.cut))
+    if pieces.cut is not None and b.cuts is None:
+        b.cuts = [None] * len(b.indices)  # the tensors added before had one entry each
+        b.units = list(range(b.unit_count))  # type: ignore[assignment]
+    if b.cuts is not None:
+        b.cuts.append(pieces.cut)
+        units = range(b.unit_count, b.unit_count + count) if pieces.own_units else [b.unit_count] * count
+        b.units.extend(units)  # type: ignore[union-attr]
+    b.unit_count += count if pieces.own_units else 1
+    b.adapt_mask.extend(pieces.adapt)  # type: ignore[union-attr]
+    b.decay_mask.extend(pieces.decay)
+    b.names.extend(pieces.names)
     b.owners.append(p)
     b.indices.append(position)
 
@@ -219,7 +267,12 @@ def read_grads(params: list[Tensor], given: list[Tensor | None] | None = None
     """Every parameter's ``.grad``, read once (or the ``given`` ones, a compiled graph's), and which are None (all
     True: no gradient at all). They are checked against their parameters by :meth:`LayoutCache.get`."""
     grads = [p.grad for p in params] if given is None else given
-    return grads, tuple([g is None for g in grads])
+    missing = tuple([g is None for g in grads])
+    if any(missing):  # FSDP1 gives a rank none of some parameters: a size-0 one has no gradient, its piece is empty
+        grads = [p.new_empty(0) if g is None and p.numel() == 0 and p.requires_grad and getattr(
+            p, "_fsdp_flattened", False) else g for p, g in zip(params, grads)]
+        missing = tuple([g is None for g in grads])
+    return grads, missing
 
 
 _shape = operator.attrgetter("shape")

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from .bucket import Bucket
+from .distributed import reducer_for
+from .shards import Engine
 
 __all__ = ["FiniteCopies", "found_nonfinite", "limit"]
 
@@ -36,17 +38,18 @@ def limit(loss_scale: float | None) -> float:
 
 
 def found_nonfinite(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], loss_scale: float | None,
-                    on_device: bool) -> bool | Tensor:
+                    on_device: bool, sharding: Engine | None = None) -> bool | Tensor:
     """Whether any gradient is unusable: a host bool, or (``on_device``) a 0-dim bool tensor on the buckets'
-    device. Reads only."""
+    device; every rank of a sharding engine agrees. Reads only."""
     flags = []
     for b, gs in zip(buckets, grads):
-        bad = b.backend.bad_gradients(b, gs, limit(loss_scale))
+        bad = b.backend.bad_gradients(b, gs, limit(loss_scale))  # type: ignore[union-attr]
         flags.append(b.tensor_reduce(bad.reshape(1)).sum() if b.tensor_reduce is not None else bad)
-    if not on_device:
-        return bool(torch.stack(flags).sum() > 0)  # CPU tensors: no device to wait for
     device = buckets[0].device
-    return torch.stack([f.to(device) for f in flags]).sum() > 0
+    total = torch.stack([f.to(device) for f in flags]).sum().reshape(1)
+    if sharding is not None and sharding.global_reduce is not None:  # ranks holding other whole tensors
+        total = reducer_for(sharding.global_reduce)(total.to(torch.float32))  # type: ignore[misc]
+    return bool(total.sum() > 0) if not on_device else total.sum() > 0  # CPU tensors: no device to wait for
 
 
 class FiniteCopies:

@@ -10,6 +10,7 @@ and :func:`torch_lamb.engine.run` runs them over the cached layout. The pipeline
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -19,32 +20,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _validation as check
-from . import compiled_step, engine
+from . import compiled_step, engine, rules
+from . import config as cfg
 from .checkpoint import COUNTER_KEYS, check_state_dict, counters_in, restore_groups, restore_state, write_counters
 from .clock import StepClock
-from .config import (
-    FOLLOW_DEFAULT,
-    OPTIMIZER_WIDE,
-    VARIANT_KEYS,
-    GroupOptions,
-    GroupSources,
-    LambConfig,
-    check_variant,
-    evaluate,
-    implementation_choice,
-    new_group,
-    resolve_groups,
-)
 from .config import learning_rate as checked_lr
-from .distributed import is_dtensor, local, no_host_reads
+from .distributed import is_dtensor, no_host_reads
+from .engines import constructing_engine, detect, refuse
 from .layout import Layout, LayoutCache, check_state_shapes, read_grads
 from .nonfinite import FiniteCopies, found_nonfinite
 from .plan import plan_step
-from .rules import ADAPT_EXCLUDED, DECAY_EXCLUDED, RULE_KEYS, SLICES, GroupRules, RuleMirrors, Selection, checked
 from .rules import selection as select_params
 from .schedules import LearningRateSchedule, takes_tensor_steps
-from .slices import group_slices, normalize
-from .state import AVERAGE, MASTER, MasterWeights, TrackedState, ensure_slots, weight_of
+from .shards import Engine, Fragment
+from .slices import group_slices
+from .state import AVERAGE, MasterWeights, TrackedState, copy_averages, ensure_slots
 from .telemetry import TrustRatioTelemetry
 
 __all__ = ["Lamb"]
@@ -83,18 +73,14 @@ class _Option:
 
 
 class Lamb(TrustRatioTelemetry, Optimizer):
-    """LAMB (You et al. 2019) with the complete Keras 3 optimizer contract.
+    """LAMB (You et al. 2019) with the complete Keras 3 optimizer contract (the README's table has every argument).
 
     Args:
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or param-group dicts; a group
-            may carry any option (a per-group one overrides the optimizer's: ``lr``/``learning_rate``,
-            ``beta_1``, ``beta_2``, ``betas``, ``epsilon``/``eps``, ``weight_decay``, ``weight_decay_mode``,
-            ``min_trust_ratio``, ``max_trust_ratio``, ``layer_adaptation``, ``trust_ratio_slices``; an
-            optimizer-wide one must equal the optimizer's).
+            may carry any option (a per-group one overrides the optimizer's; an optimizer-wide one must equal it).
         learning_rate: float >= 0, a :class:`~torch_lamb.LearningRateSchedule` (called with the raw step counter)
             or a zero-argument callable.
-        beta_1, beta_2: decay rates of the moments, in [0, 1); floats, 0-dim tensors or zero-argument callables.
-        epsilon: added to ``sqrt(v_hat)``; >= 0.
+        beta_1, beta_2, epsilon: Adam's moment decay rates (in [0, 1)) and epsilon (>= 0).
         weight_decay: decoupled decay ``w *= 1 - weight_decay * lr`` applied before the update.
         clipnorm, clipvalue, global_clipnorm: gradient clipping (at most one; each > 0).
         use_ema, ema_momentum, ema_overwrite_frequency: exponential moving average of the weights.
@@ -102,14 +88,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         gradient_accumulation_steps: apply the mean gradient every N calls (N >= 2).
         name: a label (auto-named ``lamb``, ``lamb_1``, ... when None).
         lr, betas, eps: PyTorch-style aliases of ``learning_rate``, ``(beta_1, beta_2)``, ``epsilon``.
-        implementation: ``"auto"`` (also None): the CPU kernel (``"fused"``) where it applies, ``"compiled"`` for
-            CUDA buckets, ``"foreach"`` elsewhere; or one of ``"fused"``, ``"foreach"``, ``"compiled"``,
-            ``"triton"``, ``"reference"`` (one tensor at a time, the spec), which raises where it cannot run.
-        foreach, fused: torch's spellings of the same choice.
-        capturable: no host read in ``step()`` (counters and per-call scalars on the device), so that a step can
-            be captured in a CUDA graph; one graph per distinct call (:mod:`torch_lamb.clock`).
-        weight_decay_mode: ``"decoupled"`` (Keras) or ``"adaptive"`` (paper: ``u + weight_decay * w`` inside the
-            trust ratio).
+        implementation, foreach, fused: the backend (``"auto"``: the CPU kernel, ``"compiled"`` for CUDA, else
+            ``"foreach"``); an explicit choice raises where it cannot run.
+        capturable: no host read in ``step()``, so that a step can be captured in a CUDA graph.
+        weight_decay_mode: ``"decoupled"`` (Keras) or ``"adaptive"`` (the paper's, inside the trust ratio).
         min_trust_ratio, max_trust_ratio: optional bounds (>= 0) on the trust ratio (``max_trust_ratio=1`` is LAMBC).
         master_weights: float32 master copies of float16/bfloat16 parameters (state ``"master_weight"``).
         skip_nonfinite: a call whose gradients hold inf or NaN changes nothing.
@@ -142,11 +124,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if isinstance(params, torch.nn.Module):
             raise TypeError("`params` must be the parameters, not the module: pass `model.named_parameters()` "
                             f"(or `model.parameters()`). Received: {type(params).__name__}")
-        self._config = LambConfig.checked(
+        self._config = cfg.LambConfig.checked(
             clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm, use_ema=use_ema,
             ema_momentum=ema_momentum, ema_overwrite_frequency=ema_overwrite_frequency,
             loss_scale_factor=loss_scale_factor, gradient_accumulation_steps=gradient_accumulation_steps,
-            implementation=implementation_choice(implementation, foreach, fused), capturable=capturable,
+            implementation=cfg.implementation_choice(implementation, foreach, fused), capturable=capturable,
             master_weights=master_weights, skip_nonfinite=skip_nonfinite)
         learning_rate = checked_lr("learning_rate", _pick("learning_rate", learning_rate, "lr", lr), self._config)
         if betas is not None:
@@ -155,18 +137,18 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             beta_1, beta_2 = _pick("beta_1", beta_1, "betas", betas[0]), _pick("beta_2", beta_2, "betas", betas[1])
         beta_1, beta_2 = check.beta("beta_1", beta_1), check.beta("beta_2", beta_2)
         epsilon = check.number("epsilon", _pick("epsilon", epsilon, "eps", eps))
-        variant = check_variant({"weight_decay_mode": weight_decay_mode, "min_trust_ratio": min_trust_ratio,
+        variant = cfg.check_variant({"weight_decay_mode": weight_decay_mode, "min_trust_ratio": min_trust_ratio,
                                  "max_trust_ratio": max_trust_ratio, "layer_adaptation": True})
         if name is not None and not isinstance(name, str):
             raise ValueError(f"`name` must be a string or None. Received: name={name!r}")
         self._clock = StepClock()
         self._layouts, self._masters, self._finite = LayoutCache(), MasterWeights(), FiniteCopies()
         self._learning_rate = learning_rate
-        self._sources: list[GroupSources] = []
-        self._rules: list[GroupRules] = []
-        self._mirrors = RuleMirrors()
-        self._selections: dict[str, Selection] = {}
-        self._engine_copies_groups = False  # an engine copies param groups around (ZeroRedundancyOptimizer)
+        self._books = rules.GroupBooks()  # per group: where its values come from, its rules
+        self._selections: dict[str, rules.Selection] = {}
+        self._given: set[int] = set()  # the tensors the optimizer was given (an engine may swap them)
+        self._engine: Engine | None = constructing_engine()  # a sharding engine that maps pieces to tensors
+        self._shards_of = None
         self._slots_complete = False
         self._graph_key = compiled_step.register(self._graph_step)
         self.name = name if name is not None else _auto_name()
@@ -183,7 +165,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         # its dummy zero-lr step. Masters wait for the first step, so that weights loaded later are copied.
         self._ensure_slots(masters=False)
 
-    def _set_config(self, config: LambConfig) -> None:
+    def _set_config(self, config: cfg.LambConfig) -> None:
         self._config = config
         self._slots_complete = False
         self._layouts.invalidate()
@@ -192,31 +174,32 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; ``learning_rate``, ``betas`` and ``eps`` are accepted as aliases."""
-        group, source = new_group(param_group, self.defaults, self._config)
+        group, source = cfg.new_group(param_group, self.defaults, self._config)
         rule = self._new_rules(group, len(self.param_groups))
         super().add_param_group(group)
         added = self.param_groups[-1]
         added["betas"], added["eps"] = (added["beta_1"], added["beta_2"]), added["epsilon"]  # torch's names
         source.mark = (added["beta_1"], added["beta_2"], added["epsilon"])
-        self._sources.append(source)
-        self._rules.append(rule)
-        self._mirrors.write(added, len(self._rules) - 1, rule)
+        self._books.add(added, source, rule)
+        self._given.update(id(p) for p in added["params"])
         write_counters([added], self._clock)
-        scheduled = self._learning_rate if source.lr == FOLLOW_DEFAULT else source.lr
+        scheduled = self._learning_rate if source.lr == cfg.FOLLOW_DEFAULT else source.lr
         if callable(scheduled) and not isinstance(scheduled, Tensor):
-            added["lr"] = evaluate("lr", scheduled, self._clock.host_calls)
+            added["lr"] = cfg.evaluate("lr", scheduled, self._clock.host_calls)
         self._slots_complete = False
         self._layouts.invalidate()
         if hasattr(self, "_graph_params"):  # added after construction
             self._ensure_slots(masters=False)
             self._note_graph_params(self._all_params())
 
-    def _new_rules(self, group: dict[str, Any], index: int) -> GroupRules:
+    def _new_rules(self, group: dict[str, Any], index: int) -> rules.GroupRules:
         """A new group's rules: the lists it carries (checked), else the current selections and its own
         ``trust_ratio_slices``."""
-        flags = {key: checked(key, group[key], group, index) if key in group else
-                 self._selections.get(key, Selection()).of(group) for key in (DECAY_EXCLUDED, ADAPT_EXCLUDED)}
-        return GroupRules(flags[DECAY_EXCLUDED], flags[ADAPT_EXCLUDED], group_slices(group, group["params"], index))
+        flags = {key: rules.checked(key, group[key], group, index) if key in group else
+                 self._selections.get(key, rules.Selection()).of(group, self._names([group]))
+                 for key in (rules.DECAY_EXCLUDED, rules.ADAPT_EXCLUDED)}
+        slices = group_slices(group, group["params"], index)
+        return rules.GroupRules(flags[rules.DECAY_EXCLUDED], flags[rules.ADAPT_EXCLUDED], slices)
 
     # ------------------------------------------------------------------ public Keras API
 
@@ -242,8 +225,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         """The current learning rate (of the optimizer-level ``learning_rate``)."""
         lr = self._learning_rate
         if callable(lr) and not isinstance(lr, Tensor):
-            return evaluate("learning_rate", lr, self._clock.value("calls"))
-        return next((g["lr"] for g, s in zip(self.param_groups, self._sources) if s.lr == FOLLOW_DEFAULT),
+            return cfg.evaluate("learning_rate", lr, self._clock.value("calls"))
+        return next((g["lr"] for g in self.param_groups if self._books.of(g).source.lr == cfg.FOLLOW_DEFAULT),
                     self.defaults["lr"])
 
     @learning_rate.setter
@@ -252,12 +235,12 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             raise TypeError("This optimizer was created with a `LearningRateSchedule`; its learning rate is not "
                             "settable to a float. Assign a new schedule instead.")
         value = checked_lr("learning_rate", value, self._config)
-        current = evaluate("learning_rate", value, self._clock.host_calls) if callable(value) else value
+        current = cfg.evaluate("learning_rate", value, self._clock.host_calls) if callable(value) else value
         self._learning_rate = value
         if not callable(value):
             self.defaults["lr"] = value
-        for group, source in zip(self.param_groups, self._sources):
-            if source.lr == FOLLOW_DEFAULT:
+        for group in self.param_groups:
+            if self._books.of(group).source.lr == cfg.FOLLOW_DEFAULT:
                 group["lr"] = current
 
     def scale_loss(self, loss: Tensor) -> Tensor:
@@ -268,13 +251,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                                   var_names: Iterable[str] | None = None) -> None:
         """Exclude parameters from weight decay, by identity or by regex search on their names (from
         ``model.named_parameters()``). Each call replaces the previous exclusions, as in Keras."""
-        self._set_selection(DECAY_EXCLUDED, var_list, var_names)
+        self._set_selection(rules.DECAY_EXCLUDED, var_list, var_names)
 
     def exclude_from_layer_adaptation(self, var_list: Iterable[Tensor] | None = None,
                                       var_names: Iterable[str] | None = None) -> None:
         """Give parameters a trust ratio of exactly 1 (a plain Adam step), as TF-Addons does. Same arguments and
         replacement rule as :meth:`exclude_from_weight_decay`; the two are independent."""
-        self._set_selection(ADAPT_EXCLUDED, var_list, var_names)
+        self._set_selection(rules.ADAPT_EXCLUDED, var_list, var_names)
 
     def set_trust_ratio_slices(self, var_list: Iterable[Tensor] | None = None, var_names: Iterable[str] | None = None,
                                dim: int | None = 0, sizes: Sequence[int] | None = None,
@@ -290,37 +273,31 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             raise ValueError("set_trust_ratio_slices: give the parameters to slice (`var_list` and/or `var_names`).")
         if dim is None and (sizes is not None or labels is not None):
             raise ValueError("set_trust_ratio_slices: `sizes` and `labels` need a `dim`.")
-        chosen = select_params(self.param_groups, var_list, var_names)
         spec = None if dim is None else {"dim": dim, "sizes": sizes, "labels": labels}
-        names = self._names()
-        by_group = [chosen.of(g) for g in self.param_groups]
-        if not any(map(any, by_group)):
-            raise ValueError("set_trust_ratio_slices: `var_list` / `var_names` select no parameter of this optimizer.")
-        self._set_rules(SLICES, [
-            [normalize(spec, p.shape, f"parameter {names[id(p)]!r}") if c else old
-             for p, c, old in zip(g["params"], picks, r.slices)]
-            for g, picks, r in zip(self.param_groups, by_group, self._rules)])
+        chosen = self._select(var_list, var_names)
+        every = self._engine is None or not self._engine.copies_groups  # else another rank may hold them
+        self._set_rules(rules.SLICES, rules.sliced(self.param_groups, self._books.rules(self.param_groups), chosen,
+                                                   spec, self._names(), every))
 
     @torch.no_grad()
     def finalize_variable_values(self, var_list: Iterable[Tensor] | None = None) -> None:
-        """Copy the moving averages into the parameters (all of them, or those given)."""
+        """Copy the moving averages into the parameters (all of them, or those given); under a sharding engine,
+        call it on every rank."""
         params = self._all_params() if var_list is None else list(var_list)
-        pairs = [(p, dict.get(self.state, p, {}).get(AVERAGE)) for p in params]
-        pairs = [(p, a) for p, a in pairs if a is not None]
+        pairs = [(p, a) for p in params if (a := dict.get(self.state, p, {}).get(AVERAGE)) is not None]
         if not self.use_ema or not pairs:
             return
-        torch._foreach_copy_([weight_of(self.state, p) for p, _ in pairs], [local(a) for _, a in pairs])
-        masters = [(local(p), local(self.state[p][MASTER])) for p, _ in pairs if MASTER in self.state[p]]
-        if masters:
-            torch._foreach_copy_([p for p, _ in masters], [m for _, m in masters])
+
+        write = functools.partial(copy_averages, self.state, pairs)
+        write() if self._engine is None else self._engine.finalize(write)
         self._masters.mark(self.state, self._all_params())
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as Keras's ``get_config``."""
         lr = self._learning_rate
-        options = {k: getattr(self._config, k) for k in OPTIMIZER_WIDE if k not in ("implementation", "capturable")}
+        options = {k: getattr(self._config, k) for k in cfg.OPTIMIZER_WIDE if k not in ("implementation", "capturable")}
         return {"name": self.name, "learning_rate": lr if callable(lr) else self.learning_rate,
-                **{k: self.defaults[k] for k in ("weight_decay", "beta_1", "beta_2", "epsilon", *VARIANT_KEYS[:3])},
+                **{k: self.defaults[k] for k in ("weight_decay", "beta_1", "beta_2", "epsilon", *cfg.VARIANT_KEYS[:3])},
                 **options}
 
     def backends(self) -> dict[str, str]:
@@ -351,8 +328,8 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         loss = _call(closure)
         params = self._all_params()
         grads, missing = read_grads(params, given_grads)
-        if all(missing):  # torch.optim's convention: a call without gradients is a no-op
-            return loss
+        if all(missing):  # torch.optim's convention: a call without gradients is a no-op (an engine's rank joins)
+            return self._join(loss)
         options = self._group_options()  # every (possibly edited) group value checked, callables evaluated
         layout = self._layout(params, grads, missing)  # slots made, masters refreshed, buckets checked
         bucket_grads = [b.grads(grads) for b in layout.active]
@@ -360,55 +337,64 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             plan = self._plan(options, layout, bucket_grads)
             self._show(options)  # the first write: everything above only checks
             records = engine.run(layout.active, layout.idle, bucket_grads, plan, self.implementation == "auto",
-                                 self._finite)
-            plan.advance(self._clock)
+                                 self._finite, self._engine)
+            self._advance(plan)
         self._record_trust_stats(plan.call, records)
         self._after_step(params)
         return loss
 
-    def _plan(self, options: tuple[GroupOptions, ...], layout: Layout, grads: list[list[Tensor]]) -> Any:
-        found = found_nonfinite(layout.active, grads, self.loss_scale_factor,
-                                self._clock.on_device) if self.skip_nonfinite else None
+    def _plan(self, options: tuple[cfg.GroupOptions, ...], layout: Layout, grads: list[list[Tensor]]) -> Any:
+        found = found_nonfinite(layout.active, grads, self.loss_scale_factor, self._clock.on_device,
+                                self._engine) if self.skip_nonfinite else None
         return plan_step(self._config, options, self._clock, found, layout.active[0].momentums[0].dtype)
 
-    def _group_options(self) -> tuple[GroupOptions, ...]:
+    def _advance(self, plan: Any) -> None:
+        if self._engine is None or self._engine.clock_ticks():  # DeepSpeed: one engine step is several calls
+            plan.advance(self._clock)
+
+    def _join(self, loss: Any) -> Any:
+        """A rank with nothing to step joins the collectives of an engine that sums the call's global quantities
+        over its ranks (``ZeroRedundancyOptimizer``), and counts the call as they do."""
+        if self._engine is not None and self._engine.global_reduce is not None:
+            self._advance(engine.join(self._config, self._group_options(), self._clock, self._engine))
+        return loss
+
+    def _group_options(self) -> tuple[cfg.GroupOptions, ...]:
         self._adopt_group_edits()
-        return resolve_groups(self.param_groups, self._sources, self._learning_rate, self._clock.host_calls,
-                              self._config, self.defaults, takes_tensor_steps)
+        return cfg.resolve_groups(self.param_groups, self._books.sources(self.param_groups), self._learning_rate,
+                              self._clock.host_calls, self._config, self.defaults, takes_tensor_steps)
 
     def _layout(self, params: list[Tensor], grads: list[Tensor | None], missing: tuple[bool, ...]) -> Layout:
         """The call's buckets, with every slot made and the master-weight rule applied; the clock where the
         step may read it (on the device under ``capturable``, or for a device-side ``skip_nonfinite``)."""
-        if not self._slots_complete or len(self.state) != len(params):  # `del opt.state[p]` starts p afresh
-            self._ensure_slots(masters=True)
+        fits = self._layouts.holds(params)
+        if self._engine is None and not fits:
+            self._engine = detect(params, self._given, self.state)
+            self._shards_of = self._engine.shards if self._engine is not None else None
+        if self._engine is not None:
+            refuse(self._engine, self._config, self._books.rules(self.param_groups))
+        if not (fits and self._slots_complete and len(self.state) == self._slot_count):
+            self._ensure_slots(masters=True)  # new parameters, or `del opt.state[p]`: p starts afresh
         if self.master_weights and self._masters.stale(params):
             check_state_shapes(self.state, params, self._names())  # a resized parameter raises before its master moves
             self._masters.refresh(self.state, params)
             self._layouts.invalidate()
-        layout = self._layouts.get(self.param_groups, self._rules, self.state, self._config, params, grads,
-                                   missing, self._names)
-        devices = {b.device for b in layout.buckets}
-        if self.capturable and len(devices) > 1:
-            raise ValueError("capturable=True needs every parameter on one device: its step counters live there. "
-                             f"Received parameters on {', '.join(sorted(map(str, devices)))}; use one optimizer "
-                             "per device.")
-        if self.capturable or (self.skip_nonfinite and any(d.type != "cpu" for d in devices)):
-            self._clock.to_device(layout.active[0].device)
-        else:
-            self._clock.to_host()  # capturable switched off: replays advanced the device counts (a host sync)
+        layout = self._layouts.get(self.param_groups, self._books.rules(self.param_groups), self.state, self._config,
+                                   params, grads, missing, self._names, self._shards_of, self._fragment_rule, fits)
+        self._clock.settle([b.device for b in layout.buckets], self.capturable, self.skip_nonfinite)
         return layout
 
-    def _show(self, options: tuple[GroupOptions, ...]) -> None:
+    def _show(self, options: tuple[cfg.GroupOptions, ...]) -> None:
         """Show this call's values in the groups, in both spellings (after every check passed)."""
-        for group, source, values in zip(self.param_groups, self._sources, options):
-            if source.lr is not None and (source.lr != FOLLOW_DEFAULT or callable(self._learning_rate)):
+        for group, source, values in zip(self.param_groups, self._books.sources(self.param_groups), options):
+            if source.lr is not None and (source.lr != cfg.FOLLOW_DEFAULT or callable(self._learning_rate)):
                 group["lr"] = values.lr
             group["beta_1"], group["beta_2"], group["epsilon"] = values.beta_1, values.beta_2, values.epsilon
             group["betas"], group["eps"] = (values.beta_1, values.beta_2), values.epsilon
             source.mark = (values.beta_1, values.beta_2, values.epsilon)
 
     def _after_step(self, params: list[Tensor]) -> None:
-        write_counters(self.param_groups, self._clock)
+        write_counters(self._books.groups(), self._clock)  # also the groups an engine hid during the call
         if self.master_weights:
             self._masters.mark(self.state, params)
 
@@ -436,22 +422,24 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         """The standard optimizer state dict, with the counters and the per-parameter rules in every group."""
         sd = super().state_dict()
         counters = {COUNTER_KEYS[k]: v for k, v in self._clock.values().items()}
-        for group, rule in zip(sd["param_groups"], self._rules):
+        for group, rule in zip(sd["param_groups"], self._books.rules(self.param_groups)):
             group.update(counters)
-            group.update({key: list(rule.get(key)) for key in RULE_KEYS})  # copies: editing the dict must not edit us
+            group.update({key: list(rule.get(key)) for key in rules.RULE_KEYS})  # copies: the dict is the caller's
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, checking every value first: a mismatch raises and changes nothing."""
         loaded = check_state_dict(state_dict, self.param_groups, self._config.slot_keys(),
-                                  self.gradient_accumulation_steps)
+                                  self.gradient_accumulation_steps, self._given)
         tensor_lrs = [g["lr"] if isinstance(g["lr"], Tensor) else None for g in self.param_groups]
+        before = list(self.param_groups)
         super().load_state_dict(state_dict)
         restore_state(self.state, state_dict["state"], loaded, self.master_weights)
         restore_groups(self.param_groups, self.defaults, tensor_lrs)
-        self._rules = [rule.updated(saved) for rule, saved in zip(self._rules, loaded.rules)]
-        for index, (group, source) in enumerate(zip(self.param_groups, self._sources)):
-            self._mirrors.write(group, index, self._rules[index])
+        self._books.moved(before, self.param_groups)  # torch's loader made new group dicts
+        self._books.set_rules(self.param_groups, [r.updated(saved) for r, saved in zip(
+            self._books.rules(self.param_groups), loaded.rules)])
+        for group, source in zip(self.param_groups, self._books.sources(self.param_groups)):
             source.mark = (group["beta_1"], group["beta_2"], group["epsilon"])
         self._clock.load(loaded.counters or {"calls": 0})
         write_counters(self.param_groups, self._clock)
@@ -460,13 +448,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if self.master_weights:  # the loaded masters hold unless a parameter changes after this call
             self._masters.mark(self.state, self._all_params())
 
-    _PICKLED = ("_config", "_learning_rate", "_sources", "_rules", "_mirrors", "_selections", "_engine_copies_groups",
-                "name")
+    _PICKLED = ("_config", "_learning_rate", "_selections", "name")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in self._PICKLED})
         state["_counts"] = self._clock.values()
+        state["_group_books"] = [(b.source, b.rules) for b in map(self._books.of, self.param_groups)]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -475,6 +463,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if not isinstance(self.state, TrackedState):  # torch's load_state_dict sets a plain defaultdict
             self.state = TrackedState(dict, self.state)
         if counts is not None:  # unpickling: a new object (not a load_state_dict)
+            self._books, self._given, self._engine, self._shards_of = rules.GroupBooks(), set(), None, None
+            for group, (source, group_rules) in zip(self.param_groups, state.pop("_group_books")):
+                self._books.add(group, source, group_rules)
+                self._given.update(id(p) for p in group["params"])
             self._clock = StepClock(**counts)
             self._layouts, self._masters, self._finite = LayoutCache(), MasterWeights(), FiniteCopies()
             self._graph_key = compiled_step.register(self._graph_step)
@@ -488,7 +480,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         lines = [f"Lamb(name={self.name!r}, {self._config})"]
         for i, group in enumerate(self.param_groups):
             shown = {k: v for k, v in group.items() if k not in ("params", "param_names", *COUNTER_KEYS.values(),
-                                                                 *RULE_KEYS, "betas", "eps")}
+                                                                 *rules.RULE_KEYS, "betas", "eps")}
             lines.append(f"  group {i}: {len(group['params'])} parameters, {shown}")
         return "\n".join(lines)
 
@@ -497,10 +489,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _names(self) -> dict[int, str]:
-        """Each parameter's name: from ``named_parameters()`` when given, else ``"<group>.<index>"``."""
-        return {id(p): (g["param_names"][i] if g.get("param_names") else f"{gi}.{i}")
-                for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
+    def _names(self, groups: list[dict[str, Any]] | None = None) -> dict[int, str]:
+        """Each parameter's name (ZeRO copies whole groups' names over each rank's share: its own record holds)."""
+        engine_names = self._engine.param_names if self._engine is not None else lambda params: None
+        return rules.param_names(self.param_groups if groups is None else groups, engine_names)
 
     def _note_graph_params(self, params: list[Tensor]) -> None:
         """Kept eagerly for a compiled step: the parameters, and whether one is a DTensor. The list object stays
@@ -513,6 +505,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         params = self._all_params()
         ensure_slots(params, self.state, self._config.slot_keys(), started=self._clock.host_calls > 0,
                      masters=masters and self.master_weights)
+        self._slot_count = len(self.state)
         self._slots_complete = masters or not self.master_weights
 
     def _adopt_group_edits(self) -> None:
@@ -521,20 +514,30 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         counters = counters_in(self.param_groups, self._clock)
         if counters is not None:
             self._clock.load(counters)
-        rules = self._mirrors.edits(self.param_groups, self._rules, self._engine_copies_groups)
-        if any(a is not b for a, b in zip(rules, self._rules)):
-            self._rules = rules
+        if self._books.adopt_edits(self.param_groups, self._engine is not None and self._engine.copies_groups):
             self._layouts.invalidate()
 
     def _set_selection(self, key: str, var_list: Iterable[Tensor] | None, var_names: Iterable[str] | None) -> None:
-        chosen = self._selections[key] = select_params(self.param_groups, var_list, var_names)
-        self._set_rules(key, [chosen.of(g) for g in self.param_groups])
+        chosen = self._selections[key] = self._select(var_list, var_names)
+        names = self._names()
+        self._set_rules(key, [chosen.of(g, names) for g in self.param_groups])
 
     def _set_rules(self, key: str, per_group: list[list[Any]]) -> None:
-        self._rules = [rule.with_(key, values) for rule, values in zip(self._rules, per_group)]
-        for index, (group, rule) in enumerate(zip(self.param_groups, self._rules)):
-            self._mirrors.write(group, index, rule)
+        self._books.set_rules(self.param_groups, [r.with_(key, values) for r, values in zip(
+            self._books.rules(self.param_groups), per_group)])
         self._layouts.invalidate()
+
+    def _select(self, var_list: Iterable[Tensor] | None, var_names: Iterable[str] | None) -> rules.Selection:
+        """A selection by identity may name only this optimizer's tensors, or (an engine that gives each rank a
+        share of the model's, or swaps them for its own) the model's."""
+        named = any(g.get("param_names") for g in self.param_groups)
+        return select_params(self.param_groups, var_list, var_names, self._names(), named,
+                             self._engine is None or not self._engine.copies_groups)
+
+    def _fragment_rule(self, key: str, fragment: Fragment) -> bool:
+        """Whether a selection (exclusions) holds a fragment's logical tensor, by its identity or name."""
+        chosen = self._selections.get(key)
+        return chosen is not None and chosen.holds(fragment.owner, fragment.name)
 
 def _call(closure: Callable[[], Any] | None) -> Any:
     if closure is None:

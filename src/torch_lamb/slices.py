@@ -113,7 +113,8 @@ def group_slices(group: dict[str, Any], params: Sequence[Any], group_index: int)
     else:
         specs = [given] * len(tensors)
     given_names = group.get("param_names")
-    names = [p[0] if isinstance(p, tuple) else given_names[i] if given_names else f"{group_index}.{i}"
+    names = [p[0] if isinstance(p, tuple) else given_names[i] if given_names and i < len(given_names) else
+             f"{group_index}.{i}"
              for i, p in enumerate(params)]
     return [normalize(spec, p.shape, f"parameter {name!r}") for p, spec, name in zip(tensors, specs, names)]
 

@@ -23,7 +23,7 @@ from .distributed import local
 from .functional import LOW_PRECISION
 
 __all__ = ["ACCUMULATOR", "AVERAGE", "MASTER", "MOMENTUM", "SLOT_KEYS", "VELOCITY", "MasterWeights", "TrackedState",
-           "ensure_slots", "state_dtype", "weight_of"]
+           "copy_averages", "ensure_slots", "state_dtype", "weight_of"]
 
 MOMENTUM, VELOCITY, AVERAGE, ACCUMULATOR = "momentum", "velocity", "average", "gradient_accumulator"
 MASTER = "master_weight"
@@ -56,6 +56,15 @@ def ensure_slots(params: Iterable[Tensor], state: dict[Any, dict[str, Tensor]], 
                     own[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
         if masters and p.dtype in LOW_PRECISION and MASTER not in own:
             own[MASTER] = p.detach().to(torch.float32, copy=True)
+
+
+def copy_averages(state: dict[Any, dict[str, Tensor]], pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """``finalize_variable_values``' write: each average into its weight (the master where there is one), then
+    the masters into their low-precision parameters."""
+    torch._foreach_copy_([weight_of(state, p) for p, _ in pairs], [local(a) for _, a in pairs])
+    masters = [(local(p), local(state[p][MASTER])) for p, _ in pairs if MASTER in dict.get(state, p, ())]
+    if masters:
+        torch._foreach_copy_([p for p, _ in masters], [m for _, m in masters])
 
 
 def _signature(p: Tensor) -> tuple[int, int, torch.Size, torch.dtype]:
