@@ -136,3 +136,36 @@ def test_moe_experts_grouped_forward_matches_a_loop_over_experts() -> None:
                 want[n] += g * (hidden @ moe.experts["w_out"][e])
         torch.testing.assert_close(out, want)
         assert load.tolist() == torch.bincount(chosen.reshape(-1), minlength=5).tolist()
+
+
+def _torchrun(script: Path, *args: str) -> str:
+    """``torchrun --nproc-per-node 2 script args`` as its users launch it; returns rank 0's output."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([torchrun, "--nproc-per-node", "2", str(script), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("script, args, engine", [
+    ("fsdp1_train", (), "FSDP1 (use_orig_params)"),
+    ("fsdp1_train", ("--flat",), "FSDP1 (FlatParameters)"),
+    ("zero_train", (), "ZeroRedundancyOptimizer"),
+])
+def test_engine_examples_train_and_resume_exactly(script: str, args: tuple[str, ...], engine: str) -> None:
+    printed = _torchrun(EXAMPLES / f"{script}.py", "--steps", "8", *args)
+    line = next(s for s in printed.splitlines() if s.startswith(engine))
+    loss, resumed = (float(part.rsplit("loss ", 1)[1]) for part in line.split(";"))
+    assert "8 updates" in line and loss == resumed  # the run resumed from its checkpoint continues exactly
+
+
+def test_deepspeed_example_trains_and_resumes_exactly() -> None:
+    pytest.importorskip("deepspeed")
+    printed = _torchrun(Path(__file__).parent / "_ds_example.py", "--stage", "2", "--steps", "6")
+    line = next(s for s in printed.splitlines() if s.startswith("DeepSpeed ZeRO-2"))
+    loss, resumed = (float(part.rsplit("loss ", 1)[1]) for part in line.split(";"))
+    assert "6 Lamb updates" in line and loss == resumed
