@@ -20,7 +20,7 @@ from .distributed import Reducer, local
 from .functional import TrustStats
 from .plan import StepPlan
 
-__all__ = ["Backend", "Bucket", "Call", "Cut", "dense", "entries", "packed"]
+__all__ = ["Backend", "Bucket", "Call", "Cut", "PackedGrads", "dense", "entries", "packed"]
 
 
 @dataclass(eq=False)
@@ -54,15 +54,27 @@ class Bucket:
     def device(self) -> torch.device:
         return self.weights[0].device
 
-    def grads(self, all_grads: Sequence[Tensor | None]) -> list[Tensor]:
-        """This bucket's gradient entries (local shards for DTensor parameters) out of every parameter's."""
+    def grads(self, all_grads: Sequence[Tensor | None], packed: bool = False) -> list[Tensor]:
+        """This bucket's gradient entries (local shards for DTensor parameters) out of every parameter's;
+        ``packed``: the layout found every gradient packed and of its parameter's dtype."""
         if self.dtensor:
             grads = [local(all_grads[i]) for i in self.indices]
+        elif self.span is not None:
+            grads = all_grads[self.span[0]:self.span[1]]  # type: ignore[assignment]
         else:
             grads = [all_grads[i] for i in self.indices]  # type: ignore[misc]
         if self.cuts is None:
-            return grads  # type: ignore[return-value]
+            return PackedGrads(grads) if packed and not self.dtensor else grads  # type: ignore[return-value]
         return [v for g, cut in zip(grads, self.cuts) for v in entries(g, cut)]  # type: ignore[arg-type]
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """``(start, stop)`` when the bucket's parameters are a run of consecutive positions (then its gradients
+        are a slice of the list)."""
+        indices = self.indices
+        if indices and indices[-1] - indices[0] == len(indices) - 1:
+            return indices[0], indices[-1] + 1
+        return None
 
     def per_unit(self, entry_sums: Tensor) -> Tensor:
         """Per-entry sums added up per clipping unit (the identity when the entries are the units)."""
@@ -97,18 +109,23 @@ def entries(t: Tensor, cut: Cut | None) -> tuple[Tensor, ...]:
     return tuple(flat.narrow(0, start, numel) for start, numel in cut)  # type: ignore[misc]
 
 
+class PackedGrads(list):
+    """Gradients the layout found packed, each of its parameter's shape, dtype and device: read as they are."""
+
+
 def dense(grads: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
     """The one gradient-normalising entry: ``grads`` as packed tensors of ``dtype``, and whether they are copies
     (then all of them are, so that a caller may write them). A stride-0 (``autograd.grad(p.sum(), p)``),
     transposed or sliced gradient, or one of another dtype, is copied; a packed one of ``dtype`` is read as it is."""
-    if all([g.dtype == dtype and g.is_contiguous() for g in grads]):
+    if (type(grads) is PackedGrads and (not grads or grads[0].dtype is dtype)) or all(
+            [g.dtype == dtype and g.is_contiguous() for g in grads]):
         return grads, False
     return [torch.empty(g.shape, dtype=dtype, device=g.device).copy_(g) for g in grads], True
 
 
 def packed(grads: list[Tensor]) -> list[Tensor]:
     """``grads`` with every one that is not packed (stride 0, transposed, sliced) copied packed, dtypes kept."""
-    if all([g.is_contiguous() for g in grads]):
+    if type(grads) is PackedGrads or all([g.is_contiguous() for g in grads]):
         return grads
     return [g if g.is_contiguous() else g.contiguous() for g in grads]
 

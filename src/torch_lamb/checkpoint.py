@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import _validation as check
 from .clock import COUNTERS, StepClock
-from .config import VARIANT_KEYS, check_variant
+from .config import COUNTER_GROUP_KEYS, VARIANT_KEYS, check_variant
 from .distributed import is_dtensor, local
 from .functional import LOW_PRECISION
 from .rules import ADAPT_EXCLUDED, DECAY_EXCLUDED, RULE_KEYS, SLICES, checked
@@ -33,7 +33,7 @@ from .state import MASTER, VELOCITY, state_dtype
 __all__ = ["COUNTER_KEYS", "Loaded", "check_state_dict", "counters_in", "restore_groups", "restore_state",
            "write_counters"]
 
-COUNTER_KEYS = dict(zip(COUNTERS, ("iterations", "applied_updates", "finite_in_window", "skipped_steps")))
+COUNTER_KEYS = dict(zip(COUNTERS, COUNTER_GROUP_KEYS))
 """The clock's counters by their names in param groups (those of the checkpoints before the clock)."""
 
 

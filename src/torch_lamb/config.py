@@ -22,8 +22,8 @@ from torch import Tensor
 
 from . import _validation as check
 
-__all__ = ["IMPLEMENTATIONS", "WEIGHT_DECAY_MODES", "ClipSpec", "GroupOptions", "LambConfig", "check_group_keys",
-           "implementation_choice", "normalize_group", "resolve_group"]
+__all__ = ["COUNTER_GROUP_KEYS", "IMPLEMENTATIONS", "WEIGHT_DECAY_MODES", "ClipSpec", "GroupOptions", "LambConfig",
+           "check_group_keys", "implementation_choice", "normalize_group", "resolve_group"]
 
 IMPLEMENTATIONS = ("auto", "reference", "foreach", "fused", "compiled", "triton")
 WEIGHT_DECAY_MODES = ("decoupled", "adaptive")
@@ -188,8 +188,11 @@ def normalize_group(group: dict[str, Any]) -> dict[str, Any]:
     return group
 
 
-_TORCH_GROUP_KEYS = {"params", "param_names", "initial_lr", "max_lr", "min_lr", "momentum", "max_momentum",
-                     "base_momentum", "name", "foreach", "fused", "betas", "eps", "learning_rate",
+COUNTER_GROUP_KEYS = ("iterations", "applied_updates", "finite_in_window", "skipped_steps")
+"""The step counters as a param group shows them (written after each call, read from old checkpoints)."""
+
+_TORCH_GROUP_KEYS = {*COUNTER_GROUP_KEYS, "params", "param_names", "initial_lr", "max_lr", "min_lr", "momentum",
+                     "max_momentum", "base_momentum", "name", "foreach", "fused", "betas", "eps", "learning_rate",
                      "exclude_from_weight_decay", "exclude_from_layer_adaptation", "trust_ratio_slices"}
 
 

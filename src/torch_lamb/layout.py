@@ -61,6 +61,7 @@ class Layout:
     grad_spec: GradSpec | None = None  # what the gradients of the parameters that have one must match
     grad_params: list[Tensor] = field(default_factory=list)  # those parameters
     slots: list[tuple[Tensor, str, Tensor]] = field(default_factory=list)  # every state slot the buckets use
+    grads_packed: bool = False  # this call: every gradient packed, of its parameter's dtype (read as it is)
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -68,7 +69,7 @@ class Layout:
 
 
 def _pointers(tensors: Sequence[Tensor]) -> list[int]:
-    return [t.data_ptr() for t in tensors]  # a list: building an array of 10,000 ints costs more than reading them
+    return list(map(Tensor.data_ptr, tensors))  # a list: building an array of 10,000 ints costs more than reading them
 
 
 class LayoutCache:
@@ -114,18 +115,18 @@ class LayoutCache:
             and _pointers(layout.params_written) == layout.param_pointers
             and ((reads is not None and reads == layout.state_reads) or _state_unchanged(state, layout))
         ):
-            layout.grad_spec.check(layout.grad_params, present)  # type: ignore[union-attr]
+            layout.grads_packed = layout.grad_spec.check(layout.grad_params, present)  # type: ignore[union-attr]
             layout.state_reads = reads
             return layout
         with_grads = [p for p, g in zip(params, grads) if g is not None]
         spec = GradSpec.of(with_grads)
-        spec.check(with_grads, present)
+        packed = spec.check(with_grads, present)
         known = names()
         check_state_shapes(state, params, known)
         check_no_overlap(params, known)
         layout = self.layout = build(groups, rules, state, config, key, params, known, missing, shards_of,
                                      fragment_rule)
-        layout.grad_spec, layout.grad_params = spec, with_grads
+        layout.grad_spec, layout.grad_params, layout.grads_packed = spec, with_grads, packed
         layout.state_reads = getattr(state, "reads", None)
         return layout
 
@@ -262,48 +263,59 @@ def _add_tensor(b: Bucket, p: Tensor, state: dict[str, Tensor], master: bool, pi
     b.indices.append(position)
 
 
+_grad = operator.attrgetter("grad")
+
+
 def read_grads(params: list[Tensor], given: list[Tensor | None] | None = None
                ) -> tuple[list[Tensor | None], tuple[bool, ...]]:
     """Every parameter's ``.grad``, read once (or the ``given`` ones, a compiled graph's), and which are None (all
     True: no gradient at all). They are checked against their parameters by :meth:`LayoutCache.get`."""
-    grads = [p.grad for p in params] if given is None else given
-    missing = tuple([g is None for g in grads])
-    if any(missing):  # FSDP1 gives a rank none of some parameters: a size-0 one has no gradient, its piece is empty
-        grads = [p.new_empty(0) if g is None and p.numel() == 0 and p.requires_grad and getattr(
-            p, "_fsdp_flattened", False) else g for p, g in zip(params, grads)]
-        missing = tuple([g is None for g in grads])
-    return grads, missing
+    grads = list(map(_grad, params)) if given is None else list(given)
+    if not any(map(operator.is_, grads, itertools.repeat(None))):  # not `None in grads`: that calls Tensor.__eq__
+        return grads, (False,) * len(grads)
+    # FSDP1 gives a rank none of some parameters: a size-0 one has no gradient, its piece is empty
+    grads = [p.new_empty(0) if g is None and p.numel() == 0 and p.requires_grad and getattr(
+        p, "_fsdp_flattened", False) else g for p, g in zip(params, grads)]
+    return grads, tuple([g is None for g in grads])
 
 
 _shape = operator.attrgetter("shape")
-
-
-def _same_shapes(tensors: Sequence[Tensor], shapes: Sequence[torch.Size]) -> bool:
-    """Compared one by one: a list of 2,000 fresh torch.Size objects would wake the garbage collector."""
-    return len(tensors) == len(shapes) and all(map(operator.eq, map(_shape, tensors), shapes))
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_is_cpu = operator.attrgetter("is_cpu")
+_is_contiguous = Tensor.is_contiguous
 
 
 @dataclass(frozen=True)
 class GradSpec:
     """What every gradient must match: its parameter's shape and device (kept with the layout, whose
-    validity implies that the parameters still have them). A gradient of another dtype is converted
-    by the backends."""
+    validity implies that the parameters still have them). A gradient of another dtype, or one that is not
+    packed, is converted by the backends; the common case (all packed, each of its parameter's dtype) is
+    found in a few C-level passes over the list and read as it is."""
 
     shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
     all_cpu: bool
     devices: list[torch.device]
 
     @classmethod
     def of(cls, params: Sequence[Tensor]) -> GradSpec:
-        return cls([p.shape for p in params], all(p.is_cpu for p in params), [p.device for p in params])
+        return cls(list(map(_shape, params)), list(map(_dtype, params)), all(map(_is_cpu, params)),
+                   list(map(_device, params)))
 
-    def check(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        """List-wise in the common case; otherwise find the offender and raise (before any write)."""
-        if (
-            _same_shapes(grads, self.shapes) and not any([g.is_sparse for g in grads])
-            and (all([g.is_cpu for g in grads]) if self.all_cpu else [g.device for g in grads] == self.devices)
-        ):
-            return
+    def check(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+        """Whether every gradient is packed, of its parameter's dtype, shape and device (then the backends read
+        them as they are); otherwise find a gradient that cannot be used and raise (before any write), or return
+        False (some need a packed copy of the parameter's dtype)."""
+        try:
+            if (
+                list(map(_shape, grads)) == self.shapes and all(map(_is_contiguous, grads))
+                and list(map(_dtype, grads)) == self.dtypes
+                and (all(map(_is_cpu, grads)) if self.all_cpu else list(map(_device, grads)) == self.devices)
+            ):
+                return True
+        except RuntimeError:  # a sparse gradient has no is_contiguous: named below
+            pass
         for i, (p, g) in enumerate(zip(params, grads)):
             where = f"the gradient of parameter {i} (of those with gradients)"
             if g.is_sparse:
@@ -312,6 +324,7 @@ class GradSpec:
                 raise RuntimeError(f"{where} has shape {tuple(g.shape)}; its parameter has {tuple(p.shape)}.")
             if g.device != p.device:
                 raise RuntimeError(f"{where} is on {g.device} but its parameter is on {p.device}.")
+        return False
 
 
 def check_no_overlap(params: Sequence[Tensor], names: dict[int, str]) -> None:

@@ -332,7 +332,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             return self._join(loss)
         options = self._group_options()  # every (possibly edited) group value checked, callables evaluated
         layout = self._layout(params, grads, missing)  # slots made, masters refreshed, buckets checked
-        bucket_grads = [b.grads(grads) for b in layout.active]
+        bucket_grads = [b.grads(grads, layout.grads_packed) for b in layout.active]
         with no_host_reads(self.capturable):
             plan = self._plan(options, layout, bucket_grads)
             self._show(options)  # the first write: everything above only checks

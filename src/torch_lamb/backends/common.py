@@ -4,6 +4,7 @@ finite check, and the per-call object that carries a bucket's formed gradients f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,9 +36,13 @@ def narrowed(sums: Tensor) -> Tensor:
     """Squared sums summed in float64, as the backends hand them on: float32 unless that overflows (then
     float64). Deciding reads the CPU tensor; on another device, or without host reads, they stay float64."""
     if sums.is_cpu and host_reads_allowed():
-        narrow = sums.to(torch.float32)
-        return sums if bool(torch.isinf(narrow).any()) and not bool(torch.isinf(sums).any()) else narrow
+        # one read: float64 where a finite sum would round to inf in float32 and none is inf already
+        largest = float(torch.nan_to_num(sums, nan=0.0, posinf=math.inf).max()) if sums.numel() else 0.0
+        return sums if _FLOAT32_OVERFLOW <= largest < math.inf else sums.to(torch.float32)
     return sums
+
+
+_FLOAT32_OVERFLOW = float(torch.finfo(torch.float32).max) + 2.0**103  # float32's largest + half its ulp: rounds to inf
 
 
 def move_averages(bucket: Bucket, weight: float | Tensor) -> None:

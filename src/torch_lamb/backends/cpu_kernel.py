@@ -72,7 +72,7 @@ class GradientPipeline:
 
 
 def _ptrs(tensors: Sequence[Tensor]) -> array.array:
-    return array.array("q", [t.data_ptr() for t in tensors])
+    return array.array("q", list(map(Tensor.data_ptr, tensors)))
 
 
 def _addr(pointers: array.array | Tensor) -> int:
