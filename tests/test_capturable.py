@@ -414,10 +414,10 @@ def test_switching_capturable_off_hands_the_count_back_to_the_host():
 # ------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("lr", [torch.tensor([0.01]), torch.tensor(1), torch.tensor(0.01, requires_grad=True)],
-                         ids=["1-dim", "integer", "requires_grad"])
+@pytest.mark.parametrize("lr", [torch.tensor([0.01, 0.02]), torch.tensor(1), torch.tensor(0.01, requires_grad=True)],
+                         ids=["two-element", "integer", "requires_grad"])
 def test_a_bad_tensor_learning_rate_raises_before_any_change(lr):
-    with pytest.raises(ValueError, match="0-dim floating-point tensor"):
+    with pytest.raises(ValueError, match=r"Tensor lr must be 1-element: .*floating-point tensor"):
         Lamb([{"params": _params(), "lr": lr}], capturable=True)
     params = _params()
     opt = Lamb(params, capturable=True, weight_decay=0.1)
@@ -444,8 +444,23 @@ def test_the_constructor_takes_a_tensor_learning_rate_under_capturable():
     lr.fill_(0.5)
     opt.load_state_dict(sd)
     assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.02)
-    with pytest.raises(ValueError, match="0-dim floating-point tensor"):
-        Lamb(_params(), lr=torch.tensor([0.02]), capturable=True)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        Lamb(_params(), lr=torch.tensor([0.02, 0.01]), capturable=True)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_a_one_element_tensor_learning_rate_of_any_shape_is_read_in_place(shape):
+    """torch takes a tensor lr of any one-element shape; a scheduler's in-place write reaches the step."""
+    results = []
+    for lr in (torch.tensor(0.02), torch.tensor(0.02).reshape(shape)):
+        params = _params()
+        opt = Lamb(params, lr=lr, capturable=True, weight_decay=0.1)
+        _train(opt, params, _grads(2))
+        lr.fill_(0.005)
+        _train(opt, params, _grads(2))
+        assert opt.param_groups[0]["lr"] is lr
+        results.append(_snapshot(params, opt))
+    _assert_same_bits(results[1], results[0])
 
 
 def test_parameters_on_two_devices_raise_before_any_change():

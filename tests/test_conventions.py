@@ -178,8 +178,16 @@ def test_generators_duplicate_and_misspelt_groups():
     before = _flat(model)
     _train(model, opt, 2)
     assert all(not torch.equal(a, b) for a, b in zip(_flat(model).split([30, 5, 10, 2]), before.split([30, 5, 10, 2])))
-    with pytest.raises(ValueError, match="twice"):
-        Lamb([model[0].weight, model[0].weight])
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.warns(UserWarning, match="a parameter group with duplicate parameters; Lamb keeps the first"):
+        dup = Lamb([w, w], learning_rate=0.1)
+    assert dup.param_groups[0]["params"] == [w]
+    w.grad = torch.ones(3)
+    dup.step()  # one update, as for the tensor listed once
+    once = torch.nn.Parameter(torch.ones(3))
+    once.grad = torch.ones(3)
+    Lamb([once], learning_rate=0.1).step()
+    assert torch.equal(w, once) and not torch.equal(w, torch.ones(3))
     with pytest.raises(ValueError, match="did you mean 'weight_decay'"):
         Lamb([{"params": model[0].parameters(), "weight_decy": 0.1}])
 
@@ -405,9 +413,41 @@ def test_schedules_check_their_arguments_when_made(make):
         make()
 
 
-def test_explicit_fused_on_meta_or_float64_tensors_raises_naming_the_device_and_dtype():
-    meta, double = torch.empty(4, device="meta"), torch.zeros(4, dtype=torch.float64)
-    for p in (torch.nn.Parameter(meta), torch.nn.Parameter(double)):
-        p.grad = torch.ones_like(p)
-        with pytest.raises(ValueError, match=f"device {p.device}, dtype {p.dtype}"):
-            Lamb([p], fused=True).step()
+def test_fused_on_meta_raises_torchs_runtime_error_naming_the_parameter_and_changes_nothing():
+    p = torch.nn.Parameter(torch.empty(4, device="meta"))
+    p.grad = torch.ones_like(p)
+    opt = Lamb([p], fused=True)
+    with pytest.raises(RuntimeError, match=r"`fused=True` requires all the params to be floating point Tensors of "
+                                           r"supported devices: \['cpu'\]\. Received: parameter '0.0' on meta"):
+        opt.step()
+    assert opt.iterations == 0
+
+
+def test_an_optimizer_wide_option_in_every_group_is_the_optimizers_and_a_disagreement_is_refused_by_name():
+    """torch's tests and ZeroRedundancyOptimizer put constructor options in each group: one value in every
+    group is the optimizer's; groups that differ, or a group without it, are refused naming the option."""
+    options = {"use_ema": True, "ema_momentum": 0.9, "clipnorm": 0.5, "gradient_accumulation_steps": 2}
+    results = []
+    for in_groups in (False, True):
+        model = _model()
+        halves = [list(model[0].parameters()), list(model[2].parameters())]
+        if in_groups:
+            opt = Lamb([{"params": halves[0], **options}, {"params": halves[1], **options, "weight_decay": 0.0}],
+                       learning_rate=0.01)
+        else:
+            opt = Lamb([{"params": halves[0]}, {"params": halves[1], "weight_decay": 0.0}], learning_rate=0.01,
+                       **options)
+        assert (opt.use_ema, opt.ema_momentum, opt.clipnorm) == (True, 0.9, 0.5)
+        _train(model, opt, 4)
+        results.append(torch.cat([_flat(model), *[opt.state[p]["average"].flatten() for p in model.parameters()]]))
+    assert torch.equal(results[0], results[1])
+    model = _model()
+    with pytest.raises(ValueError, match=r"`clipnorm` is an optimizer-wide option: the param groups may carry it "
+                                         r"only with one value. Received: clipnorm=0.5, clipnorm=1.0 in param groups"):
+        Lamb([{"params": model[0].parameters(), "clipnorm": 0.5}, {"params": model[2].parameters(), "clipnorm": 1.0}])
+    with pytest.raises(ValueError, match=r"`use_ema` is an optimizer-wide option.*use_ema=False"):
+        Lamb([{"params": model[0].parameters(), "use_ema": True}, {"params": model[2].parameters()}])
+    opt = Lamb([{"params": model[0].parameters(), "clipnorm": 0.5}])
+    with pytest.raises(ValueError, match=r"`clipnorm` is an optimizer-wide option"):
+        opt.add_param_group({"params": model[2].parameters(), "clipnorm": 2.0})
+    assert len(opt.param_groups) == 1

@@ -166,11 +166,13 @@ def test_clipnorm_stays_per_tensor(implementation, split) -> None:
     torch.testing.assert_close(bank.detach(), SPLITS[split][2]([p.detach() for p in parts]), rtol=1e-6, atol=1e-7)
 
 
-def test_explicit_fused_refuses_slices_one_element_wide() -> None:
+def test_fused_takes_foreach_for_slices_one_element_wide() -> None:
     if "fused" not in impls.available():
         pytest.skip("no CPU kernel")
-    with pytest.raises(ValueError, match=r"implementation='fused' cannot update parameter 'experts.*contiguous runs"):
-        _train_sliced("fused", "per_index_dim2", {}, steps=1)
+    fused = _train_sliced("fused", "per_index_dim2", {}, steps=2)[0].detach()
+    foreach = _train_sliced("foreach", "per_index_dim2", {}, steps=2)[0].detach()
+    assert not torch.equal(fused, _bank(torch.float32))
+    assert torch.equal(fused, foreach)
 
 
 @pytest.mark.parametrize("split", ["per_index_dim0", "sizes_dim1"])

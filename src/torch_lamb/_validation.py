@@ -89,6 +89,9 @@ def learning_rate(name: str, value: Any) -> Any:
     """A non-negative number, a schedule (called with the step) or a zero-argument callable."""
     if callable(value) and not isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element: a tensor `{name}` holds one number. "
+                         f"Received: {name}=tensor of shape {tuple(value.shape)}")
     try:
         return number(name, value)
     except ValueError:
@@ -100,10 +103,12 @@ def learning_rate(name: str, value: Any) -> Any:
 
 def tensor_learning_rate(name: str, value: torch.Tensor, params: Any = ()) -> torch.Tensor:
     """A learning rate kept as a tensor (``capturable``: the step reads it on the device). Its form is checked
-    here; its value is not (reading it would be a host sync), so a negative one is the caller's to avoid."""
-    if value.dim() != 0 or not value.is_floating_point() or value.requires_grad:
+    here; its value is not (reading it would be a host sync), so a negative one is the caller's to avoid.
+    Returns a 0-dim view of it (torch takes any one-element shape)."""
+    if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
         raise ValueError(
-            f"A tensor `{name}` must be a 0-dim floating-point tensor that does not require grad. "
+            f"Tensor lr must be 1-element: a tensor `{name}` must be a one-element floating-point tensor that does "
+            "not require grad. "
             f"Received: {name}=tensor of shape {tuple(value.shape)}, dtype {value.dtype}, "
             f"requires_grad={value.requires_grad}"
         )
@@ -113,7 +118,7 @@ def tensor_learning_rate(name: str, value: torch.Tensor, params: Any = ()) -> to
             f"A tensor `{name}` must live on its parameters' device ({first.device}), where the step reads it "
             f"without a copy. Received: {name} on {value.device}"
         )
-    return value
+    return value if value.dim() == 0 else value.view(())
 
 
 def beta(name: str, value: Any) -> Any:

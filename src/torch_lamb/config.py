@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from . import _validation as check
 
 __all__ = ["COUNTER_GROUP_KEYS", "IMPLEMENTATIONS", "WEIGHT_DECAY_MODES", "ClipSpec", "GroupOptions", "LambConfig",
-           "check_group_keys", "implementation_choice", "normalize_group", "resolve_group"]
+           "adopt_group_options", "check_group_keys", "implementation_choice", "normalize_group", "resolve_group"]
 
 IMPLEMENTATIONS = ("auto", "reference", "foreach", "fused", "compiled", "triton")
 WEIGHT_DECAY_MODES = ("decoupled", "adaptive")
@@ -106,6 +107,27 @@ class LambConfig:
 
 
 OPTIMIZER_WIDE = tuple(f.name for f in dataclasses.fields(LambConfig))
+
+
+def adopt_group_options(params: Any, config: LambConfig) -> tuple[Any, LambConfig]:
+    """torch's convention: an optimizer-wide option that every param group carries, with one value, is the
+    optimizer's where the constructor left it at its default (torch's tests and ``ZeroRedundancyOptimizer``
+    build groups so). Groups that disagree, or carry it only in part, are refused later, by name."""
+    if isinstance(params, Iterator):
+        params = list(params)  # a generator is read once, as torch does
+    if not params or not all(isinstance(g, dict) for g in params):
+        return params, config
+    changes = {}
+    for field in dataclasses.fields(LambConfig):
+        values = [g[field.name] for g in params if field.name in g]
+        if len(values) < len(params) or not _same((getattr(config, field.name),), (field.default,)):
+            continue
+        if not all(_same((v,), (values[0],)) for v in values):
+            raise ValueError(f"`{field.name}` is an optimizer-wide option: the param groups may carry it only with "
+                             f"one value. Received: {', '.join(f'{field.name}={v!r}' for v in values)} in "
+                             f"param groups {list(range(len(values)))}")
+        changes[field.name] = values[0]
+    return params, (config.replace(**changes) if changes else config)
 
 
 def implementation_choice(implementation: Any, foreach: bool | None, fused: bool | None) -> str:
@@ -312,7 +334,8 @@ def learning_rate(name: str, value: Any, config: LambConfig) -> Any:
     """A learning rate: a number >= 0, a schedule or callable, or (``capturable``) a 0-dim tensor the step reads
     on the device (torch's convention)."""
     if config.capturable and isinstance(value, Tensor):
-        return check.tensor_learning_rate(name, value)
+        check.tensor_learning_rate(name, value)
+        return value  # the user's tensor (a scheduler may write it in place); the step reads a 0-dim view
     return check.learning_rate(name, value)
 
 
@@ -346,8 +369,12 @@ def new_group(param_group: dict[str, Any], defaults: dict[str, Any], config: Lam
         if p.is_complex() or not p.is_floating_point():
             raise ValueError(f"Lamb needs real floating-point parameters (view complex ones as real). "
                              f"Received dtype {p.dtype}.")
-    if len({id(p) for p in tensors}) != len(tensors):
-        raise ValueError("A param group lists the same parameter twice; each tensor may appear once.")
+    if len({id(p) for p in tensors}) != len(tensors):  # torch warns (github.com/pytorch/pytorch/issues/40967)
+        warnings.warn("optimizer contains a parameter group with duplicate parameters; Lamb keeps the first "
+                      "listing of each (one state and one update per tensor, where torch updates it twice).",
+                      UserWarning, stacklevel=4)
+        seen: set[int] = set()
+        group["params"] = [p for p, t in zip(params, tensors) if not (id(t) in seen or seen.add(id(t)))]
     check_group_keys(group, defaults, config)
     for key in ("beta_1", "beta_2"):  # callables stay out of checkpoints: the group holds their value
         value = group.get(key, defaults.get(key))

@@ -124,12 +124,12 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         if isinstance(params, torch.nn.Module):
             raise TypeError("`params` must be the parameters, not the module: pass `model.named_parameters()` "
                             f"(or `model.parameters()`). Received: {type(params).__name__}")
-        self._config = cfg.LambConfig.checked(
+        params, self._config = cfg.adopt_group_options(params, cfg.LambConfig.checked(
             clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm, use_ema=use_ema,
             ema_momentum=ema_momentum, ema_overwrite_frequency=ema_overwrite_frequency,
             loss_scale_factor=loss_scale_factor, gradient_accumulation_steps=gradient_accumulation_steps,
             implementation=cfg.implementation_choice(implementation, foreach, fused), capturable=capturable,
-            master_weights=master_weights, skip_nonfinite=skip_nonfinite)
+            master_weights=master_weights, skip_nonfinite=skip_nonfinite))
         learning_rate = checked_lr("learning_rate", _pick("learning_rate", learning_rate, "lr", lr), self._config)
         if betas is not None:
             if not isinstance(betas, (tuple, list)) or len(betas) != 2 or any(b is None for b in betas):

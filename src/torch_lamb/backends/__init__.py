@@ -11,9 +11,10 @@ EMA, master copy), reading every scalar from the call's :class:`~torch_lamb.plan
 
 ``implementation="auto"`` takes the first of :data:`AUTO_ORDER` (CPU tensors) or :data:`CUDA_AUTO_ORDER`
 (CUDA tensors: ``compiled``, for buckets of at most :data:`AUTO_COMPILED_MAX_ENTRIES` entries) that
-accepts a bucket, and ``foreach`` where a first-use compile fails; an explicit
-choice that a bucket cannot take raises a ``ValueError`` naming the parameters, device, dtype and
-reason, as torch does for ``fused=True`` on an unsupported device.
+accepts a bucket, and ``foreach`` where a first-use compile fails. ``fused`` follows torch's ``fused=True`` on
+the CPU: the kernel where it applies, ``foreach`` (the same numbers) for the float64, strided or capturable
+buckets that torch's fused kernels also take; on another device it raises torch's ``RuntimeError``. Any other
+explicit choice that a bucket cannot take raises a ``ValueError`` naming the parameter, device, dtype and reason.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ BACKENDS: dict[str, Backend] = {
 }
 assert set(IMPLEMENTATIONS) == {"auto", *BACKENDS}, "config.IMPLEMENTATIONS names the backends"
 AUTO_ORDER = ("fused", "foreach")  # CPU tensors: the C kernel
+FUSED_ORDER = ("fused", "foreach")  # as torch's fused=True on CPU: float64, strided or capturable buckets too
 CUDA_AUTO_ORDER = ("compiled", "foreach")  # GPU tensors: inductor's fused Triton kernels, compiled at first use
 # Under "auto", "compiled" takes a bucket of at most this many entries: its first-use compile grows with them
 # (about 100 s for BERT-base's 200 on a CPU), and a model of thousands of small tensors is better on foreach.
@@ -47,8 +49,15 @@ _failed: set[tuple[str, str]] = set()  # (backend, device type) whose compile fa
 def select(bucket: Bucket, config: LambConfig) -> tuple[Backend, object]:
     """The backend for ``bucket`` and its prepared handle (raises for an explicit choice it cannot honour)."""
     choice = config.implementation
-    if choice != "auto":
-        order: tuple[str, ...] = (choice,)
+    if choice == "fused" and bucket.device.type != "cpu":
+        raise RuntimeError(  # torch's wording for fused=True on a device its fused kernels do not cover
+            f"`fused=True` requires all the params to be floating point Tensors of supported devices: ['cpu']. "
+            f"Received: parameter {bucket.names[0]!r} on {bucket.device} (torch_lamb's fused backend is its CPU "
+            "kernel; on CUDA use implementation='compiled' or 'triton').")
+    if choice == "fused" and cpu_kernel.unavailable() is None:
+        order: tuple[str, ...] = FUSED_ORDER
+    elif choice != "auto":
+        order = (choice,)
     elif bucket.device.type == "cuda" and len(bucket.weights) <= AUTO_COMPILED_MAX_ENTRIES:
         order = CUDA_AUTO_ORDER
     else:
@@ -60,7 +69,7 @@ def select(bucket: Bucket, config: LambConfig) -> tuple[Backend, object]:
         reason = backend.refuses(bucket, config)
         if reason is None:
             return backend, backend.prepare(bucket)
-        if choice != "auto":
+        if choice != "auto" and name == order[-1]:
             p = bucket.owners[0]
             raise ValueError(
                 f"implementation={choice!r} cannot update parameter {bucket.names[0]!r} (device {p.device}, "
