@@ -35,6 +35,18 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert by_name["adamw-fused"]["ratio_spread"] == [1.0, 1.0, 1.0]
     assert by_name["floor"]["floor_spread"] == pytest.approx([1.0, 1.0, 1.0])
     assert report["cpu"] and report["threads"] == 1
+    assert report["import"] is None  # timed only without --case (or with --import-rounds)
+    (scaler,) = [c for c in case["scaler_vs_plain"] if c["row"] == "lamb-fused-scaler"]
+    low, mid, high = scaler["ratio_spread"]
+    assert scaler["vs"] == "lamb-fused" and scaler["ratio"] > 0 and 0 < low <= mid <= high
+
+
+def test_bench_times_the_import_in_fresh_interpreters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--case", "tiny", "--rounds", "1", "--rows", "floor", "--import-rounds", "1", "--json",
+                       "--no-progress"]) == 0
+    imported = json.loads(capsys.readouterr().out)["import"]
+    assert imported["rounds"] == 1 and imported["torch_s"] > 0 and imported["torch_lamb_s"] > 0
+    assert imported["ratio"] == pytest.approx(imported["torch_lamb_s"] / imported["torch_s"])
 
 
 def test_bench_warns_when_rounds_disagree(capsys: pytest.CaptureFixture[str]) -> None:

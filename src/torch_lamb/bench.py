@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,8 +87,8 @@ CASES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "tiny": lambda: [(64, 64), (64,), (1000,)],
 }
 DEFAULT_ROWS = ["lamb-fused", "lamb-fused-sliced", "lamb-fused-skip", "lamb-fused-master", "lamb-foreach",
-                "lamb-compiled", "lamb-fused-all", "lamb-foreach-all", "adamw-fused", "adamw-foreach", "timm-lamb",
-                "floor"]
+                "lamb-compiled", "lamb-fused-all", "lamb-foreach-all", "lamb-fused-scaler", "adamw-fused",
+                "adamw-fused-scaler", "adamw-foreach", "timm-lamb", "floor"]
 LARGE_ROWS = ["lamb-fused", "lamb-foreach", "adamw-fused", "floor"]  # bert-large: fits in 24 GiB
 CASE_ROWS = {
     "bert-large": LARGE_ROWS,
@@ -96,8 +97,9 @@ CASE_ROWS = {
     "small-many": [r for r in DEFAULT_ROWS if r != "lamb-compiled"],
 }
 SLICED, PER_TENSOR = "lamb-fused-sliced", "lamb-fused"  # the report gives the cost of the one over the other
+PAIRS = [(SLICED, PER_TENSOR), ("lamb-fused-scaler", "lamb-fused"), ("adamw-fused-scaler", "adamw-fused")]
 QUICK_CASES = ["small-many", "bert-base"]  # --quick: these cases, 3 rounds, QUICK_ROWS for bert-base
-QUICK_ROWS = ["lamb-fused", "lamb-fused-all", "adamw-fused", "floor"]
+QUICK_ROWS = ["lamb-fused", "lamb-fused-all", "lamb-fused-scaler", "adamw-fused", "adamw-fused-scaler", "floor"]
 QUICK_ROUNDS = 3
 # measured (docs/performance.md, The benchmark)
 QUICK_COST = "40 s on 2 idle cores, 2.5 minutes on a busy machine; peaks at 5.6 GB of memory"
@@ -221,6 +223,8 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
             impl = {"fused": "auto"}.get(name.split("-")[1], name.split("-")[1])  # lamb-fused: the default
             kw: dict[str, Any] = {}
             calls = 1
+            if name.endswith("-scaler"):
+                kw = {}
             if name.endswith("-all"):
                 kw = {"gradient_accumulation_steps": 2, "global_clipnorm": 1.0, "use_ema": True}
                 calls = 2
@@ -242,11 +246,13 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
                 for _ in range(calls):
                     opt.step()
 
-            rows.append(_Row(name, step, nominal_bytes(name, dtype), _state_bytes(opt), opt))
+            rows.append(_Row(name, _scaled(opt) if name.endswith("-scaler") else step, nominal_bytes(name, dtype),
+                             _state_bytes(opt), opt))
         elif name.startswith("adamw-"):
-            flag = {"fused": True} if name == "adamw-fused" else {"foreach": True}
+            flag = {"fused": True} if name.startswith("adamw-fused") else {"foreach": True}
             opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **flag)
-            rows.append(_Row(name, opt.step, nominal_bytes(name, dtype), _state_bytes(opt)))
+            rows.append(_Row(name, _scaled(opt) if name.endswith("-scaler") else opt.step,
+                             nominal_bytes(name, dtype), _state_bytes(opt)))
         elif name == "timm-lamb":
             timm_lamb = load_timm_lamb()
             if timm_lamb is None:
@@ -259,6 +265,21 @@ def _make_rows(names: list[str], params: list[torch.Tensor], numel: int) -> list
         else:
             raise ValueError(f"unknown row {name!r}; known: {DEFAULT_ROWS}")
     return rows
+
+
+def _scaled(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """A step through ``torch.amp.GradScaler`` (``scaler.step(opt)``, then ``update()``). Its scale stays 1, so
+    that the gradients keep their values from round to round whichever path unscales them."""
+    scaler = torch.amp.GradScaler(next(p.device.type for g in opt.param_groups for p in g["params"]),
+                                  init_scale=1.0, growth_interval=2**30)
+
+    scaler.scale(torch.zeros(()))  # GradScaler makes its scale when it first scales a loss
+
+    def step() -> None:
+        scaler.step(opt)
+        scaler.update()
+
+    return step
 
 
 def _floor_row(params: list[torch.Tensor], numel: int) -> _Row:
@@ -279,6 +300,24 @@ def _floor_row(params: list[torch.Tensor], numel: int) -> _Row:
         return (time.perf_counter() - t0) * reps
 
     return _Row("floor", copy_floor, LAMB_BPP, lambda: 8 * n)
+
+
+def import_times(rounds: int) -> dict[str, Any]:
+    """``from torch_lamb import Lamb`` against ``import torch``, each in a fresh interpreter, one after the other
+    in each round (the same machine load): medians, and the ratio's spread over the rounds."""
+    def once(statement: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", statement], check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+    torch_s, lamb_s = [], []
+    for i in range(rounds):
+        torch_s.append(once("import torch"))
+        lamb_s.append(once("from torch_lamb import Lamb"))
+        progress(f"  import round {i + 1}/{rounds}: torch {torch_s[-1]:.2f} s, torch_lamb {lamb_s[-1]:.2f} s")
+    return {"rounds": rounds, "torch_s": statistics.median(torch_s), "torch_lamb_s": statistics.median(lamb_s),
+            "ratio": statistics.median(lamb_s) / statistics.median(torch_s),
+            "ratio_spread": _spread([a / b for a, b in zip(lamb_s, torch_s)])}
 
 
 def _cold_compile_s() -> float | None:
@@ -383,13 +422,12 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
             "trust_ratios": row.trust_ratios,
         })
     by_name = {r.name: r for r in table}
-    sliced_cost = None
-    if SLICED in by_name and PER_TENSOR in by_name:  # timed in the same rounds, one right after the other
-        sliced, per_tensor = by_name[SLICED].times, by_name[PER_TENSOR].times
-        per_round = [a / b for a, b in zip(sliced, per_tensor)]
-        sliced_cost = {"row": SLICED, "vs": PER_TENSOR,
-                       "ratio": statistics.median(sliced) / statistics.median(per_tensor),
-                       "ratio_spread": _spread(per_round)}
+    pairs = {}
+    for row, against in PAIRS:
+        if row in by_name and against in by_name:  # timed in the same rounds, one right after the other
+            a, b = by_name[row].times, by_name[against].times
+            pairs[row] = {"row": row, "vs": against, "ratio": statistics.median(a) / statistics.median(b),
+                          "ratio_spread": _spread([x / y for x, y in zip(a, b)])}
     return {
         "case": case,
         "dtype": str(dtype).removeprefix("torch."),
@@ -401,7 +439,8 @@ def run_case(case: str, rounds: int, rows: list[str] | None, dtype: torch.dtype 
         "rss_base_mb": rss_base,
         "peak_rss_mb": max(peak, _rss_mb("VmHWM")),
         "rows": out_rows,
-        "sliced_vs_per_tensor": sliced_cost,
+        "sliced_vs_per_tensor": pairs.get(SLICED),
+        "scaler_vs_plain": [pairs[r] for r, _ in PAIRS if r != SLICED and r in pairs],
     }
 
 
@@ -442,11 +481,12 @@ def _print(result: dict[str, Any]) -> None:
         print(f"{r['name']:<18}{r['median_ms']:>11.1f}{ratio:>10}{' ' + _spread_text(spread):>18}{r['gb_per_s']:>8.1f}"
               f"{r['bytes_per_param']:>9}{floor:>10}{' ' + _spread_text(floor_spread):>18}{r['state_mb']:>10.0f}"
               f"{r['transient_mb']:>14.1f}{r['first_step_ms']:>10.1f}{count if count is not None else '-':>8}")
-    cost = result.get("sliced_vs_per_tensor")
-    if cost:
-        low, mid, high = cost["ratio_spread"]
-        print(f"{cost['row']} vs {cost['vs']} (per-slice vs per-tensor trust ratios): {cost['ratio']:.3f}x "
-              f"(per round {low:.3f}-{high:.3f}, median {mid:.3f})")
+    for cost, what in ((result.get("sliced_vs_per_tensor"), "per-slice vs per-tensor trust ratios"),
+                       *((c, "a GradScaler step vs a plain step") for c in result.get("scaler_vs_plain", []))):
+        if cost:
+            low, mid, high = cost["ratio_spread"]
+            print(f"{cost['row']} vs {cost['vs']} ({what}): {cost['ratio']:.3f}x "
+                  f"(per round {low:.3f}-{high:.3f}, median {mid:.3f})")
     print(f"RSS: {result['rss_base_mb']:.0f} MB with params+grads, "
           f"peak {result['peak_rss_mb']:.0f} MB (all rows)")
     for against, names in (("AdamW", noisy), ("the floor", noisy_floor)):
@@ -470,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the parameters and gradients (Lamb's state stays float32; default float32)")
     ap.add_argument("--rows", default=None, help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)})")
+    ap.add_argument("--import-rounds", type=int, default=None,
+                    help="rounds of the import timing, in fresh interpreters (default: 5 without --case, else 0)")
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                     help="write JSON to FILE (or stdout when no FILE)")
     args = ap.parse_args(argv)
@@ -482,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             ap.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.import_rounds is None:
+        args.import_rounds = 0 if args.case else 5
+    if args.import_rounds < 0:
+        ap.error("--import-rounds must be >= 0")
     rows = args.rows.split(",") if args.rows else None
     for r in rows or ():
         if r not in DEFAULT_ROWS:
@@ -504,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [run_case(c, args.rounds, rows or (QUICK_ROWS if args.quick and c == "bert-base" else None),
                            getattr(torch, args.dtype))
                   for c in (args.case or (QUICK_CASES if args.quick else ["bert-base", "small-many"]))],
+        "import": import_times(args.import_rounds) if args.import_rounds else None,
     }
     if args.json == "-":
         print(json.dumps(report, indent=1))
@@ -513,6 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         print(status)
         for c in report["cases"]:
             _print(c)
+        if report["import"]:
+            imp = report["import"]
+            low, mid, high = imp["ratio_spread"]
+            print(f"\nimport: `from torch_lamb import Lamb` {imp['torch_lamb_s']:.2f} s vs `import torch` "
+                  f"{imp['torch_s']:.2f} s in fresh interpreters: {imp['ratio']:.3f}x "
+                  f"(per round {low:.3f}-{high:.3f}, median {mid:.3f}; {plural(imp['rounds'], 'round')})")
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

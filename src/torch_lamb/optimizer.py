@@ -5,7 +5,7 @@ never itself: the options live in a frozen :class:`~torch_lamb.config.LambConfig
 :class:`~torch_lamb.clock.StepClock`, each call's scalars come from the pure :func:`~torch_lamb.plan.plan_step`
 and :func:`torch_lamb.engine.run` runs them over the cached layout. The pipeline follows Keras's order::
 
-    unscale (loss_scale_factor) -> accumulate -> clip -> decay -> LAMB -> EMA -> count
+    unscale (GradScaler's hand-off, loss_scale_factor) -> accumulate -> clip -> decay -> LAMB -> EMA -> count
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _validation as check
-from . import compiled_step, engine, rules
+from . import amp, compiled_step, engine, rules
 from . import config as cfg
 from .checkpoint import COUNTER_KEYS, check_state_dict, counters_in, restore_groups, restore_state, write_counters
 from .clock import StepClock
@@ -97,6 +97,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         skip_nonfinite: a call whose gradients hold inf or NaN changes nothing.
     """
 
+    _step_supports_amp_scaling = property(lambda self: amp.takes_hand_off(self.capturable))  # torch_lamb.amp
     clipnorm = _Option()
     clipvalue = _Option()
     global_clipnorm = _Option()
@@ -267,8 +268,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         ``dim`` alone: one ratio per index along ``dim``; with ``sizes``: chunks of those sizes along ``dim``,
         optionally named by ``labels`` (telemetry reports ``name.q``, else ``name[0]``). ``dim=None`` gives them
         one ratio again. Parameters are selected as in :meth:`exclude_from_weight_decay`; each call sets the rule
-        of the parameters it selects and leaves the others'. Every parameter is checked before any changes.
-        """
+        of the parameters it selects and leaves the others'. Every parameter is checked before any changes."""
         if not var_list and not var_names:
             raise ValueError("set_trust_ratio_slices: give the parameters to slice (`var_list` and/or `var_names`).")
         if dim is None and (sizes is not None or labels is not None):
@@ -281,8 +281,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
 
     @torch.no_grad()
     def finalize_variable_values(self, var_list: Iterable[Tensor] | None = None) -> None:
-        """Copy the moving averages into the parameters (all of them, or those given); under a sharding engine,
-        call it on every rank."""
+        """Copy the moving averages into the parameters (all, or those given); under an engine, on every rank."""
         params = self._all_params() if var_list is None else list(var_list)
         pairs = [(p, a) for p in params if (a := dict.get(self.state, p, {}).get(AVERAGE)) is not None]
         if not self.use_ema or not pairs:
@@ -326,15 +325,16 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     def _step(self, closure: Callable[[], Any] | None, given_grads: list[Tensor | None] | None = None) -> Any:
         """The eager step (``given_grads``: the gradients a compiled graph hands over; else ``p.grad`` is read)."""
         loss = _call(closure)
+        skip, unscale = amp.handed_over(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         params = self._all_params()
         grads, missing = read_grads(params, given_grads)
-        if all(missing):  # torch.optim's convention: a call without gradients is a no-op (an engine's rank joins)
-            return self._join(loss)
+        if skip or all(missing):  # GradScaler found inf; or no gradients: torch's no-op (an engine's rank joins)
+            return loss if skip else self._join(loss)
         options = self._group_options()  # every (possibly edited) group value checked, callables evaluated
         layout = self._layout(params, grads, missing)  # slots made, masters refreshed, buckets checked
         bucket_grads = [b.grads(grads, layout.grads_packed) for b in layout.active]
         with no_host_reads(self.capturable):
-            plan = self._plan(options, layout, bucket_grads)
+            plan = self._plan(options, layout, bucket_grads, unscale)
             self._show(options)  # the first write: everything above only checks
             records = engine.run(layout.active, layout.idle, bucket_grads, plan, self.implementation == "auto",
                                  self._finite, self._engine)
@@ -343,18 +343,18 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         self._after_step(params)
         return loss
 
-    def _plan(self, options: tuple[cfg.GroupOptions, ...], layout: Layout, grads: list[list[Tensor]]) -> Any:
-        found = found_nonfinite(layout.active, grads, self.loss_scale_factor, self._clock.on_device,
-                                self._engine) if self.skip_nonfinite else None
-        return plan_step(self._config, options, self._clock, found, layout.active[0].momentums[0].dtype)
+    def _plan(self, options: tuple[cfg.GroupOptions, ...], layout: Layout, grads: list[list[Tensor]],
+              unscale: float | None) -> Any:  # the finite check reads the gradients still scaled by both
+        found = found_nonfinite(layout.active, grads, (self.loss_scale_factor or 1.0) / (unscale or 1.0),
+                                self._clock.on_device, self._engine) if self.skip_nonfinite else None
+        return plan_step(self._config, options, self._clock, found, layout.active[0].momentums[0].dtype, unscale)
 
     def _advance(self, plan: Any) -> None:
         if self._engine is None or self._engine.clock_ticks():  # DeepSpeed: one engine step is several calls
             plan.advance(self._clock)
 
     def _join(self, loss: Any) -> Any:
-        """A rank with nothing to step joins the collectives of an engine that sums the call's global quantities
-        over its ranks (``ZeroRedundancyOptimizer``), and counts the call as they do."""
+        """A rank with nothing to step joins its engine's collectives (ZeRO) and counts the call as they do."""
         if self._engine is not None and self._engine.global_reduce is not None:
             self._advance(engine.join(self._config, self._group_options(), self._clock, self._engine))
         return loss

@@ -55,6 +55,7 @@ class StepPlan:
     found: bool | Tensor = False  # skip_nonfinite: the call's gradients hold inf or NaN
     applied: bool | Tensor = True  # an updating call applies its update (False or a device flag: it is empty)
     window: int | Tensor | None = None  # skip_nonfinite: the window's finite micro-steps including this call
+    unscale: float | None = None  # GradScaler's hand-off: g * unscale (rounded to g's dtype), before loss_scale
 
     def advance(self, clock: StepClock) -> None:
         """Count this call once it has run."""
@@ -68,9 +69,10 @@ def _steady_weight(config: LambConfig) -> float:
 
 
 def plan_step(config: LambConfig, groups: tuple[GroupOptions, ...], clock: StepClock,
-              found: bool | Tensor | None = None, dtype: torch.dtype = torch.float32) -> StepPlan:
+              found: bool | Tensor | None = None, dtype: torch.dtype = torch.float32,
+              unscale: float | None = None) -> StepPlan:
     """The plan of the next call (``found``: ``skip_nonfinite``'s verdict; ``dtype``: the state's, for the masked
-    device scalars)."""
+    device scalars; ``unscale``: GradScaler's inverse scale, handed over)."""
     call = clock.host_calls
     n = config.gradient_accumulation_steps
     updating = not n or (call + 1) % n == 0
@@ -79,6 +81,7 @@ def plan_step(config: LambConfig, groups: tuple[GroupOptions, ...], clock: StepC
         call=call, updating=updating, accumulating=bool(n), loss_scale=config.loss_scale_factor,
         accumulation=float(n) if n and updating else None, clip=config.clip, scalars=None, ema_weight=None,
         overwrite=bool(config.use_ema and frequency and ((call // n if n else call) + 1) % frequency == 0),
+        unscale=unscale,
     )
     if clock.on_device:
         return _device_plan(plan, config, groups, clock, found, dtype)

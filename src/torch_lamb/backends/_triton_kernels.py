@@ -79,8 +79,16 @@ def _pass1_block(index, n, g_ptr, m_ptr, v_ptr, w_ptr, a_ptr, factor, decayed, s
                  TAIL: tl.constexpr):
     """One block of pass 1; returns its squares of ``w'`` and ``u`` (of the formed gradient with MEASURE),
     float64, 0 outside the tensor."""
-    t = _load(g_ptr, index, n, TAIL).to(S_TYPE)
-    if LOSS_SCALE:
+    t = _load(g_ptr, index, n, TAIL)
+    if LOSS_SCALE >= 2:  # GradScaler's hand-off: g * (1/scale), rounded to a bfloat16 g's dtype as unscale_ writes
+        if t.dtype == tl.float64:
+            t = t * tl.load(s + 14).to(tl.float64)
+        elif t.dtype == tl.bfloat16:
+            t = _narrow(t.to(tl.float32) * tl.load(s + 14), tl.bfloat16)
+        else:
+            t = t.to(tl.float32) * tl.load(s + 14)
+    t = t.to(S_TYPE)
+    if LOSS_SCALE == 1 or LOSS_SCALE == 3:  # 1: loss_scale_factor; 2: the hand-off; 3: both
         t = _div(t, tl.load(s + 9).to(S_TYPE), S_TYPE)
     if ACCUMULATE:
         t = _div(_load(a_ptr, index, n, TAIL) + t, tl.load(s + 10).to(S_TYPE), S_TYPE)

@@ -18,7 +18,7 @@ from ..functional import TrustStats, foreach_lerp_
 from ..plan import StepPlan
 
 __all__ = ["TorchCall", "TorchOpsBackend", "bad_gradients", "finish_update", "move_averages", "narrowed",
-           "norm_dtype", "overwrite_with_averages", "reset_accumulators", "state_grads"]
+           "norm_dtype", "overwrite_with_averages", "reset_accumulators", "state_grads", "unscaled"]
 
 
 def norm_dtype(t: Tensor) -> torch.dtype:
@@ -30,6 +30,15 @@ def state_grads(bucket: Bucket, grads: list[Tensor]) -> tuple[list[Tensor], bool
     """The gradients in the state's dtype (float16/bfloat16 widened to float32), packed, and whether they are
     copies."""
     return dense(grads, bucket.momentums[0].dtype)
+
+
+def unscaled(grads: list[Tensor], unscale: float | None) -> list[Tensor]:
+    """GradScaler's hand-off: ``g * unscale`` in g's dtype, as ``unscale_`` writes it (new tensors; ``grads``
+    when there is nothing to unscale). float16 ones in float32: ``unscale_`` refuses them, as they would
+    underflow."""
+    if unscale is None:
+        return grads
+    return list(torch._foreach_mul([g.float() if g.dtype == torch.float16 else g for g in grads], unscale))
 
 
 def narrowed(sums: Tensor) -> Tensor:

@@ -42,10 +42,10 @@ from .foreach import ForeachBackend
 __all__ = ["SCALARS", "CompiledBackend", "ScalarVector", "scalar_values", "trust_ratios", "unavailable"]
 
 # the per-step scalars, by position in the vector
-LR, B1C, B2C, BC1, BC2, EPS, DECAY, AWD, EMA, LOSS, ACC, CLIP, LOW, HIGH = range(14)
+LR, B1C, B2C, BC1, BC2, EPS, DECAY, AWD, EMA, LOSS, ACC, CLIP, LOW, HIGH, UNSCALE = range(15)
 SCALARS = ("lr", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_1", "bias_correction_2", "epsilon",
           "decay_factor", "adaptive_weight_decay", "ema_weight", "loss_scale", "accumulation", "clipvalue",
-          "min_trust_ratio", "max_trust_ratio")
+          "min_trust_ratio", "max_trust_ratio", "unscale")
 
 
 def unavailable(device_type: str = "cpu") -> str | None:
@@ -71,6 +71,7 @@ class Features:
     """What a bucket's graphs compile in (a change compiles new graphs)."""
 
     loss_scale: bool
+    unscale: str | None  # GradScaler's hand-off: "bfloat16" (rounded to it, as unscale_ writes), "float32", "float64"
     accumulate: bool
     clip: str | None  # "value", "factors" or None
     decay: tuple[bool, ...]  # decoupled decay, per entry
@@ -87,6 +88,11 @@ def _formed(f: Features, grads: Sequence[Tensor], accs: Sequence[Tensor], factor
     """The gradients the update uses: unscaled, accumulated (the accumulators zeroed when ``consume``), clipped."""
     out = []
     for i, g in enumerate(grads):
+        if f.unscale == "float64":
+            g = g * s[UNSCALE].to(torch.float64)
+        elif f.unscale is not None:
+            g = g.to(torch.float32) * s[UNSCALE]
+            g = g.to(torch.bfloat16) if f.unscale == "bfloat16" else g
         t = g.to(dtype)
         if f.loss_scale:
             t = t / s[LOSS].to(dtype)
@@ -345,7 +351,7 @@ def scalar_values(bucket: Bucket, plan: StepPlan) -> dict[str, float | Tensor | 
         values.update({k: getattr(s, k) for k in SCALARS[:8]})
         values.update(min_trust_ratio=s.min_trust_ratio, max_trust_ratio=s.max_trust_ratio)
     values.update(ema_weight=plan.ema_weight, loss_scale=plan.loss_scale, accumulation=plan.accumulation,
-                  clipvalue=plan.clip.value if plan.clip.kind == "value" else None)
+                  clipvalue=plan.clip.value if plan.clip.kind == "value" else None, unscale=plan.unscale)
     return values
 
 
@@ -367,6 +373,9 @@ class CompiledBackend(TorchOpsBackend):
         call.ready(clipping)
 
 
+_UNSCALED_IN = {torch.bfloat16: "bfloat16", torch.float64: "float64"}  # float16 ones stay float32 (no underflow)
+
+
 def _flags(bucket: Bucket, plan: StepPlan, factors: bool) -> tuple[Any, ...]:
     """What of this call decides the graphs (a few bools), with its :class:`Features` made once per bucket (the
     masks are fixed while the layout holds, so a step never rebuilds or hashes them)."""
@@ -377,13 +386,14 @@ def _flags(bucket: Bucket, plan: StepPlan, factors: bool) -> tuple[Any, ...]:
         s is not None and s.decay_factor is not None, s is not None and s.adaptive_weight_decay is not None,
         s is not None and s.min_trust_ratio is not None, s is not None and s.max_trust_ratio is not None,
         plan.ema_weight is not None,
+        None if plan.unscale is None else _UNSCALED_IN.get(bucket.owners[0].dtype, "float32"),
     )
     graphs: _Graphs = bucket.handle
     if flags not in graphs.features:
         n = len(bucket.weights)
         decay, off = tuple(bucket.decay_mask), (False,) * n
         graphs.features[flags] = Features(
-            loss_scale=flags[0], accumulate=flags[1], clip=flags[2],
+            loss_scale=flags[0], unscale=flags[8], accumulate=flags[1], clip=flags[2],
             decay=decay if flags[3] else off, adaptive=decay if flags[4] else off,
             adapt=tuple(bucket.adapt_mask) if bucket.adapt_mask is not None else (True,) * n,
             low=bucket.weights[0].dtype in LOW_PRECISION, bounds=(flags[5], flags[6]), ema=flags[7],

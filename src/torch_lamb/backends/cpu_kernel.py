@@ -61,11 +61,13 @@ def dtype_code(dtype: torch.dtype) -> int | None:
 class GradientPipeline:
     """How pass 1 forms each gradient, in Keras's order (each step optional).
 
-    ``t = g / loss_scale``; ``t = (acc + t) / accumulation_steps`` (then acc is zeroed);
-    ``t = clamp(t, -clipvalue, clipvalue)``; ``t = t * clip_factors[i]`` (clipnorm, global_clipnorm).
+    ``t = g * unscale`` (GradScaler's hand-off; rounded to a bfloat16 g's dtype); ``t = t / loss_scale``;
+    ``t = (acc + t) / accumulation_steps`` (then acc is zeroed); ``t = clamp(t, -clipvalue, clipvalue)``;
+    ``t = t * clip_factors[i]`` (clipnorm, global_clipnorm).
     """
 
     loss_scale: float | None = None
+    unscale: float | None = None
     accumulation_steps: float | None = None
     clipvalue: float | None = None
     clip_factors: Tensor | None = None  # float32, one per tensor
@@ -191,7 +193,7 @@ class KernelBucket:
             b.group, b.slots = self.group.data_ptr(), self.slots
         if self.adapt_mask is not None:
             b.adapt_mask = self.adapt_mask.data_ptr()
-        b.nthreads = _threads(self.numel)
+        b.nthreads, b.unscale, b.bf16_unscale = _threads(self.numel), 1.0, 1.0
         return b, keep
 
     def _pointers(self, tensors: Sequence[Tensor]) -> array.array | Tensor:
@@ -208,10 +210,21 @@ class KernelBucket:
                 b.flags |= self.flags[flag]
                 setattr(b, name, value)
 
+    def _scaling(self, b: _Struct, loss_scale: float | None, unscale: float | None) -> None:
+        """``unscale`` (GradScaler's) is a field every pass applies (1 without it), so that a handed-over step
+        runs the code, and so the sums, of a step on unscaled gradients; the loss scale is a flag."""
+        if unscale is not None:
+            if b.g_dtype == self.flags["DT_BF16"]:
+                b.bf16_unscale = unscale  # rounded to bfloat16 as it is widened, as unscale_ writes it
+            else:
+                b.unscale = unscale
+        self._options(b, ("F_LOSS_SCALE", "loss_scale", loss_scale))
+
     def _pipeline(self, b: _Struct, keep: list[object], pipe: GradientPipeline | None) -> None:
         if pipe is None:
             return
-        self._options(b, ("F_LOSS_SCALE", "loss_scale", pipe.loss_scale), ("F_CLIPVALUE", "clipvalue", pipe.clipvalue),
+        self._scaling(b, pipe.loss_scale, pipe.unscale)
+        self._options(b, ("F_CLIPVALUE", "clipvalue", pipe.clipvalue),
                       ("F_ACCUMULATE", "accumulation_steps", pipe.accumulation_steps))
         if pipe.accumulation_steps is not None:
             if self.acc is None:
@@ -280,18 +293,18 @@ class KernelBucket:
                          grad_table: array.array | Tensor | None = None) -> Tensor:
         """Per tensor, the sum of squares (float64) of the gradients ``pipeline`` forms, before clipping."""
         b, keep = self._struct(None, grads, grad_table)
-        self._pipeline(b, keep, GradientPipeline(pipeline.loss_scale, pipeline.accumulation_steps))
+        self._pipeline(b, keep, GradientPipeline(pipeline.loss_scale, pipeline.unscale, pipeline.accumulation_steps))
         sums = torch.empty(2 * self.slots, dtype=torch.float64)
         b.sums = sums.data_ptr()
         call_kernel("lamb_grad_sums", b)
         return sums[: self.slots]
 
     def accumulate(self, grads: Sequence[Tensor], loss_scale: float | None,
-                   grad_table: array.array | Tensor | None = None) -> None:
-        """``acc += g`` (``g / loss_scale`` with a loss scale), in one pass."""
+                   grad_table: array.array | Tensor | None = None, unscale: float | None = None) -> None:
+        """``acc += g`` (``g * unscale / loss_scale`` where given), in one pass."""
         b, _keep = self._struct(None, grads, grad_table)
         b.acc = _addr(self.acc)
-        self._options(b, ("F_LOSS_SCALE", "loss_scale", loss_scale))
+        self._scaling(b, loss_scale, unscale)
         call_kernel("lamb_accumulate", b)
 
     def count_bad(self, grads: Sequence[Tensor], limit: float,
@@ -410,18 +423,18 @@ class KernelCall:
 
     def accumulate(self) -> None:
         assert self.plan is not None
-        self.bucket.handle.accumulate(self.readable, self.plan.loss_scale, self.table)
+        self.bucket.handle.accumulate(self.readable, self.plan.loss_scale, self.table, self.plan.unscale)
 
     def grad_squares(self) -> Tensor:
         assert self.plan is not None
-        pipeline = GradientPipeline(self.plan.loss_scale, self.plan.accumulation)
+        pipeline = GradientPipeline(self.plan.loss_scale, self.plan.unscale, self.plan.accumulation)
         return narrowed(self.bucket.handle.gradient_squares(self.readable, pipeline, self.table))
 
     def update(self, clip_factors: Tensor | None) -> TrustStats:
         plan, bucket = self.plan, self.bucket
         assert plan is not None and plan.scalars is not None
         pipeline = GradientPipeline(
-            loss_scale=plan.loss_scale, accumulation_steps=plan.accumulation,
+            loss_scale=plan.loss_scale, unscale=plan.unscale, accumulation_steps=plan.accumulation,
             clipvalue=plan.clip.value if plan.clip.kind == "value" else None, clip_factors=clip_factors,
         )
         return bucket.handle.update(

@@ -10,7 +10,7 @@ from ..clipping import clip_by_value, scale_by_factors
 from ..distributed import local_squared_norms
 from ..functional import lamb_update
 from ..plan import StepPlan
-from .common import TorchOpsBackend, state_grads
+from .common import TorchOpsBackend, state_grads, unscaled
 
 __all__ = ["ForeachBackend"]
 
@@ -24,7 +24,8 @@ class ForeachBackend(TorchOpsBackend):
     @staticmethod
     def form(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> tuple[list[Tensor], bool]:
         """The gradients after unscaling and accumulation, and whether they are ours to clip in place."""
-        work, owned = state_grads(bucket, grads)
+        work, owned = state_grads(bucket, unscaled(grads, plan.unscale))
+        owned = owned or plan.unscale is not None
         if plan.loss_scale is not None:
             work, owned = list(torch._foreach_div(work, plan.loss_scale)), True
         if plan.accumulation is not None:
@@ -45,7 +46,7 @@ class ForeachBackend(TorchOpsBackend):
 
     @staticmethod
     def accumulate(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
-        work, _ = state_grads(bucket, grads)
+        work, _ = state_grads(bucket, unscaled(grads, plan.unscale))
         if plan.loss_scale is not None:
             work = list(torch._foreach_div(work, plan.loss_scale))
         torch._foreach_add_(bucket.accumulators, work)

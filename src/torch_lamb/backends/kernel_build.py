@@ -57,6 +57,8 @@ class Bucket(ctypes.Structure):
         ("limit", ctypes.c_float),
         ("group", ctypes.c_void_p),  # run -> slot, for strided trust-ratio slices (NULL: none)
         ("slots", ctypes.c_int64),
+        ("unscale", ctypes.c_float),  # GradScaler's 1/scale (1: none, or a bfloat16 gradient)
+        ("bf16_unscale", ctypes.c_float),  # the same for a bfloat16 gradient, applied (and rounded) as it is widened
     ]
 
 

@@ -6,7 +6,10 @@
  * field's offset and size, the flag values and dtype codes, all read from this file's definitions)
  * agrees with it; so this file is the one source of the ABI. Per element the gradient the update uses is
  *
- *     t = g / loss_scale                       (F_LOSS_SCALE)
+ *     t = round_g(g * unscale)                 (unscale: GradScaler's 1/scale, else 1; round_g: to
+ *                                               bfloat16 for a bfloat16 g (bf16_unscale, as it is
+ *                                               widened), as unscale_ writes it)
+ *     t = t / loss_scale                       (F_LOSS_SCALE)
  *     t = (acc + t) / accumulation_steps       (F_ACCUMULATE; acc is then zeroed)
  *     t = clamp(t, -clipvalue, clipvalue)      (F_CLIPVALUE, NaN kept)
  *     t = t * clip_factor[i]                   (F_CLIP_FACTORS: clipnorm / global_clipnorm)
@@ -86,6 +89,8 @@ typedef struct {
     float limit;                 /* lamb_count_bad: a gradient element counts as bad unless |g| < limit */
     const int64_t *group;        /* run -> slot (NULL: each tensor is its own slot) */
     int64_t slots;               /* with group: the number of slots */
+    float unscale;               /* GradScaler's 1/scale, applied before loss_scale (1: none, or bfloat16 g) */
+    float bf16_unscale;          /* the same for a bfloat16 g, applied as it is widened (1: none) */
 } Bucket;
 
 #define SLOT(b, i) ((b)->group ? (b)->group[i] : (i))
@@ -98,7 +103,7 @@ typedef struct {
     X(scale) X(sums) X(ratios) X(flags) X(nthreads) X(segment) X(beta_1c) X(beta_2c) X(bc1) X(bc2)   \
     X(eps) X(decay) X(adaptive_decay) X(lr) X(min_ratio) X(max_ratio) X(loss_scale)                 \
     X(accumulation_steps) X(clipvalue) X(ema_weight) X(mirror) X(p_dtype) X(g_dtype) X(mirror_dtype) X(limit) \
-    X(group) X(slots)
+    X(group) X(slots) X(unscale) X(bf16_unscale)
 #define FLAG_NAMES(X)                                                                               \
     X(F_DECAY) X(F_ADAPTIVE_DECAY) X(F_MIN_RATIO) X(F_MAX_RATIO) X(F_LOSS_SCALE) X(F_ACCUMULATE)     \
     X(F_CLIPVALUE) X(F_CLIP_FACTORS) X(F_EMA) X(F_MIRROR) X(DT_F32) X(DT_BF16)
@@ -172,6 +177,17 @@ static float *widen(int64_t dt, void *base, int64_t off, int64_t n, float *buf) 
     return buf;
 }
 
+/* A gradient's n elements as float32 (see widen). A bfloat16 one is multiplied by GradScaler's bf16_unscale
+ * and rounded back to bfloat16, as unscale_ writes it (the loop is the plain one without a hand-off). */
+static float *widen_grad(const Bucket *b, void *base, int64_t off, int64_t n, float *buf) {
+    if (b->g_dtype != DT_BF16 || b->bf16_unscale == 1.0f) return widen(b->g_dtype, base, off, n, buf);
+    const uint16_t *h = (const uint16_t *)base + off;
+    const float u = b->bf16_unscale;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) buf[j] = bf16_to_f32(f32_to_bf16(bf16_to_f32(h[j]) * u));
+    return buf;
+}
+
 /* Round n float32 values into a low-precision tensor from element `off`; buf takes the rounded
  * values (widened back), so that what follows sees what the tensor holds. */
 static void narrow(int64_t dt, void *base, int64_t off, int64_t n, float *buf) {
@@ -204,9 +220,14 @@ INLINE float lerp(Lerp l, float start, float end) {
     return fmaf(l.coef, end - start, l.small ? start : end);
 }
 
+/* g times GradScaler's 1/scale (1 without its hand-off: exact). Every instantiation applies it, so that a
+ * handed-over step and one on gradients unscaled beforehand run the same code: the same order of every
+ * sum, the same bits. A bfloat16 g is unscaled (and rounded) where it is widened instead. */
+INLINE float unscaled(const Bucket *b, float g) { return g * b->unscale; }
+
 /* The gradient the update uses (see the header); `gflags` is a compile-time constant at each use. */
 INLINE float grad_value(const Bucket *b, float g, float a, float factor, int gflags) {
-    float t = g;
+    float t = unscaled(b, g);
     if (gflags & F_LOSS_SCALE) t = t / b->loss_scale;
     if (gflags & F_ACCUMULATE) t = (a + t) / b->accumulation_steps;
     if (gflags & F_CLIPVALUE) {
@@ -409,7 +430,7 @@ INLINE Run make_run(const Bucket *b, Span s, int64_t at, int64_t n, float *pbuf,
     const int64_t i = s.i, o = s.off + at;
     Run r = {i, n, NULL, NULL, NULL, NULL, NULL, NULL};
     if (what & RUN_P) r.p = widen(b->p_dtype, b->p[i], o, n, pbuf);
-    if (what & RUN_G) r.g = widen(b->g_dtype, b->g[i], o, n, gbuf);
+    if (what & RUN_G) r.g = widen_grad(b, b->g[i], o, n, gbuf);
     if (b->m) {
         r.m = b->m[i] + o;
         r.v = b->v[i] + o;
@@ -784,9 +805,11 @@ INLINE void grad_sum_impl(const Bucket *b, Run r, double *total, int gflags) {
 INLINE void accumulate_impl(const Bucket *b, Run r, int scaled) {
     float *restrict ap = r.acc;
     const float *restrict gp = r.g;
-    const float ls = b->loss_scale;
 #pragma omp simd
-    for (int64_t j = 0; j < r.len; j++) ap[j] = ap[j] + (scaled ? gp[j] / ls : gp[j]);
+    for (int64_t j = 0; j < r.len; j++) {
+        const float t = unscaled(b, gp[j]);
+        ap[j] = ap[j] + (scaled ? t / b->loss_scale : t);
+    }
 }
 
 /* The single passes below read g (or p) through runs of at most CHUNK elements, widened as needed. */

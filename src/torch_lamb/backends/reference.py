@@ -15,7 +15,7 @@ from ..bucket import Bucket
 from ..distributed import local_squared_norms
 from ..functional import lamb_reference
 from ..plan import StepPlan
-from .common import TorchOpsBackend
+from .common import TorchOpsBackend, unscaled
 
 __all__ = ["ReferenceBackend"]
 
@@ -31,7 +31,7 @@ class ReferenceBackend(TorchOpsBackend):
         """``g / loss_scale``, then ``(acc + g) / N`` at the end of an accumulation window (new tensors)."""
         out = []
         for i, g in enumerate(grads):
-            g = g.to(bucket.momentums[i].dtype)
+            g = unscaled([g], plan.unscale)[0].to(bucket.momentums[i].dtype)
             if plan.loss_scale is not None:
                 g = g / plan.loss_scale
             if plan.accumulation is not None:
@@ -55,5 +55,5 @@ class ReferenceBackend(TorchOpsBackend):
     @staticmethod
     def accumulate(bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
         for acc, g in zip(bucket.accumulators, grads):
-            g = g.to(acc.dtype)
+            g = unscaled([g], plan.unscale)[0].to(acc.dtype)
             acc.copy_(acc + (g / plan.loss_scale if plan.loss_scale is not None else g))

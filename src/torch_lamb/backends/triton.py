@@ -202,7 +202,7 @@ def _constants(bucket: Bucket, plan: StepPlan, factors: bool, call: CallGrads) -
     handle: TritonBucket = bucket.handle
     weights = bucket.weights[0].dtype
     return {
-        "LOSS_SCALE": plan.loss_scale is not None,
+        "LOSS_SCALE": (plan.loss_scale is not None) + 2 * (plan.unscale is not None),
         "ACCUMULATE": plan.accumulation is not None,
         "CLIP": _CLIP_CODES["value" if plan.clip.kind == "value" else ("factors" if factors else None)],
         "DECAY": s is not None and s.decay_factor is not None,
@@ -331,6 +331,7 @@ def launch(kernel: Any, handle: TritonBucket, grid: tuple[int, ...], *args: Any,
         kernel[grid](*args, **constants, num_warps=WARPS, enable_fp_fusion=False)
 
 
-assert SCALARS[:14] == ("lr", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_1", "bias_correction_2",
+assert SCALARS[:15] == ("lr", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_1", "bias_correction_2",
                         "epsilon", "decay_factor", "adaptive_weight_decay", "ema_weight", "loss_scale",
-                        "accumulation", "clipvalue", "min_trust_ratio", "max_trust_ratio"), "kernels index SCALARS"
+                        "accumulation", "clipvalue", "min_trust_ratio", "max_trust_ratio", "unscale"), \
+    "kernels index SCALARS"
