@@ -451,3 +451,17 @@ def test_an_optimizer_wide_option_in_every_group_is_the_optimizers_and_a_disagre
     with pytest.raises(ValueError, match=r"`clipnorm` is an optimizer-wide option"):
         opt.add_param_group({"params": model[2].parameters(), "clipnorm": 2.0})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("kw", [{"lr": torch.tensor(0.1, device="meta")},
+                                {"lr": lambda: torch.tensor(0.1, device="meta")},
+                                {"beta_1": torch.tensor(0.9, device="meta")},
+                                {"weight_decay": torch.tensor(0.1, device="meta")}],
+                         ids=["lr", "lr_callable", "beta_1", "weight_decay"])
+def test_a_meta_tensor_hyperparameter_is_refused_naming_it(kw):
+    """A meta tensor has no value: refused by name (it raised torch's "Tensor.item() cannot be called")."""
+    model = _model()
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"`{name if name != 'lr' else '(learning_rate|lr)'}` must be .*meta"):
+        opt = Lamb(model.parameters(), **kw)
+        _train(model, opt, 1)

@@ -28,7 +28,8 @@ def _real(value: Any) -> float | None:
         return None
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+    if (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+            and not value.is_meta):  # a meta tensor has no value to read
         return float(value)  # torch's accepted tensor forms: 0-dim or one element
     return None
 
