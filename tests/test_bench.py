@@ -114,9 +114,11 @@ def test_bench_quick_picks_small_cases_and_few_rounds(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(bench, "run_case", fake_run_case)
     monkeypatch.setattr(bench, "_cold_compile_s", lambda: None)
+    monkeypatch.setattr(bench, "import_times", lambda rounds: seen.append(("import", rounds)) or None)
     assert bench.main(["--quick", "--json"]) == 0
     capsys.readouterr()
-    assert seen == [("small-many", bench.QUICK_ROUNDS, None), ("bert-base", bench.QUICK_ROUNDS, bench.QUICK_ROWS)]
+    assert seen == [("small-many", bench.QUICK_ROUNDS, None), ("bert-base", bench.QUICK_ROUNDS, bench.QUICK_ROWS),
+                    ("import", 5)]  # the import is timed without --case
     # small-many runs its case rows: never the compiled backend, whose compile of 2,000 tensors takes minutes
     assert "lamb-compiled" in bench.DEFAULT_ROWS and "lamb-compiled" not in bench.CASE_ROWS["small-many"]
     assert "lamb-compiled" not in bench.QUICK_ROWS
