@@ -157,6 +157,25 @@ def test_a_compile_that_fails_changes_nothing(compiling, monkeypatch) -> None:
     assert torch.equal(opt.state[ps[0]]["gradient_accumulator"], torch.zeros(7, 3))
 
 
+def test_compiled_refuses_a_gradient_of_another_dtype_before_any_bucket_is_written() -> None:
+    """torch.compile refuses a parameter whose .grad has another dtype (``grad_dtype=None``); the first bucket
+    must not have moved when the second one's graph refuses it."""
+    impls.skip_unless("compiled")
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    for p in ps:
+        p.grad_dtype = None
+    opt = Lamb(ps, learning_rate=0.01, implementation="compiled")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in ps] + [t.clone() for p in ps for t in opt.state[p].values()]
+    ps[1].grad = torch.ones(7, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"cannot take parameter '0.1': its .grad is torch.float32"):
+        opt.step()
+    after = [p.detach().clone() for p in ps] + [t.clone() for p in ps for t in opt.state[p].values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)) and opt.iterations == 1
+
+
 def test_fsdp2_matches_single_process(compiling, tmp_path) -> None:
     """2 gloo ranks: the reduction runs eagerly between the compiled passes, with every backend's collectives."""
     import _slice_dist_worker as w

@@ -465,3 +465,29 @@ def test_a_meta_tensor_hyperparameter_is_refused_naming_it(kw):
     with pytest.raises(ValueError, match=rf"`{name if name != 'lr' else '(learning_rate|lr)'}` must be .*meta"):
         opt = Lamb(model.parameters(), **kw)
         _train(model, opt, 1)
+
+
+def test_a_parameter_that_overlaps_itself_or_state_of_another_dtype_is_refused_before_any_write(implementation):
+    """An expanded view (stride 0) would be written more than once; a slot whose ``.data`` was given another
+    dtype would fail halfway through the step. Both are refused, naming the tensor, and nothing moves."""
+    q = torch.nn.Parameter(torch.randn(5))
+    expanded = torch.nn.Parameter(torch.randn(4).expand(3, 4))
+    opt = Lamb([q, expanded], implementation=implementation)
+    q.grad, expanded.grad = torch.ones(5), torch.ones(3, 4)
+    before = q.detach().clone()
+    with pytest.raises(ValueError, match=r"Parameter '0.1' \(shape \(3, 4\), strides \(0, 1\)\) has elements"):
+        opt.step()
+    assert torch.equal(q, before) and opt.iterations == 0
+
+    ps = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(6))]
+    opt = Lamb(ps, implementation=implementation)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[ps[1]]["momentum"].data = opt.state[ps[1]]["momentum"].data.double()
+    before = [p.detach().clone() for p in ps] + [t.clone() for p in ps for t in opt.state[p].values()]
+    with pytest.raises(ValueError, match=r"State 'momentum' of parameter '0.1' is torch.float64; Lamb keeps "
+                                         r"torch.float32 state"):
+        opt.step()
+    after = [p.detach().clone() for p in ps] + [t.clone() for p in ps for t in opt.state[p].values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)) and opt.iterations == 1

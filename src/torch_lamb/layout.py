@@ -32,7 +32,7 @@ from .distributed import ReducerKey, is_dtensor, local, reducer_for, reducer_key
 from .rules import ADAPT_EXCLUDED, DECAY_EXCLUDED, GroupRules
 from .shards import Fragment, Shards
 from .slices import local_slices
-from .state import ACCUMULATOR, AVERAGE, MASTER, MOMENTUM, VELOCITY
+from .state import ACCUMULATOR, AVERAGE, MASTER, MOMENTUM, VELOCITY, state_dtype
 
 __all__ = ["FragmentRule", "Layout", "LayoutCache", "ShardsOf", "build", "read_grads"]
 
@@ -140,10 +140,19 @@ def _state_unchanged(state: dict[Any, dict[str, Tensor]], layout: Layout) -> boo
 
 
 def check_state_shapes(state: dict[Any, dict[str, Tensor]], params: Sequence[Tensor], names: dict[int, str]) -> None:
-    """Every state slot must have its parameter's shape (a resized parameter cannot reuse its state)."""
+    """Every state slot must have its parameter's shape (a resized parameter cannot reuse its state) and the
+    state's dtype (a slot whose ``.data`` was given another one would fail halfway through a step)."""
     for p in params:
         for key, t in dict.get(state, p, {}).items():
-            if key == MASTER or not isinstance(t, Tensor) or t.dim() == 0:
+            if not isinstance(t, Tensor) or t.dim() == 0:
+                continue
+            if t.dtype != state_dtype(p):
+                raise ValueError(
+                    f"State {key!r} of parameter {names.get(id(p), '?')!r} is {t.dtype}; Lamb keeps "
+                    f"{state_dtype(p)} state for a {p.dtype} parameter. Convert it back, or drop the parameter's "
+                    "state (`del optimizer.state[param]`) to start it afresh."
+                )
+            if key == MASTER:
                 continue
             if t.shape != p.shape:
                 raise ValueError(
@@ -327,6 +336,17 @@ class GradSpec:
         return False
 
 
+def _may_overlap_itself(t: Tensor) -> bool:
+    """Whether two indices of ``t`` may reach one element: the dims of more than one element, by stride, must
+    each step past everything the smaller ones reach."""
+    reach = 0
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def check_no_overlap(params: Sequence[Tensor], names: dict[int, str]) -> None:
     """Parameters whose elements share memory would be updated twice per step: refuse them."""
     spans = []
@@ -334,6 +354,12 @@ def check_no_overlap(params: Sequence[Tensor], names: dict[int, str]) -> None:
         t = local(p)
         if t.numel() == 0 or t.device.type == "meta":
             continue
+        if _may_overlap_itself(t):
+            raise ValueError(
+                f"Parameter {names.get(id(p), '?')!r} (shape {tuple(t.shape)}, strides {t.stride()}) has elements "
+                "that share memory (an expanded view?): a step would write them more than once. Give Lamb a "
+                "tensor that owns its elements (`.clone()`)."
+            )
         extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
         start = t.data_ptr()
         spans.append((t.device, start, start + extent * t.element_size(), p))

@@ -425,6 +425,11 @@ class CompiledCall:
         laid out as the bucket is. A compile that fails (or is interrupted) then leaves everything as it was."""
         bucket, plan = self.bucket, self.plan
         graphs: _Graphs = bucket.handle
+        for p, name in zip(bucket.owners, bucket.names):  # dynamo refuses such a parameter when the graph runs
+            if p.grad is not None and p.grad.dtype != p.dtype:
+                raise ValueError(f"implementation='compiled' cannot take parameter {name!r}: its .grad is "
+                                 f"{p.grad.dtype} and it is {p.dtype} (torch.compile refuses that pair). Give it "
+                                 "a gradient of its own dtype, or use implementation='foreach'.")
         flags = _flags(bucket, plan, clipping)
         if flags in graphs.warm:
             return
