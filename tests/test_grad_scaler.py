@@ -182,3 +182,25 @@ def test_float16_parameters_are_unscaled_in_float32(implementation) -> None:
     for x, y in zip(*results, strict=True):  # the kernel's loss-scaled code sums in another order: a last bit
         torch.testing.assert_close(x, y, rtol=0 if implementation != "fused" else 1e-3, atol=0)
     assert not torch.equal(results[0][0], _model(torch.float16)[0].weight)
+
+
+def test_a_torch_compiled_step_takes_the_hand_off() -> None:
+    """``opt.step = torch.compile(opt.step)``: the graph's op runs the eager step, which reads the scale and the
+    verdict GradScaler set for the call."""
+    results = []
+    for cls, compiled in ((Lamb, True), (OrdinaryPath, False)):
+        model = _model(torch.float32)
+        opt = cls(model.parameters(), learning_rate=1e-2)
+        if compiled:
+            opt.step = torch.compile(opt.step)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
+        data = torch.Generator().manual_seed(1)
+        for call in range(5):
+            loss = model(torch.randn(16, 8, generator=data)).pow(2).mean() * (float("inf") if call == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        results.append((_snapshot(model, opt), opt.iterations))
+    assert results[0][1] == results[1][1] == 4
+    assert all(torch.equal(x, y) for x, y in zip(results[0][0], results[1][0], strict=True))
