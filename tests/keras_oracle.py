@@ -57,10 +57,10 @@ def run_keras(
     for row in grads:
         opt.apply([None if g is None else torch.tensor(g) for g in row], variables)
         out.params.append([keras.ops.convert_to_numpy(v).copy() for v in variables])
-        if kwargs.get("use_ema"):
-            out.averages.append(
-                [keras.ops.convert_to_numpy(a).copy() for a in opt._model_variables_moving_average]
-            )
+        if kwargs.get("use_ema"):  # Keras's public `variables` holds each average as "<opt>/<var>_average"
+            by_path = {v.path: v for v in opt.variables}
+            out.averages.append([keras.ops.convert_to_numpy(by_path[f"{opt.name}/{v.name}_average"]).copy()
+                                 for v in variables])
         out.iterations.append(int(keras.ops.convert_to_numpy(opt.iterations)))
     return out
 

@@ -21,6 +21,7 @@ refused before anything changes, never approximated.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,7 +31,7 @@ from torch import Tensor
 from .config import LambConfig
 from .distributed import ReducerKey
 
-__all__ = ["Engine", "Fragment", "Shards"]
+__all__ = ["Engine", "EngineDefaults", "Fragment", "Shards"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,43 @@ class Engine(Protocol):
 
     def forget(self, state: dict[Any, Any], params: Sequence[Tensor]) -> None:
         """Drop the state of parameters the engine replaced (DeepSpeed swaps them for flat partitions)."""
+
+
+class EngineDefaults:
+    """An :class:`Engine` that adds nothing; each engine overrides what it changes. ``owner``: the engine's
+    optimizer that steps this one, held weakly (it holds this optimizer, which holds the engine)."""
+
+    name = "engine"
+    global_reduce: ReducerKey | None = None
+    copies_groups = False
+
+    def __init__(self, owner: Any = None) -> None:
+        self._ref = weakref.ref(owner) if owner is not None else None
+
+    def owner(self) -> Any:
+        """The engine's optimizer (raises if it is gone: this optimizer outlived the engine that stepped it)."""
+        owner = self._ref() if self._ref is not None else None
+        if owner is None:
+            raise RuntimeError(f"torch_lamb: the {self.name} that stepped this optimizer no longer exists.")
+        return owner
+
+    def shards(self, p: Tensor, name: str) -> Shards | None:
+        return None
+
+    def param_names(self, params: Sequence[Tensor]) -> list[str] | None:
+        return None
+
+    def refuses(self, config: LambConfig, sliced: bool) -> str | None:
+        return None
+
+    def clock_ticks(self) -> bool:
+        return True
+
+    def global_grad_norm(self) -> Tensor | None:
+        return None
+
+    def finalize(self, write: Callable[[], None]) -> None:
+        write()
+
+    def forget(self, state: dict[Any, Any], params: Sequence[Tensor]) -> None:
+        return None

@@ -23,7 +23,6 @@ only inside its step).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,26 +30,19 @@ import torch
 from torch import Tensor
 
 from ..config import LambConfig
-from ..distributed import ReducerKey, group_key
-from ..shards import Fragment, Shards
+from ..distributed import group_key
+from ..shards import EngineDefaults, Fragment, Shards
 
 __all__ = ["DeepSpeedEngine"]
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineDefaults):
     """The DeepSpeed ZeRO optimizer that steps this optimizer (see the module docstring)."""
 
-    global_reduce: ReducerKey | None = None
     copies_groups = True  # its groups hold flat partitions, not the tensors the rule lists were written for
 
-    def _zero_obj(self) -> Any:
-        zero = self._ref()
-        if zero is None:
-            raise RuntimeError(f"torch_lamb: the {self.name} that stepped this optimizer no longer exists.")
-        return zero
-
     def __init__(self, zero: Any) -> None:
-        self._ref = weakref.ref(zero)  # weakly: the engine holds this optimizer, which holds it
+        super().__init__(zero)
         self._stage3 = type(zero).__name__ == "DeepSpeedZeroOptimizer_Stage3"
         self._bf16 = type(zero).__name__ == "BF16_Optimizer"
         self.name = "DeepSpeed ZeRO-3" if self._stage3 else "DeepSpeed ZeRO-1/2"
@@ -60,11 +52,11 @@ class DeepSpeedEngine:
             self._rows = self._stage3_rows() if self._stage3 else self._stage12_rows()
 
     def _name(self, p: Any, fallback: str) -> str:
-        names = getattr(self._zero_obj(), "param_names", None) or {}
+        names = getattr(self.owner(), "param_names", None) or {}
         return names.get(p, fallback)
 
     def _stage12_rows(self) -> dict[int, Shards]:
-        zero, rows = self._zero_obj(), {}
+        zero, rows = self.owner(), {}
         for i, (params, flat) in enumerate(zip(zero.bit16_groups, zero.single_partition_of_fp32_groups)):
             fragments = []
             for j, lp in enumerate(params):
@@ -78,7 +70,7 @@ class DeepSpeedEngine:
     def _stage3_rows(self) -> dict[int, Shards]:
         import torch.distributed as dist
 
-        zero, rows = self._zero_obj(), {}
+        zero, rows = self.owner(), {}
         rank = dist.get_rank(zero.dp_process_group)
         for s, (params, flat) in enumerate(zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat)):
             fragments, at = [], 0
@@ -93,14 +85,11 @@ class DeepSpeedEngine:
     def shards(self, p: Tensor, name: str) -> Shards | None:
         return self._rows.get(id(p))
 
-    def param_names(self, params: Sequence[Tensor]) -> list[str] | None:
-        return None
-
     def refuses(self, config: LambConfig, sliced: bool) -> str | None:
         if self._bf16:
             return ("DeepSpeed's BF16_Optimizer (bf16 with an fp32 gradient accumulator at stage 1) is not mapped; "
                     "use ZeRO stage 1 or 2 with bf16 and no grad_accum_dtype, whose fp32 partitions Lamb maps")
-        if config.global_clipnorm is not None and not getattr(self._zero_obj(), "compute_grad_norm", True):
+        if config.global_clipnorm is not None and not getattr(self.owner(), "compute_grad_norm", True):
             return "global_clipnorm needs DeepSpeed's gradient norm: drop zero_optimization.compute_grad_norm=false"
         if config.gradient_accumulation_steps:
             return ("DeepSpeed accumulates gradients itself: set gradient_accumulation_steps in the DeepSpeed "
@@ -123,11 +112,11 @@ class DeepSpeedEngine:
         """The norm of the gradients Lamb's calls see: DeepSpeed's norm of the step's gradients (taken before its
         own clipping), times the factor its ``gradient_clipping`` applied (``c / (norm + 1e-6)`` where that is
         below 1, as ``torch.nn.utils.clip_grad_norm_`` forms it)."""
-        norm = getattr(self._zero_obj(), "_global_grad_norm", None)
+        norm = getattr(self.owner(), "_global_grad_norm", None)
         if norm is None:
             return None
         norm = torch.as_tensor(norm, dtype=torch.float64).reshape(()).cpu()
-        clip = float(getattr(self._zero_obj(), "clip_grad", 0.0) or 0.0)
+        clip = float(getattr(self.owner(), "clip_grad", 0.0) or 0.0)
         return norm * torch.clamp(clip / (norm + 1e-6), max=1.0) if clip > 0 else norm
 
     def finalize(self, write: Callable[[], None]) -> None:

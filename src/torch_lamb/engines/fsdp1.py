@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
 from ..config import LambConfig
 from ..distributed import ReducerKey, group_key
-from ..shards import Fragment, Shards
+from ..shards import EngineDefaults, Fragment, Shards
 
 __all__ = ["Fsdp1Engine"]
 
@@ -38,14 +38,13 @@ def _clean(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
-class Fsdp1Engine:
+class Fsdp1Engine(EngineDefaults):
     """The FSDP1 handles behind an optimizer's tensors (see the module docstring)."""
 
     name = "FSDP1"
-    global_reduce: ReducerKey | None = None
-    copies_groups = False
 
     def __init__(self, handles: dict[int, Any], views: dict[int, Any]) -> None:
+        super().__init__()
         # weakly: the optimizer must not keep FSDP's handles (and their process groups) alive
         self._handles = {k: weakref.ref(h) for k, h in handles.items()}  # id(FlatParameter) -> its FlatParamHandle
         self._views = {k: weakref.ref(h) for k, h in views.items()}  # id(original parameter) -> the one it views
@@ -87,23 +86,8 @@ class Fsdp1Engine:
             return Shards(self._key(handle))
         return None
 
-    def param_names(self, params: Sequence[Tensor]) -> list[str] | None:
-        return None
-
     def refuses(self, config: LambConfig, sliced: bool) -> str | None:
         if sliced:
             return ("FSDP1 flattens parameters, so per-slice trust ratios cannot find their slices: shard with "
                     "FSDP2 (torch.distributed.fsdp.fully_shard), which keeps them, or drop trust_ratio_slices")
-        return None
-
-    def clock_ticks(self) -> bool:
-        return True
-
-    def global_grad_norm(self) -> Tensor | None:
-        return None
-
-    def finalize(self, write: Callable[[], None]) -> None:
-        write()  # every rank writes its own shards
-
-    def forget(self, state: dict[Any, Any], params: Sequence[Tensor]) -> None:
         return None

@@ -11,54 +11,34 @@ load. ``finalize_variable_values`` broadcasts each parameter from the rank that 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..config import LambConfig
 from ..distributed import ReducerKey, group_key
-from ..shards import Shards
+from ..shards import EngineDefaults
 
 __all__ = ["ZeroEngine"]
 
 
-class ZeroEngine:
+class ZeroEngine(EngineDefaults):
     """The ``ZeroRedundancyOptimizer`` that built this optimizer (see the module docstring)."""
 
     name = "torch's ZeroRedundancyOptimizer"
     copies_groups = True
 
-    def _zero_obj(self) -> Any:
-        zero = self._ref()
-        if zero is None:
-            raise RuntimeError(f"torch_lamb: the {self.name} that stepped this optimizer no longer exists.")
-        return zero
-
     def __init__(self, zero: Any) -> None:
-        self._ref = weakref.ref(zero)  # weakly: the engine holds this optimizer, which holds it
+        super().__init__(zero)
         self.global_reduce: ReducerKey | None = group_key(zero.process_group)
         # the names the user gave, by parameter, before ZeRO's group copies mix ranks' lists up
         self._names = {id(p): n for g in zero.param_groups for p, n in zip(g["params"], g.get("param_names", ()))}
-
-    def shards(self, p: Tensor, name: str) -> Shards | None:
-        return None  # whole tensors
 
     def param_names(self, params: Sequence[Tensor]) -> list[str] | None:
         """ZeRO hands each rank a copy of a group with its share of the parameters, in its own order, beside the
         whole group's names: each name found again by its parameter."""
         return [self._names[id(p)] for p in params] if all(id(p) in self._names for p in params) else None
-
-    def refuses(self, config: LambConfig, sliced: bool) -> str | None:
-        return None
-
-    def clock_ticks(self) -> bool:
-        return True
-
-    def global_grad_norm(self) -> Tensor | None:
-        return None
 
     def finalize(self, write: Callable[[], None]) -> None:
         """Each rank writes its own parameters, then every parameter goes out from the rank that owns it (call
@@ -66,7 +46,7 @@ class ZeroEngine:
         import torch.distributed as dist
 
         write()
-        zero = self._zero_obj()
+        zero = self.owner()
         owners = zero._param_to_rank  # ZeRO's own partition: parameter -> rank
         group = zero.process_group
         with torch.no_grad():
@@ -74,6 +54,3 @@ class ZeroEngine:
                 for p in g["params"]:
                     dist.broadcast(p.data, src=dist.get_global_rank(group, owners[p]) if group is not None
                                    else owners[p], group=group)
-
-    def forget(self, state: dict[Any, Any], params: Sequence[Tensor]) -> None:
-        return None
