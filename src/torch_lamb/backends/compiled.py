@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..bucket import Bucket, packed
+from ..bucket import Bucket, PackedGrads, packed
 from ..config import LambConfig
 from ..distributed import host_reads_allowed
 from ..functional import LOW_PRECISION, TrustStats
@@ -407,6 +407,7 @@ class CompiledCall:
 
     def __init__(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan) -> None:
         self.bucket, self.grads, self.plan = bucket, packed(grads), plan  # a graph per layout, not per stride
+        self.own_dtypes = type(grads) is PackedGrads  # the layout found every gradient of its parameter's dtype
 
     def accumulate(self) -> None:
         ForeachBackend.accumulate(self.bucket, self.grads, self.plan)  # one add per micro-step: no graph needed
@@ -425,7 +426,7 @@ class CompiledCall:
         laid out as the bucket is. A compile that fails (or is interrupted) then leaves everything as it was."""
         bucket, plan = self.bucket, self.plan
         graphs: _Graphs = bucket.handle
-        for p, name in zip(bucket.owners, bucket.names):  # dynamo refuses such a parameter when the graph runs
+        for p, name in zip(bucket.owners, () if self.own_dtypes else bucket.names):  # dynamo refuses those
             if p.grad is not None and p.grad.dtype != p.dtype:
                 raise ValueError(f"implementation='compiled' cannot take parameter {name!r}: its .grad is "
                                  f"{p.grad.dtype} and it is {p.dtype} (torch.compile refuses that pair). Give it "
