@@ -44,7 +44,7 @@ def train(engine: deepspeed.DeepSpeedEngine, steps: range, rank: int) -> float:
             loss = nn.functional.mse_loss(engine(x), torch.tanh(x @ w_true))
             engine.backward(loss)
             engine.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,7 +45,7 @@ def train(model: FSDP, opt: Lamb, steps: range, rank: int) -> float:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return float(loss)
+    return float(loss.detach())
 
 
 def state_dict_config(model: FSDP):

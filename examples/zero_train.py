@@ -45,7 +45,7 @@ def train(ddp: DDP, zopt: ZeroRedundancyOptimizer, steps: range, rank: int) -> f
         loss.backward()
         zopt.step()
         zopt.zero_grad()
-    return float(loss)
+    return float(loss.detach())
 
 
 def main(argv: list[str] | None = None) -> None:
