@@ -20,3 +20,12 @@ torch.set_num_threads(1)
 def implementation(request: pytest.FixtureRequest) -> str:
     """Each backend of the table in tests/impls.py."""
     return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gradient_scan_built() -> None:
+    """Build the gradient scan (about 20 s, cached) before any test: then every test process, subprocesses
+    included, finds it loaded or in the cache, rather than each starting a background build of its own."""
+    from torch_lamb.backends import grad_scan
+
+    grad_scan.wait(timeout=600)

@@ -330,7 +330,7 @@ def _cold_compile_s() -> float | None:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         try:
-            kernel_build._build(Path(d) / "k.so", cc, kernel_build.FLAGS)
+            kernel_build.build_kernel(Path(d) / "k.so", cc, kernel_build.FLAGS)
         except kernel_build.KernelError:
             return None
         return time.perf_counter() - t0
@@ -533,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         if r not in DEFAULT_ROWS:
             ap.error(f"unknown row {r!r}; known: {','.join(DEFAULT_ROWS)}")
 
+    from .backends import grad_scan
     from .backends.kernel_build import kernel_status
 
     progress("compiling the kernel once from scratch (timed), then loading it from the cache")
@@ -540,12 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     status = kernel_status()
     cached = time.perf_counter() - t0
+    progress("building or loading the gradient scan (a C++ pass the fused rows use when it is on)")
+    scan = grad_scan.wait()
     report: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "compile_cold_s": cold,
         "kernel_load_cached_s": cached,
         "kernel": str(status),
+        "grad_scan": str(scan),
         "cpu": _cpu_model(),
         "cases": [run_case(c, args.rounds, rows or (QUICK_ROWS if args.quick and c == "bert-base" else None),
                            getattr(torch, args.dtype))
@@ -558,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch {report['torch']}, {report['cpu']}, {plural(report['threads'], 'thread')}; kernel: cold compile "
               f"{cold if cold is not None else float('nan'):.2f} s, load from cache {cached:.3f} s")
         print(status)
+        print(scan)
         for c in report["cases"]:
             _print(c)
         if report["import"]:

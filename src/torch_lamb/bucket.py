@@ -8,7 +8,7 @@ own ratio. ``owners``, ``indices``, ``splits`` and ``bases`` describe the tensor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ from .distributed import Reducer, local
 from .functional import TrustStats
 from .plan import StepPlan
 
-__all__ = ["Backend", "Bucket", "Call", "Cut", "PackedGrads", "dense", "entries", "packed"]
+__all__ = ["Backend", "Bucket", "Call", "Cut", "GatheredGrads", "PackedGrads", "dense", "entries", "packed"]
 
 
 @dataclass(eq=False)
@@ -113,11 +113,31 @@ class PackedGrads(list):
     """Gradients the layout found packed, each of its parameter's shape, dtype and device: read as they are."""
 
 
+class GatheredGrads(Sequence[Tensor]):
+    """A bucket's gradients as the gradient scan found them (:mod:`torch_lamb.backends.grad_scan`): packed, of
+    their parameters' shapes and dtypes, with their data pointers in ``table`` (int64). The kernel reads the
+    table; an item is read from its parameter's ``.grad`` only where something asks for the tensor."""
+
+    def __init__(self, owners: list[Tensor], table: Tensor) -> None:
+        self.owners, self.table = owners, table
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [p.grad for p in self.owners[index]]
+        return self.owners[index].grad
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (p.grad for p in self.owners)  # type: ignore[misc]
+
+
 def dense(grads: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
     """The one gradient-normalising entry: ``grads`` as packed tensors of ``dtype``, and whether they are copies
     (then all of them are, so that a caller may write them). A stride-0 (``autograd.grad(p.sum(), p)``),
     transposed or sliced gradient, or one of another dtype, is copied; a packed one of ``dtype`` is read as it is."""
-    if (type(grads) is PackedGrads and (not grads or grads[0].dtype is dtype)) or all(
+    if (type(grads) in (PackedGrads, GatheredGrads) and (not grads or grads[0].dtype is dtype)) or all(
             [g.dtype == dtype and g.is_contiguous() for g in grads]):
         return grads, False
     return [torch.empty(g.shape, dtype=dtype, device=g.device).copy_(g) for g in grads], True
@@ -125,7 +145,7 @@ def dense(grads: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
 
 def packed(grads: list[Tensor]) -> list[Tensor]:
     """``grads`` with every one that is not packed (stride 0, transposed, sliced) copied packed, dtypes kept."""
-    if type(grads) is PackedGrads or all([g.is_contiguous() for g in grads]):
+    if type(grads) in (PackedGrads, GatheredGrads) or all([g.is_contiguous() for g in grads]):
         return grads
     return [g if g.is_contiguous() else g.contiguous() for g in grads]
 

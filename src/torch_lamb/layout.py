@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backends import select
-from .bucket import Bucket, Cut, entries
+from .backends import grad_scan, select
+from .bucket import Bucket, Cut, GatheredGrads, entries
 from .config import LambConfig
 from .distributed import ReducerKey, is_dtensor, local, reducer_for, reducer_key
 from .rules import ADAPT_EXCLUDED, DECAY_EXCLUDED, GroupRules
@@ -34,7 +34,7 @@ from .shards import Fragment, Shards
 from .slices import local_slices
 from .state import ACCUMULATOR, AVERAGE, MASTER, MOMENTUM, VELOCITY, state_dtype
 
-__all__ = ["FragmentRule", "Layout", "LayoutCache", "ShardsOf", "build", "read_grads"]
+__all__ = ["FragmentRule", "GradScan", "Layout", "LayoutCache", "ShardsOf", "build", "read_grads"]
 
 ShardsOf = Callable[[Tensor, str], "Shards | None"]
 """How a sharding engine's tensor maps onto logical tensors (:mod:`torch_lamb.shards`)."""
@@ -62,6 +62,10 @@ class Layout:
     grad_params: list[Tensor] = field(default_factory=list)  # those parameters
     slots: list[tuple[Tensor, str, Tensor]] = field(default_factory=list)  # every state slot the buckets use
     grads_packed: bool = False  # this call: every gradient packed, of its parameter's dtype (read as it is)
+    scannable: bool = False  # every parameter has a gradient and feeds the CPU kernel whole: the scan may check
+    grad_scan: GradScan | None = None  # built at the first call that finds the scan loaded
+    call_grads: list[Sequence[Tensor]] = field(default_factory=list)  # this call: each active bucket's gradients
+    param_shapes: list[torch.Size] = field(default_factory=list)  # `params`' shapes (a view swapped in by `.data`)
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -90,37 +94,67 @@ class LayoutCache:
         return layout is not None and len(layout.params) == len(params) and all(map(operator.is_, layout.params,
                                                                                     params))
 
+    def gather(self, params: list[Tensor]) -> list[GatheredGrads] | None:
+        """Where the cached layout holds for ``params`` and only feeds the CPU kernel: its gradients, checked and
+        their pointers read by the gradient scan in one pass; None where the scan is not loaded, or anything
+        (a missing, strided or converted gradient, a parameter given new storage) needs the ordinary path."""
+        layout = self.layout
+        if layout is None or not layout.scannable or not self.reuse or not self.holds(params):
+            return None
+        scan = grad_scan.scanner()
+        if scan is None:
+            return None
+        if layout.grad_scan is None:
+            layout.grad_scan = GradScan.of(layout.active)
+            if layout.grad_scan is None:
+                layout.scannable = False
+                return None
+        return layout.grad_scan.run(scan)
+
     def get(self, groups: Sequence[dict[str, Any]], rules: Sequence[GroupRules], state: dict[Any, dict[str, Tensor]],
-            config: LambConfig, params: list[Tensor], grads: list[Tensor | None], missing: tuple[bool, ...],
+            config: LambConfig, params: list[Tensor], grads: list[Tensor | None] | None, missing: tuple[bool, ...],
             names: Callable[[], dict[int, str]], shards_of: ShardsOf | None = None,
-            fragment_rule: FragmentRule | None = None, holds: bool | None = None) -> Layout:
+            fragment_rule: FragmentRule | None = None, holds: bool | None = None,
+            gathered: list[GatheredGrads] | None = None) -> Layout:
         """The layout for this step (checks only; raises before anything changes).
 
         Reused while the parameters are the same objects and keep their storage (checked every step),
         and the state slots keep theirs (checked after any read of ``optimizer.state``, the only way user
         code reaches them). The gradients must match the parameters' shapes and devices recorded with it;
         a gradient of another dtype is converted by the backends. ``holds``: :meth:`holds` already asked.
+        ``gathered``: what :meth:`gather` found this call (then ``grads`` is None; they are read here if the
+        layout no longer holds).
         """
+        layout = self.layout
+        scan = layout.grad_scan if layout is not None else None
+        if scan is None or gathered is not scan.buckets:
+            gathered = None
+        if grads is None and gathered is None:
+            grads, missing = read_grads(params)
         key = (
             missing,
             tuple([(g["weight_decay"] is None, g["layer_adaptation"], id(r)) for g, r in zip(groups, rules)]),
             config, len(state), shards_of,  # `del opt.state[p]` and `opt.state.clear()` rebuild too
         )
-        layout = self.layout
-        present = grads if not any(missing) else [g for g in grads if g is not None]
         reads = getattr(state, "reads", None)
         if (
             self.reuse and layout is not None and not layout.rebuild_every_step and layout.key == key
             and (holds if holds is not None else self.holds(params))
-            and _pointers(layout.params_written) == layout.param_pointers
+            and (gathered is not None or (_pointers(layout.params_written) == layout.param_pointers
+                                          and list(map(_shape, params)) == layout.param_shapes))
             and ((reads is not None and reads == layout.state_reads) or _state_unchanged(state, layout))
         ):
-            layout.grads_packed = layout.grad_spec.check(layout.grad_params, present)  # type: ignore[union-attr]
+            layout.grads_packed = gathered is not None or layout.grad_spec.check(  # type: ignore[union-attr]
+                layout.grad_params, _present(grads, missing))  # type: ignore[arg-type]
             layout.state_reads = reads
+            layout.call_grads = gathered or [b.grads(grads, layout.grads_packed) for b in layout.active]  # type: ignore[arg-type]
             return layout
+        if grads is None:  # the scan checked a layout that no longer holds: read the gradients as usual
+            grads, missing = read_grads(params)
+            key = (missing, *key[1:])
         with_grads = [p for p, g in zip(params, grads) if g is not None]
         spec = GradSpec.of(with_grads)
-        packed = spec.check(with_grads, present)
+        packed = spec.check(with_grads, _present(grads, missing))
         known = names()
         check_state_shapes(state, params, known)
         check_no_overlap(params, known)
@@ -128,7 +162,12 @@ class LayoutCache:
                                      fragment_rule)
         layout.grad_spec, layout.grad_params, layout.grads_packed = spec, with_grads, packed
         layout.state_reads = getattr(state, "reads", None)
+        layout.call_grads = [b.grads(grads, packed) for b in layout.active]
         return layout
+
+
+def _present(grads: list[Tensor | None], missing: tuple[bool, ...]) -> list[Tensor]:
+    return grads if not any(missing) else [g for g in grads if g is not None]  # type: ignore[return-value]
 
 
 def _state_unchanged(state: dict[Any, dict[str, Tensor]], layout: Layout) -> bool:
@@ -231,9 +270,52 @@ def build(groups: Sequence[dict[str, Any]], rules: Sequence[GroupRules], state: 
     written = [t for b in buckets for t in b.bases]
     owned = {id(local(p)) for p in params}
     params_written = [t for t in written if id(t) in owned]
+    scannable = bool(active) and not idle and not any(missing) and all(
+        b.backend.name == "fused" and b.cuts is None and not b.dtensor and b.handle.runs is None  # type: ignore[union-attr]
+        for b in active.values())
     return Layout(key, params, list(active.values()), list(idle.values()), _pointers(written),
                   any(b.dtensor for b in buckets), written, params_written, _pointers(params_written),
-                  slots=[s for b in buckets for s in b.slots])
+                  slots=[s for b in buckets for s in b.slots], scannable=scannable,
+                  param_shapes=list(map(_shape, params)))
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+@dataclass(eq=False)
+class GradScan:
+    """What the gradient scan checks a layout's parameters against (storage, size, dtype), in bucket order, and
+    the table it writes their gradients' pointers to: each bucket reads its slice (built once per layout)."""
+
+    params: list[Tensor]
+    expected: tuple[Tensor, Tensor, Tensor]  # int64 data pointers, int64 shapes (dim count, dims), int8 dtype codes
+    table: Tensor  # int64: the gradients' data pointers, written by each scan
+    buckets: list[GatheredGrads]
+    addresses: tuple[int, int, int, int]
+
+    @classmethod
+    def of(cls, active: Sequence[Bucket]) -> GradScan | None:
+        """None where a parameter is of a tensor subclass (it may define its own ``.grad``): the ordinary path
+        reads those through Python."""
+        params = [p for b in active for p in b.owners]
+        if not all(type(p) in _PLAIN for p in params):
+            return None
+        codes = {d: grad_scan.dtype_code(d) for d in {p.dtype for p in params}}
+        expected = (torch.tensor(_pointers(params), dtype=torch.int64),
+                    torch.tensor([d for p in params for d in (p.dim(), *p.shape)], dtype=torch.int64),
+                    torch.tensor([codes[p.dtype] for p in params], dtype=torch.int8))
+        table = torch.zeros(len(params), dtype=torch.int64)
+        buckets, start = [], 0
+        for b in active:
+            buckets.append(GatheredGrads(b.owners, table[start:start + len(b.owners)]))
+            start += len(b.owners)
+        return cls(params, expected, table, buckets, (*[t.data_ptr() for t in expected], table.data_ptr()))
+
+    def run(self, scan: grad_scan.Scan) -> list[GatheredGrads] | None:
+        """The buckets' gradients when every one passed the scan, else None."""
+        passed = scan(self.params, *self.addresses) < 0
+        grad_scan.record(passed)
+        return self.buckets if passed else None
 
 
 def _no_rule(key: str, fragment: Fragment) -> bool:

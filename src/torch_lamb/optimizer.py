@@ -327,12 +327,13 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         loss = _call(closure)
         skip, unscale = amp.handed_over(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         params = self._all_params()
-        grads, missing = read_grads(params, given_grads)
+        # the CPU kernel's common case: every gradient checked and its pointer read in one C++ pass
+        gathered = self._layouts.gather(params) if given_grads is None and not skip else None
+        grads, missing = (None, self._layouts.layout.key[0]) if gathered else read_grads(params, given_grads)
         if skip or all(missing):  # GradScaler found inf; or no gradients: torch's no-op (an engine's rank joins)
             return loss if skip else self._join(loss)
         options = self._group_options()  # every (possibly edited) group value checked, callables evaluated
-        layout = self._layout(params, grads, missing)  # slots made, masters refreshed, buckets checked
-        bucket_grads = [b.grads(grads, layout.grads_packed) for b in layout.active]
+        layout, bucket_grads = self._layout(params, grads, missing, gathered)  # slots made, buckets checked
         with no_host_reads(self.capturable):
             plan = self._plan(options, layout, bucket_grads, unscale)
             self._show(options)  # the first write: everything above only checks
@@ -364,9 +365,10 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         return cfg.resolve_groups(self.param_groups, self._books.sources(self.param_groups), self._learning_rate,
                               self._clock.host_calls, self._config, self.defaults, takes_tensor_steps)
 
-    def _layout(self, params: list[Tensor], grads: list[Tensor | None], missing: tuple[bool, ...]) -> Layout:
-        """The call's buckets, with every slot made and the master-weight rule applied; the clock where the
-        step may read it (on the device under ``capturable``, or for a device-side ``skip_nonfinite``)."""
+    def _layout(self, params: list[Tensor], grads: list[Tensor | None] | None, missing: tuple[bool, ...],
+                gathered: list[Any] | None = None) -> tuple[Layout, list[Any]]:
+        """The call's buckets and their gradients, with every slot made and the master-weight rule applied; the
+        clock where the step may read it (on the device under ``capturable``, or a device-side ``skip_nonfinite``)."""
         fits = self._layouts.holds(params)
         if self._engine is None and not fits:
             self._engine = detect(params, self._given, self.state)
@@ -380,9 +382,11 @@ class Lamb(TrustRatioTelemetry, Optimizer):
             self._masters.refresh(self.state, params)
             self._layouts.invalidate()
         layout = self._layouts.get(self.param_groups, self._books.rules(self.param_groups), self.state, self._config,
-                                   params, grads, missing, self._names, self._shards_of, self._fragment_rule, fits)
+                                   params, grads, missing, self._names, self._shards_of, self._fragment_rule, fits,
+                                   gathered)
+        bucket_grads, layout.call_grads = layout.call_grads, []  # the layout keeps no gradient past the call
         self._clock.settle([b.device for b in layout.buckets], self.capturable, self.skip_nonfinite)
-        return layout
+        return layout, bucket_grads
 
     def _show(self, options: tuple[cfg.GroupOptions, ...]) -> None:
         """Show this call's values in the groups, in both spellings (after every check passed)."""

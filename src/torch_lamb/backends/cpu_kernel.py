@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..bucket import Bucket, dense
+from ..bucket import Bucket, GatheredGrads, dense
 from ..config import LambConfig
 from ..distributed import Reducer
 from ..functional import LambScalars, TrustStats, trust_ratio
@@ -418,6 +418,9 @@ class KernelCall:
 
     def __init__(self, bucket: Bucket, grads: list[Tensor], plan: StepPlan | None) -> None:
         self.bucket, self.plan = bucket, plan
+        if isinstance(grads, GatheredGrads):  # the gradient scan read their pointers
+            self.readable, self.table = grads, grads.table
+            return
         self.readable = _readable(bucket, grads)
         self.table = bucket.handle.table(self.readable)
 

@@ -151,7 +151,7 @@ def _digest_path(target: Path) -> Path:
     return target.with_name(target.name + ".sha256")
 
 
-def _verified(target: Path) -> bool:
+def verified(target: Path) -> bool:
     """Whether ``target`` exists and its bytes match the digest written beside it at build time."""
     try:
         return _digest_path(target).read_text().strip() == _digest(target)
@@ -159,20 +159,21 @@ def _verified(target: Path) -> bool:
         return False
 
 
-def _build(target: Path, cc: str, flags: list[str]) -> None:
-    """Compile to a temporary name, then rename the digest and the library into place (atomic)."""
+def build_library(target: Path, command: list[str], compiler_name: str) -> None:
+    """Run ``command`` (``{out}`` in it: where the compiler writes), then rename the digest and the library into
+    place (atomic: a reader sees the old file, none, or the whole new one)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     digest_tmp = tmp + ".sha256"
     try:
         try:
-            result = subprocess.run([*shlex.split(cc), *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True)
+            result = subprocess.run([tmp if arg == "{out}" else arg for arg in command], capture_output=True)
         except OSError as err:  # found but not runnable (permissions, a bad interpreter line)
-            raise KernelError(f"{_named(cc)} could not be run: {err}") from None
+            raise KernelError(f"{compiler_name} could not be run: {err}") from None
         if result.returncode != 0:
             output = (result.stderr or result.stdout).decode(errors="replace")[:400].strip()
-            raise KernelError(f"{_named(cc)} failed (exit status {result.returncode}): {output or 'no output'}")
+            raise KernelError(f"{compiler_name} failed (exit status {result.returncode}): {output or 'no output'}")
         Path(digest_tmp).write_text(_digest(Path(tmp)))
         os.replace(digest_tmp, _digest_path(target))
         os.replace(tmp, target)
@@ -180,6 +181,11 @@ def _build(target: Path, cc: str, flags: list[str]) -> None:
         for leftover in (tmp, digest_tmp):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def build_kernel(target: Path, cc: str, flags: list[str]) -> None:
+    """Compile the kernel to ``target`` (atomic, with its digest)."""
+    build_library(target, [*shlex.split(cc), *flags, str(SOURCE), "-o", "{out}", "-lm"], _named(cc))
 
 
 def _named(cc: str) -> str:
@@ -256,9 +262,9 @@ def _build_and_load(floor: bool) -> Kernel:
     recipe = " ".join([cc, *flags, cpu_identity()]).encode()
     key = hashlib.sha256(SOURCE.read_bytes() + recipe).hexdigest()[:16]
     target = cache_dir() / f"lamb_{'floor' if floor else 'kernel'}_{key}.so"
-    if not _verified(target):  # missing, or not the bytes that were built: (re)build once
-        _build(target, cc, flags)
-        if not _verified(target):
+    if not verified(target):  # missing, or not the bytes that were built: (re)build once
+        build_kernel(target, cc, flags)
+        if not verified(target):
             raise KernelError(f"the library at {target} does not match its digest after a rebuild")
     return _load(target, ENTRY_POINTS + (FLOOR_ENTRY_POINTS if floor else ()))
 
