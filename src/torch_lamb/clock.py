@@ -105,9 +105,12 @@ class StepClock:
     # ------------------------------------------------------------------ advancing
 
     def advance(self, *, updating: bool, accumulating: bool, skipped: bool | Tensor = False,
-                applied: bool | Tensor = True, window: int | Tensor | None = None) -> None:
+                applied: bool | Tensor = True, window: int | Tensor | None = None,
+                counted: bool | Tensor = True) -> None:
         """Count one call: ``applied`` (bool or device flag) says whether an update was applied at an updating
-        call; ``window``: the window's finite micro-steps including this call (``skip_nonfinite``)."""
+        call; ``window``: the window's finite micro-steps including this call (``skip_nonfinite``); ``counted``:
+        a device flag, unset where GradScaler vetoed the call (then nothing advances on the device, and the host's
+        ``host_calls``, which cannot see the verdict, runs ahead: nothing it decides counts calls then)."""
         counts = self.counts
         self.host_calls += 1
         if not self.on_device:
@@ -118,7 +121,7 @@ class StepClock:
             if window is not None:
                 counts["window"] = 0 if (updating and accumulating) else int(window)
             return
-        counts["calls"].add_(1)  # type: ignore[union-attr]
+        counts["calls"].add_(counted.long() if isinstance(counted, Tensor) else 1)  # type: ignore[union-attr]
         if isinstance(skipped, Tensor):
             counts["skipped"].add_(skipped.long())  # type: ignore[union-attr]
         if updating:

@@ -97,7 +97,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         skip_nonfinite: a call whose gradients hold inf or NaN changes nothing.
     """
 
-    _step_supports_amp_scaling = property(lambda self: amp.takes_hand_off(self.capturable))  # torch_lamb.amp
+    _step_supports_amp_scaling = property(lambda self: amp.takes_hand_off(self.capturable, self._vetoes_on_device))
     clipnorm = _Option()
     clipvalue = _Option()
     global_clipnorm = _Option()
@@ -325,17 +325,21 @@ class Lamb(TrustRatioTelemetry, Optimizer):
     def _step(self, closure: Callable[[], Any] | None, given_grads: list[Tensor | None] | None = None) -> Any:
         """The eager step (``given_grads``: the gradients a compiled graph hands over; else ``p.grad`` is read)."""
         loss = _call(closure)
-        skip, unscale = amp.handed_over(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        hand = amp.handed_over(getattr(self, "grad_scale", None), getattr(self, "found_inf", None), self.capturable)
+        if hand.skip:  # GradScaler found inf/NaN: the call changes and counts nothing
+            return loss
+        if hand is not amp.NOTHING and self.capturable:
+            amp.check_device_veto(self._vetoes_on_device())
         params = self._all_params()
         # the CPU kernel's common case: every gradient checked and its pointer read in one C++ pass
-        gathered = self._layouts.gather(params) if given_grads is None and not skip else None
+        gathered = self._layouts.gather(params) if given_grads is None else None
         grads, missing = (None, self._layouts.layout.key[0]) if gathered else read_grads(params, given_grads)
-        if skip or all(missing):  # GradScaler found inf; or no gradients: torch's no-op (an engine's rank joins)
-            return loss if skip else self._join(loss)
+        if all(missing):  # no gradients: torch's no-op (an engine's rank joins its collectives)
+            return self._join(loss)
         options = self._group_options()  # every (possibly edited) group value checked, callables evaluated
         layout, bucket_grads = self._layout(params, grads, missing, gathered)  # slots made, buckets checked
         with no_host_reads(self.capturable):
-            plan = self._plan(options, layout, bucket_grads, unscale)
+            plan = self._plan(options, layout, bucket_grads, hand)
             self._show(options)  # the first write: everything above only checks
             records = engine.run(layout.active, layout.idle, bucket_grads, plan, self.implementation == "auto",
                                  self._finite, self._engine)
@@ -345,10 +349,16 @@ class Lamb(TrustRatioTelemetry, Optimizer):
         return loss
 
     def _plan(self, options: tuple[cfg.GroupOptions, ...], layout: Layout, grads: list[list[Tensor]],
-              unscale: float | None) -> Any:  # the finite check reads the gradients still scaled by both
-        found = found_nonfinite(layout.active, grads, (self.loss_scale_factor or 1.0) / (unscale or 1.0),
+              hand: amp.HandOff) -> Any:  # the finite check reads the gradients still scaled by both
+        found = found_nonfinite(layout.active, grads, (self.loss_scale_factor or 1.0) / (hand.unscale or 1.0),
                                 self._clock.on_device, self._engine) if self.skip_nonfinite else None
-        return plan_step(self._config, options, self._clock, found, layout.active[0].momentums[0].dtype, unscale)
+        return plan_step(self._config, options, self._clock, found, layout.active[0].momentums[0].dtype,
+                         hand.unscale, hand.veto)
+
+    def _vetoes_on_device(self) -> bool:
+        sources = [self._learning_rate if s.lr == cfg.FOLLOW_DEFAULT else s.lr
+                   for s in self._books.sources(self.param_groups)]
+        return amp.vetoes_on_device(self._config, sources, takes_tensor_steps)
 
     def _advance(self, plan: Any) -> None:
         if self._engine is None or self._engine.clock_ticks():  # DeepSpeed: one engine step is several calls

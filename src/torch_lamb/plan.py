@@ -55,12 +55,13 @@ class StepPlan:
     found: bool | Tensor = False  # skip_nonfinite: the call's gradients hold inf or NaN
     applied: bool | Tensor = True  # an updating call applies its update (False or a device flag: it is empty)
     window: int | Tensor | None = None  # skip_nonfinite: the window's finite micro-steps including this call
-    unscale: float | None = None  # GradScaler's hand-off: g * unscale (rounded to g's dtype), before loss_scale
+    unscale: float | Tensor | None = None  # GradScaler's hand-off: g * unscale (rounded to g's dtype), first
+    counted: bool | Tensor = True  # the call counts (False where GradScaler's device-side veto is set)
 
     def advance(self, clock: StepClock) -> None:
         """Count this call once it has run."""
         clock.advance(updating=self.updating, accumulating=self.accumulating, skipped=self.found,
-                      applied=self.applied, window=self.window)
+                      applied=self.applied, window=self.window, counted=self.counted)
 
 
 def _steady_weight(config: LambConfig) -> float:
@@ -70,9 +71,11 @@ def _steady_weight(config: LambConfig) -> float:
 
 def plan_step(config: LambConfig, groups: tuple[GroupOptions, ...], clock: StepClock,
               found: bool | Tensor | None = None, dtype: torch.dtype = torch.float32,
-              unscale: float | None = None) -> StepPlan:
+              unscale: float | Tensor | None = None, veto: Tensor | None = None) -> StepPlan:
     """The plan of the next call (``found``: ``skip_nonfinite``'s verdict; ``dtype``: the state's, for the masked
-    device scalars; ``unscale``: GradScaler's inverse scale, handed over)."""
+    device scalars; ``unscale``: GradScaler's inverse scale, handed over; ``veto``: its device-side verdict, under
+    ``capturable`` only, without ``skip_nonfinite``, accumulation or an overwrite period: a vetoed call changes
+    and counts nothing)."""
     call = clock.host_calls
     n = config.gradient_accumulation_steps
     updating = not n or (call + 1) % n == 0
@@ -84,7 +87,9 @@ def plan_step(config: LambConfig, groups: tuple[GroupOptions, ...], clock: StepC
         unscale=unscale,
     )
     if clock.on_device:
-        return _device_plan(plan, config, groups, clock, found, dtype)
+        return _device_plan(plan, config, groups, clock, found, dtype, veto)
+    if veto is not None:
+        raise ValueError("GradScaler's device-side veto needs the counters on the device (capturable=True).")
     return _host_plan(plan, config, groups, clock, found)
 
 
@@ -116,15 +121,21 @@ def _scalar_args(g: GroupOptions) -> dict[str, object]:
 
 
 def _device_plan(plan: StepPlan, config: LambConfig, groups: tuple[GroupOptions, ...], clock: StepClock,
-                 found: Tensor | None, dtype: torch.dtype) -> StepPlan:
+                 found: Tensor | None, dtype: torch.dtype, veto: Tensor | None = None) -> StepPlan:
     """The scalars that change without the host, derived on the device from the counters (and masked by a
-    device-side ``found``)."""
+    device-side ``found``, or GradScaler's ``veto``)."""
     calls, updates = clock.calls, clock.updates
     assert isinstance(calls, Tensor) and isinstance(updates, Tensor)
     device = updates.device
     changes: dict[str, object] = {}
     empty: Tensor | None = None
-    if found is not None:
+    if veto is not None:  # as a skipped non-finite call, counted nowhere (GradScaler's ordinary path never calls)
+        if found is not None or plan.accumulating or (config.use_ema and config.ema_overwrite_frequency):
+            raise ValueError("GradScaler's device-side veto cannot be combined with skip_nonfinite, gradient "
+                             "accumulation or an EMA overwrite period (the host counts their calls).")
+        found = empty = veto.to(device)
+        changes.update(skip=found, fill=_FILL, applied=~empty, counted=~empty)
+    elif found is not None:
         found = found.to(device)
         window = clock.window + (~found).long() if plan.accumulating else None
         empty = (window == 0) if window is not None else found
