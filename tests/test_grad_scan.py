@@ -242,3 +242,19 @@ def test_the_step_never_waits_for_the_build_and_a_failed_build_leaves_the_ordina
     assert result.returncode == 0, result.stderr[-2000:]
     assert "during: building" in result.stdout
     assert "failed (exit status 1): no headers here" in result.stdout and result.stdout.rstrip().endswith(" 0")
+
+
+def test_a_process_that_exits_during_the_build_stops_its_compiler(tmp_path: Path) -> None:
+    """A short run must not leave a compiler working on after it (nor a half-written file in the cache)."""
+    compiler = tmp_path / "slow-c++"
+    compiler.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'pid'}\nsleep 60\nexit 1\n")
+    compiler.chmod(0o755)
+    script = _SLOW_COMPILER.split("status = grad_scan.wait")[0] + "time.sleep(1)\n"
+    env = {**os.environ, "CXX": str(compiler), "TORCH_LAMB_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "during: building" in result.stdout, result.stdout + result.stderr[-2000:]
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not list((tmp_path / "cache").glob("tmp*")), list((tmp_path / "cache").iterdir())  # mkstemp names

@@ -103,8 +103,8 @@ def _command(cxx: str) -> list[str]:
 
 
 def _recipe(command: list[str]) -> Path:
-    identity = " ".join([*command, torch.__version__, str(torch.version.git_version), sys.version,
-                         str(sysconfig.get_config_var("EXT_SUFFIX"))])
+    identity = " ".join([*[arg for arg in command if arg != str(SOURCE)], torch.__version__,  # the source by its bytes
+                         str(torch.version.git_version), sys.version, str(sysconfig.get_config_var("EXT_SUFFIX"))])
     key = hashlib.sha256(SOURCE.read_bytes() + identity.encode()).hexdigest()[:16]
     return kernel_build.cache_dir() / f"grad_scan_{key}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
 

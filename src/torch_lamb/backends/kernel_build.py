@@ -17,6 +17,7 @@ through a shared cache), with a SHA-256 digest of its bytes beside it:
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -159,6 +160,21 @@ def verified(target: Path) -> bool:
         return False
 
 
+_running: dict[subprocess.Popen, str] = {}  # compilers at work (a background build's), and their output files
+
+
+@atexit.register
+def _stop_builds() -> None:
+    """A process that exits during a background build stops its compiler and removes the half-written file,
+    rather than leave the compiler running on (the build is redone by the next process that needs it)."""
+    for proc, tmp in list(_running.items()):
+        proc.kill()
+        proc.wait()
+        for leftover in (tmp, tmp + ".sha256"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
 def build_library(target: Path, command: list[str], compiler_name: str) -> None:
     """Run ``command`` (``{out}`` in it: where the compiler writes), then rename the digest and the library into
     place (atomic: a reader sees the old file, none, or the whole new one)."""
@@ -168,12 +184,18 @@ def build_library(target: Path, command: list[str], compiler_name: str) -> None:
     digest_tmp = tmp + ".sha256"
     try:
         try:
-            result = subprocess.run([tmp if arg == "{out}" else arg for arg in command], capture_output=True)
+            proc = subprocess.Popen([tmp if arg == "{out}" else arg for arg in command], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
         except OSError as err:  # found but not runnable (permissions, a bad interpreter line)
             raise KernelError(f"{compiler_name} could not be run: {err}") from None
-        if result.returncode != 0:
-            output = (result.stderr or result.stdout).decode(errors="replace")[:400].strip()
-            raise KernelError(f"{compiler_name} failed (exit status {result.returncode}): {output or 'no output'}")
+        _running[proc] = tmp
+        try:
+            stdout, stderr = proc.communicate()
+        finally:
+            _running.pop(proc, None)
+        if proc.returncode != 0:
+            output = (stderr or stdout).decode(errors="replace")[:400].strip()
+            raise KernelError(f"{compiler_name} failed (exit status {proc.returncode}): {output or 'no output'}")
         Path(digest_tmp).write_text(_digest(Path(tmp)))
         os.replace(digest_tmp, _digest_path(target))
         os.replace(tmp, target)
