@@ -233,7 +233,7 @@ _SLOW_COMPILER = textwrap.dedent(
 
 def test_the_step_never_waits_for_the_build_and_a_failed_build_leaves_the_ordinary_path(tmp_path: Path) -> None:
     compiler = tmp_path / "slow-c++"
-    compiler.write_text("#!/bin/sh\nsleep 3\necho 'no headers here' >&2\nexit 1\n")
+    compiler.write_text("#!/bin/sh\nsleep 1\necho 'no headers here' >&2\nexit 1\n")
     compiler.chmod(0o755)
     env = {**os.environ, "CXX": str(compiler), "TORCH_LAMB_CACHE_DIR": str(tmp_path / "cache"),
            "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -249,7 +249,7 @@ def test_a_process_that_exits_during_the_build_stops_its_compiler(tmp_path: Path
     compiler = tmp_path / "slow-c++"
     compiler.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'pid'}\nsleep 60\nexit 1\n")
     compiler.chmod(0o755)
-    script = _SLOW_COMPILER.split("status = grad_scan.wait")[0] + "time.sleep(1)\n"
+    script = _SLOW_COMPILER.split("status = grad_scan.wait")[0] + "time.sleep(0.3)\n"
     env = {**os.environ, "CXX": str(compiler), "TORCH_LAMB_CACHE_DIR": str(tmp_path / "cache"),
            "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
