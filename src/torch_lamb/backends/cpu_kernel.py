@@ -31,7 +31,7 @@ from .common import narrowed
 from .kernel_build import FIX_HINT
 from .kernel_build import Bucket as _Struct
 
-__all__ = ["FIX_HINT", "CpuKernelBackend", "GradientPipeline", "KernelBucket", "floor_stream",
+__all__ = ["FIX_HINT", "CpuKernelBackend", "GradientPipeline", "KernelBucket", "KernelTrustStats", "floor_stream",
            "unavailable"]
 
 MIN_PER_THREAD = 1 << 16  # below ~64K elements per thread, waking OpenMP workers costs more than it saves
@@ -278,8 +278,7 @@ class KernelBucket:
             streams = 4 + bool(b.flags & self.flags["F_ACCUMULATE"]) + (ema_weight is not None)
             b.segment = max(1, SEGMENT_BYTES // (4 * streams))
             call_kernel("lamb_fused", b)
-            norms = torch.sqrt(narrowed(sums))
-            return TrustStats(norms[:n], norms[n:], ratio)
+            return KernelTrustStats(sums, n, ratio)
         call_kernel("lamb_pass1", b)
         norms = torch.sqrt(reduce(narrowed(sums)))
         weight_norm, update_norm = norms[:n], norms[n:]
@@ -321,6 +320,29 @@ class KernelBucket:
         b, _keep = self._struct(params, None)
         b.avg, b.ema_weight = _addr(self.avg), weight
         call_kernel("lamb_ema", b)
+
+
+class KernelTrustStats(TrustStats):
+    """The fused call's statistics: its trust ratios, and its norms as the kernel's float64 squared sums,
+    narrowed and square-rooted where they are first read (telemetry), so that no op runs after the kernel in
+    a step that does not read them (each op there costs 50-100 us, its code cold after the kernel's stream)."""
+
+    def __init__(self, sums: Tensor, n: int, ratio: Tensor) -> None:  # not the dataclass's: norms on demand
+        self._sums, self._n, self.trust_ratio = sums, n, ratio
+        self._norms: Tensor | None = None
+
+    def _all_norms(self) -> Tensor:
+        if self._norms is None:
+            self._norms = torch.sqrt(narrowed(self._sums))
+        return self._norms
+
+    @property  # type: ignore[override]
+    def weight_norm(self) -> Tensor:
+        return self._all_norms()[: self._n]
+
+    @property  # type: ignore[override]
+    def update_norm(self) -> Tensor:
+        return self._all_norms()[self._n:]
 
 
 def call_kernel(name: str, b: _Struct, kernel: kernel_build.Kernel | None = None) -> None:
