@@ -356,6 +356,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                          hand.unscale, hand.veto)
 
     def _vetoes_on_device(self) -> bool:
+        """Whether GradScaler's verdict can be a device-side veto here: nothing the host decides counts calls."""
         sources = [self._learning_rate if s.lr == cfg.FOLLOW_DEFAULT else s.lr
                    for s in self._books.sources(self.param_groups)]
         return amp.vetoes_on_device(self._config, sources, takes_tensor_steps)
