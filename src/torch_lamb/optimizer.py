@@ -380,7 +380,7 @@ class Lamb(TrustRatioTelemetry, Optimizer):
                 gathered: list[Any] | None = None) -> tuple[Layout, list[Any]]:
         """The call's buckets and their gradients, with every slot made and the master-weight rule applied; the
         clock where the step may read it (on the device under ``capturable``, or a device-side ``skip_nonfinite``)."""
-        fits = self._layouts.holds(params)
+        fits = gathered is not None or self._layouts.holds(params)  # the scan ran only where the layout holds
         if self._engine is None and not fits:
             self._engine = detect(params, self._given, self.state)
             self._shards_of = self._engine.shards if self._engine is not None else None

@@ -20,7 +20,6 @@ import importlib.machinery
 import importlib.util
 import os
 import shlex
-import shutil
 import sys
 import sysconfig
 import threading
@@ -39,7 +38,7 @@ try:
 except ImportError:  # not POSIX: concurrent builds still each write their own file and rename it into place
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ScanStatus", "dtype_code", "scanner", "set_enabled", "status", "wait"]
+__all__ = ["ScanStatus", "dtype_code", "record", "scanner", "set_enabled", "status", "wait"]
 
 SOURCE = Path(__file__).with_name("grad_scan.cpp")
 Scan = Callable[[list, int, int, int, int], int]
@@ -79,17 +78,6 @@ def set_enabled(enabled: bool) -> None:
     every step takes the ordinary path; to compare the two, or to rule the scan out)."""
     global _enabled
     _enabled = bool(enabled)
-
-
-def compiler() -> str | None:
-    """``$CXX`` when set (the only candidate then), else ``g++``, else ``c++``; resolved on ``$PATH``."""
-    cxx = os.environ.get("CXX", "").strip()
-    try:
-        program, *args = shlex.split(cxx) if cxx else [shutil.which("g++") or shutil.which("c++") or "g++"]
-    except ValueError:
-        return None
-    found = shutil.which(program)
-    return shlex.join([found, *args]) if found else None
 
 
 def _command(cxx: str) -> list[str]:
@@ -145,7 +133,7 @@ def _start() -> None:
     """First use: load a verified cached library, else start its build in a background thread (under _lock)."""
     global _builder, _target, _started, _failure, _seconds
     _started = time.perf_counter()
-    cxx = compiler()
+    cxx = kernel_build.compiler("CXX", ("g++", "c++"))
     if cxx is None:
         _failure = "no C++ compiler found ($CXX, g++ or c++)"
         return

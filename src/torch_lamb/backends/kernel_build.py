@@ -110,20 +110,21 @@ def _cc_variable() -> str:
     return os.environ.get("CC", "").strip()
 
 
-def compiler() -> str | None:
+def compiler(variable: str = "CC", candidates: tuple[str, ...] = ("gcc", "cc")) -> str | None:
     """The compiler command as one shell-quoted string (its program resolved on ``$PATH``), or None without one.
 
-    When ``$CC`` is set it is the only candidate, so that the compiler a user names is the one that runs.
+    When ``$CC`` (``variable``) is set it is the only candidate, so that the compiler a user names is the one
+    that runs; else the first of ``candidates`` found (the gradient scan asks for ``$CXX``, ``g++``, ``c++``).
     """
-    cc = _cc_variable()
-    if cc:
+    named = os.environ.get(variable, "").strip()
+    if named:
         try:
-            program, *args = shlex.split(cc)
+            program, *args = shlex.split(named)
         except ValueError:  # unbalanced quotes
             return None
         found = shutil.which(program)
         return shlex.join([found, *args]) if found else None
-    found = shutil.which("gcc") or shutil.which("cc")
+    found = next((path for path in map(shutil.which, candidates) if path), None)
     return shlex.join([found]) if found else None
 
 
